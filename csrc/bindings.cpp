@@ -1,0 +1,267 @@
+// The only file that knows pybind11. It checks dtypes, layouts, shapes,
+// index bounds and labels with the GIL held, releases the GIL, runs the core
+// and returns NumPy arrays. Arrays are taken as they are (no conversion): the
+// Python layer (fastmaml/_api.py) converts once, so a C-contiguous float32 or
+// float64 X reaches the core without a copy.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+#include "fastmaml/batch.hpp"
+#include "fastmaml/binary.hpp"
+#include "fastmaml/tasks.hpp"
+
+namespace py = pybind11;
+using fastmaml::index_t;
+
+namespace {
+
+struct DivergenceError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+[[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream os;
+  os << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) os << (i ? ", " : "") << a.shape(i);
+  if (a.ndim() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+template <class T>
+const T* checked(const py::array& a, const char* name) {
+  if (!py::isinstance<py::array_t<T>>(a)) {
+    type_error(std::string(name) + ": expected dtype " + py::str(py::dtype::of<T>()).cast<std::string>() +
+               ", got " + py::str(a.dtype()).cast<std::string>());
+  }
+  if (!(a.flags() & py::array::c_style)) value_error(std::string(name) + ": expected a C-contiguous array");
+  return static_cast<const T*>(a.data());
+}
+
+// Builds one side of a TaskSet from (X, idx or None, ptr, y) and checks every
+// invariant the core relies on, so that no input can make it read out of
+// bounds.
+template <class T>
+fastmaml::SideView<T> make_side(const py::array& X, const py::object& idx, const py::array& ptr,
+                                const py::array& y, index_t n_tasks, index_t d, const char* side) {
+  const std::string s(side);
+  fastmaml::SideView<T> v;
+  v.base = checked<T>(X, (s + "_X").c_str());
+  v.ptr = checked<index_t>(ptr, (s + "_ptr").c_str());
+  v.y = checked<std::int32_t>(y, (s + "_y").c_str());
+  if (ptr.ndim() != 1 || ptr.shape(0) != n_tasks + 1)
+    value_error(s + "_ptr: expected shape (" + std::to_string(n_tasks + 1) + ",), got " + shape_str(ptr));
+  const index_t total = y.size();
+  if (v.ptr[0] != 0) value_error(s + "_ptr: must start at 0");
+  for (index_t t = 0; t < n_tasks; ++t) {
+    if (v.ptr[t + 1] <= v.ptr[t])
+      value_error(s + ": task " + std::to_string(t) + " has no rows (every task needs at least one " + s +
+                  " example)");
+  }
+  if (v.ptr[n_tasks] != total)
+    value_error(s + "_ptr: last offset " + std::to_string(v.ptr[n_tasks]) + " does not match the " +
+                std::to_string(total) + " labels in " + s + "_y");
+  const index_t n_rows = d > 0 ? X.size() / d : 0;
+  if (!idx.is_none()) {
+    py::array ia = idx.cast<py::array>();
+    v.idx = checked<index_t>(ia, (s + "_idx").c_str());
+    if (ia.size() != total)
+      value_error(s + "_idx: expected " + std::to_string(total) + " indices, got " + std::to_string(ia.size()));
+    for (index_t p = 0; p < total; ++p) {
+      if (v.idx[p] < 0 || v.idx[p] >= n_rows)
+        value_error(s + "_idx: index " + std::to_string(v.idx[p]) + " is out of range for a dataset of " +
+                    std::to_string(n_rows) + " rows");
+    }
+  } else if (n_rows < total) {
+    value_error(s + "_X: holds " + std::to_string(n_rows) + " rows, but " + std::to_string(total) +
+                " are addressed");
+  }
+  return v;
+}
+
+template <class T>
+void check_binary_labels(const fastmaml::SideView<T>& v, index_t total, const char* side) {
+  for (index_t p = 0; p < total; ++p) {
+    if (v.y[p] != 0 && v.y[p] != 1)
+      value_error(std::string(side) + "_y: binary labels must be 0 or 1, got " + std::to_string(v.y[p]));
+  }
+}
+
+void raise_status(const fastmaml::TaskStatus& st) {
+  using fastmaml::ErrorCode;
+  switch (st.code) {
+    case ErrorCode::ok:
+      return;
+    case ErrorCode::diverged:
+      throw DivergenceError("inner loop diverged: parameters became non-finite at inner step " +
+                            std::to_string(st.step) + " of task " + std::to_string(st.task) +
+                            "; inner_lr is too large for this data (keep inner_lr * largest Hessian "
+                            "eigenvalue below 2)");
+    case ErrorCode::nonfinite_query:
+      throw DivergenceError("query loss is not finite for task " + std::to_string(st.task) +
+                            " after " + std::to_string(st.step) + " inner steps; inner_lr is too large");
+    case ErrorCode::no_memory:
+      throw std::bad_alloc();
+    default:
+      throw std::runtime_error("fastmaml internal error in task " + std::to_string(st.task) + ": " +
+                               st.message);
+  }
+}
+
+struct Sides {
+  py::array X;
+  py::object idx;
+  py::array ptr;
+  py::array y;
+};
+
+template <class T>
+fastmaml::TaskSet<T> make_taskset(index_t n_tasks, index_t d, const Sides& s, const Sides* q, bool binary) {
+  if (n_tasks < 1) value_error("tasks: expected at least one task, got 0");
+  fastmaml::TaskSet<T> ts;
+  ts.n_tasks = n_tasks;
+  ts.d = d;
+  ts.support = make_side<T>(s.X, s.idx, s.ptr, s.y, n_tasks, d, "support");
+  if (binary) check_binary_labels(ts.support, s.y.size(), "support");
+  if (q) {
+    ts.query = make_side<T>(q->X, q->idx, q->ptr, q->y, n_tasks, d, "query");
+    if (binary) check_binary_labels(ts.query, q->y.size(), "query");
+  }
+  return ts;
+}
+
+index_t feature_count(const py::array& X) {
+  if (X.ndim() < 2) value_error("X: expected at least 2 dimensions, got shape " + shape_str(X));
+  return X.shape(X.ndim() - 1);
+}
+
+template <class T>
+py::tuple meta_value_and_grad_impl(py::array theta, py::array alpha, index_t ks, index_t ps, index_t K,
+                                   double l2, bool first_order, int n_threads, const Sides& s,
+                                   const Sides& q) {
+  const index_t d = feature_count(s.X), D = d + 1;
+  if (feature_count(q.X) != d) value_error("query_X: feature count differs from support_X");
+  const index_t n_tasks = s.ptr.size() - 1;
+  const T* th = checked<T>(theta, "theta");
+  const T* al = checked<T>(alpha, "inner_lr");
+  if (theta.size() != D) value_error("theta: expected " + std::to_string(D) + " values");
+  if (alpha.size() != K * D) value_error("inner_lr: expected a broadcast table of K*(d+1) values");
+  if (!((ks == 1 || ks == K) && (ps == 1 || ps == D))) value_error("inner_lr: bad layout");
+  auto ts = make_taskset<T>(n_tasks, d, s, &q, true);
+  py::array_t<T> grad(D);
+  py::array_t<T> grad_lr(ks * ps);
+  double loss = 0.0, grad_l2 = 0.0;
+  fastmaml::TaskStatus st;
+  {
+    py::gil_scoped_release release;
+    st = fastmaml::binary_meta_value_and_grad<T>(ts, th, al, K, fastmaml::LrLayout{ks, ps}, l2, first_order,
+                                                 n_threads, &loss, grad.mutable_data(), grad_lr.mutable_data(),
+                                                 &grad_l2);
+  }
+  raise_status(st);
+  return py::make_tuple(loss, grad, grad_lr, grad_l2);
+}
+
+template <class T>
+py::array adapt_impl(py::array theta, bool per_task, py::array alpha, index_t K, double l2, bool keep_path,
+                     int n_threads, const Sides& s) {
+  const index_t d = feature_count(s.X), D = d + 1;
+  const index_t n_tasks = s.ptr.size() - 1;
+  const T* th = checked<T>(theta, "theta");
+  const T* al = checked<T>(alpha, "inner_lr");
+  if (theta.size() != (per_task ? n_tasks * D : D)) value_error("theta: wrong number of values");
+  if (alpha.size() != K * D) value_error("inner_lr: expected a broadcast table of K*(d+1) values");
+  auto ts = make_taskset<T>(n_tasks, d, s, nullptr, true);
+  py::array_t<T> out = keep_path ? py::array_t<T>({n_tasks, K + 1, D}) : py::array_t<T>({n_tasks, D});
+  fastmaml::TaskStatus st;
+  {
+    py::gil_scoped_release release;
+    st = fastmaml::binary_adapt<T>(ts, th, per_task, al, K, l2, keep_path, n_threads, out.mutable_data());
+  }
+  raise_status(st);
+  return out;
+}
+
+template <class T>
+py::tuple loss_grad_hvp_impl(py::array params, py::object v, double l2, int n_threads, const Sides& s) {
+  const index_t d = feature_count(s.X), D = d + 1;
+  const index_t n_tasks = s.ptr.size() - 1;
+  const T* p = checked<T>(params, "params");
+  if (params.size() != n_tasks * D) value_error("params: expected one parameter vector per task");
+  const T* vp = nullptr;
+  if (!v.is_none()) {
+    py::array va = v.cast<py::array>();
+    vp = checked<T>(va, "v");
+    if (va.size() != n_tasks * D) value_error("v: expected one vector per task");
+  }
+  auto ts = make_taskset<T>(n_tasks, d, s, nullptr, true);
+  py::array_t<T> loss(n_tasks);
+  py::array_t<T> out({n_tasks, D});
+  fastmaml::TaskStatus st;
+  {
+    py::gil_scoped_release release;
+    st = fastmaml::binary_loss_grad_hvp<T>(ts, p, l2, vp, n_threads, loss.mutable_data(), out.mutable_data());
+  }
+  raise_status(st);
+  return py::make_tuple(loss, out);
+}
+
+bool is_f32(const py::array& X) { return py::isinstance<py::array_t<float>>(X); }
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastmaml compiled core (private; use the fastmaml package)";
+  py::register_exception<DivergenceError>(m, "DivergenceError", PyExc_FloatingPointError);
+
+  m.def(
+      "meta_value_and_grad",
+      [](py::array theta, py::array alpha, index_t ks, index_t ps, index_t K, double l2, bool first_order,
+         int n_threads, py::array sX, py::object sidx, py::array sptr, py::array sy, py::array qX,
+         py::object qidx, py::array qptr, py::array qy) {
+        Sides s{sX, sidx, sptr, sy}, q{qX, qidx, qptr, qy};
+        if (is_f32(sX)) return meta_value_and_grad_impl<float>(theta, alpha, ks, ps, K, l2, first_order, n_threads, s, q);
+        return meta_value_and_grad_impl<double>(theta, alpha, ks, ps, K, l2, first_order, n_threads, s, q);
+      },
+      py::arg("theta"), py::arg("inner_lr"), py::arg("lr_steps"), py::arg("lr_params"), py::arg("inner_steps"),
+      py::arg("l2"), py::arg("first_order"), py::arg("n_threads"), py::arg("support_X"), py::arg("support_idx"),
+      py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"), py::arg("query_idx"),
+      py::arg("query_ptr"), py::arg("query_y"));
+
+  m.def(
+      "adapt",
+      [](py::array theta, bool per_task, py::array alpha, index_t K, double l2, bool keep_path, int n_threads,
+         py::array sX, py::object sidx, py::array sptr, py::array sy) {
+        Sides s{sX, sidx, sptr, sy};
+        if (is_f32(sX)) return adapt_impl<float>(theta, per_task, alpha, K, l2, keep_path, n_threads, s);
+        return adapt_impl<double>(theta, per_task, alpha, K, l2, keep_path, n_threads, s);
+      },
+      py::arg("theta"), py::arg("per_task_theta"), py::arg("inner_lr"), py::arg("inner_steps"), py::arg("l2"),
+      py::arg("keep_path"), py::arg("n_threads"), py::arg("X"), py::arg("idx"), py::arg("ptr"), py::arg("y"));
+
+  m.def(
+      "loss_grad_hvp",
+      [](py::array params, py::object v, double l2, int n_threads, py::array sX, py::object sidx, py::array sptr,
+         py::array sy) {
+        Sides s{sX, sidx, sptr, sy};
+        if (is_f32(sX)) return loss_grad_hvp_impl<float>(params, v, l2, n_threads, s);
+        return loss_grad_hvp_impl<double>(params, v, l2, n_threads, s);
+      },
+      py::arg("params"), py::arg("v"), py::arg("l2"), py::arg("n_threads"), py::arg("X"), py::arg("idx"),
+      py::arg("ptr"), py::arg("y"));
+
+  m.def("openmp_enabled", &fastmaml::built_with_openmp);
+  m.def("max_threads", []() { return fastmaml::resolve_threads(0); });
+  m.attr("reduce_block") = fastmaml::kReduceBlock;
+#ifdef FASTMAML_VERSION
+  m.attr("__version__") = FASTMAML_VERSION;
+#endif
+}

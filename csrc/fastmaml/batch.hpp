@@ -1,0 +1,160 @@
+// The batch driver: runs a per-task worker over a meta-batch with OpenMP and
+// combines per-task results in a fixed order.
+//
+// Determinism contract (DESIGN.md, "Reduction order"): per-task results are
+// written to their own slots, then summed in blocks of kReduceBlock tasks
+// (sequentially inside a block, blocks in order). Neither the block size nor
+// the chunking depends on the thread count, so the result is bitwise the same
+// for any n_threads, and a distributed run whose shards are whole blocks can
+// reproduce it by summing block partials in order.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <exception>
+#include <new>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "kernels.hpp"
+
+namespace fastmaml {
+
+constexpr index_t kReduceBlock = 64;
+// Per-task result slots are kept for at most this many doubles per chunk; a
+// chunk is always a whole number of reduction blocks (shape-only choice).
+constexpr index_t kChunkDoubles = index_t(1) << 23;  // 64 MiB
+
+enum class ErrorCode : int { ok = 0, diverged = 1, nonfinite_query = 2, no_memory = 3, internal = 4 };
+
+struct TaskStatus {
+  ErrorCode code = ErrorCode::ok;
+  index_t task = -1;
+  index_t step = -1;
+  std::string message;  // filled only for internal errors
+  bool ok() const { return code == ErrorCode::ok; }
+};
+
+inline int resolve_threads(int n_threads) {
+#ifdef _OPENMP
+  return n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+  (void)n_threads;
+  return 1;
+#endif
+}
+
+inline bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Runs `Worker` over tasks [0, n_tasks). `make_worker()` is called once per
+// thread and returns an object with
+//     ErrorCode operator()(index_t t, double* slot, index_t* step)
+// which writes `slot_len` doubles of task t's result into `slot`.
+// If `total` is non-null it receives the block-ordered sum of the slots.
+// Returns the error of the lowest-numbered failing task, if any.
+template <class MakeWorker>
+TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
+                     MakeWorker&& make_worker, double* total) {
+  TaskStatus status;
+  const int threads = resolve_threads(n_threads);
+  index_t chunk = n_tasks;
+  if (slot_len > 0) {
+    const index_t blocks = std::max<index_t>(1, kChunkDoubles / (slot_len * kReduceBlock));
+    chunk = std::min(n_tasks, blocks * kReduceBlock);
+  }
+  if (chunk <= 0) chunk = 1;
+  std::vector<double> slots;
+  std::vector<TaskStatus> task_status;
+  try {
+    slots.assign(static_cast<size_t>(chunk * std::max<index_t>(slot_len, 0)), 0.0);
+    task_status.assign(static_cast<size_t>(chunk), TaskStatus{});
+  } catch (const std::bad_alloc&) {
+    status.code = ErrorCode::no_memory;
+    return status;
+  }
+  if (total) std::fill(total, total + slot_len, 0.0);
+  std::vector<double> block_sum(static_cast<size_t>(std::max<index_t>(slot_len, 0)));
+
+  for (index_t start = 0; start < n_tasks; start += chunk) {
+    const index_t count = std::min(chunk, n_tasks - start);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) default(none) \
+    shared(make_worker, slots, task_status, start, count, slot_len)
+#endif
+    {
+      // No exception may leave an OpenMP region: everything is caught here
+      // and reported per task, then turned into one status after the join.
+      bool have_worker = false;
+      std::string why;
+      ErrorCode why_code = ErrorCode::ok;
+      decltype(make_worker()) *worker_ptr = nullptr;
+      try {
+        worker_ptr = new decltype(make_worker())(make_worker());
+        have_worker = true;
+      } catch (const std::bad_alloc&) {
+        why_code = ErrorCode::no_memory;
+      } catch (const std::exception& e) {
+        why_code = ErrorCode::internal;
+        why = e.what();
+      }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+      for (index_t i = 0; i < count; ++i) {
+        TaskStatus& st = task_status[static_cast<size_t>(i)];
+        st = TaskStatus{};
+        if (!have_worker) {
+          st.code = why_code;
+          st.task = start + i;
+          st.message = why;
+          continue;
+        }
+        try {
+          index_t step = -1;
+          ErrorCode code = (*worker_ptr)(start + i, slots.data() + i * slot_len, &step);
+          if (code != ErrorCode::ok) {
+            st.code = code;
+            st.task = start + i;
+            st.step = step;
+          }
+        } catch (const std::bad_alloc&) {
+          st.code = ErrorCode::no_memory;
+          st.task = start + i;
+        } catch (const std::exception& e) {
+          st.code = ErrorCode::internal;
+          st.task = start + i;
+          st.message = e.what();
+        }
+      }
+      delete worker_ptr;
+    }
+    for (index_t i = 0; i < count; ++i) {
+      if (!task_status[static_cast<size_t>(i)].ok()) return task_status[static_cast<size_t>(i)];
+    }
+    if (total) {
+      for (index_t b0 = 0; b0 < count; b0 += kReduceBlock) {
+        const index_t b1 = std::min(count, b0 + kReduceBlock);
+        std::fill(block_sum.begin(), block_sum.end(), 0.0);
+        for (index_t i = b0; i < b1; ++i) {
+          const double* s = slots.data() + i * slot_len;
+          for (index_t k = 0; k < slot_len; ++k) block_sum[k] += s[k];
+        }
+        for (index_t k = 0; k < slot_len; ++k) total[k] += block_sum[k];
+      }
+    }
+  }
+  (void)threads;
+  return status;
+}
+
+}  // namespace fastmaml

@@ -1,0 +1,44 @@
+"""fastmaml: exact, fast meta-learning of logistic-regression models across many small tasks."""
+
+from __future__ import annotations
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "fastmaml's compiled extension fastmaml._core could not be imported. Did you build it? "
+        "Install with `pip install .` (or `pip install -e .`) from the source tree rather than "
+        "importing the checkout directly."
+    ) from exc
+
+from importlib.metadata import PackageNotFoundError, version as _version
+
+from ._api import (
+    DivergenceError,
+    MetaGradient,
+    adapt,
+    hessian_vector_product,
+    loss_and_grad,
+    meta_value_and_grad,
+    predict_proba,
+)
+from ._config import show_config
+from ._tasks import Tasks
+
+try:
+    __version__ = _version("fastmaml")
+except PackageNotFoundError:  # pragma: no cover
+    __version__ = getattr(_core, "__version__", "0+unknown")
+
+__all__ = [
+    "DivergenceError",
+    "MetaGradient",
+    "Tasks",
+    "adapt",
+    "hessian_vector_product",
+    "loss_and_grad",
+    "meta_value_and_grad",
+    "predict_proba",
+    "show_config",
+    "__version__",
+]

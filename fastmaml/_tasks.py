@@ -1,0 +1,178 @@
+"""`Tasks`: a meta-batch of classification tasks, dense or by index."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validation import as_feature_array, as_index, as_labels, shape_str
+
+__all__ = ["Tasks"]
+
+
+class _Side:
+    """One side (support or query) of every task: rows, offsets, labels."""
+
+    __slots__ = ("X", "idx", "ptr", "y")
+
+    def __init__(self, X, idx, ptr, y):
+        self.X = X
+        self.idx = idx
+        self.ptr = ptr
+        self.y = y
+
+    def core_args(self):
+        return self.X, self.idx, self.ptr, self.y
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.ptr)
+
+    def rows(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = int(self.ptr[t]), int(self.ptr[t + 1])
+        d = self.X.shape[-1]
+        flat = self.X.reshape(-1, d)
+        rows = flat[self.idx[lo:hi]] if self.idx is not None else flat[lo:hi]
+        return rows, self.y[lo:hi]
+
+
+class Tasks:
+    """A meta-batch of T tasks, each with a support set and a query set.
+
+    Two forms hold the same information:
+
+    * dense: ``Tasks(support_X, support_y, query_X, query_y)`` with arrays of
+      shape (T, n, d), (T, n), (T, m, d), (T, m);
+    * by index into one shared dataset: :meth:`Tasks.from_index`, so that
+      episodes sampled from a large dataset are never copied. Each episode
+      carries its own labels (episodes relabel classes).
+
+    Features are used in place when they are C-contiguous float32 or float64;
+    any other numeric dtype becomes float64 (one conversion, here).
+
+    Parameters
+    ----------
+    support_X : array_like of shape (n_tasks, n_support, n_features)
+    support_y : array_like of shape (n_tasks, n_support)
+        Labels, 0/1 for binary tasks, integers in [0, C) for C classes.
+    query_X : array_like of shape (n_tasks, n_query, n_features)
+    query_y : array_like of shape (n_tasks, n_query)
+    check_finite : bool, default=True
+        Reject NaN or infinite features.
+    """
+
+    __slots__ = ("support", "query", "n_tasks", "n_features", "dtype", "is_indexed")
+
+    def __init__(self, support_X, support_y, query_X, query_y, *, check_finite: bool = True):
+        sX = as_feature_array(support_X, "support_X", ndim=3, check_finite=check_finite)
+        qX = as_feature_array(query_X, "query_X", ndim=3, check_finite=check_finite)
+        T, n, d = sX.shape
+        Tq, m, dq = qX.shape
+        if Tq != T:
+            raise ValueError(
+                f"query_X: expected {T} tasks like support_X {shape_str(sX.shape)}, got {shape_str(qX.shape)}"
+            )
+        if dq != d:
+            raise ValueError(f"query_X: expected {d} features like support_X, got {dq}")
+        if qX.dtype != sX.dtype:
+            # One compute dtype per call: the wider one wins.
+            common = np.promote_types(sX.dtype, qX.dtype)
+            sX, qX = sX.astype(common), qX.astype(common)
+        sy = as_labels(support_y, "support_y", shape=(T, n))
+        qy = as_labels(query_y, "query_y", shape=(T, m))
+        self.support = _Side(sX, None, np.arange(T + 1, dtype=np.int64) * n, sy.reshape(-1))
+        self.query = _Side(qX, None, np.arange(T + 1, dtype=np.int64) * m, qy.reshape(-1))
+        self.n_tasks = T
+        self.n_features = d
+        self.dtype = sX.dtype
+        self.is_indexed = False
+
+    @classmethod
+    def from_index(
+        cls,
+        X,
+        support_idx,
+        support_y,
+        query_idx,
+        query_y,
+        *,
+        support_ptr=None,
+        query_ptr=None,
+        check_finite: bool = True,
+    ) -> "Tasks":
+        """Tasks given by row indices into one dataset X (no rows are copied).
+
+        Parameters
+        ----------
+        X : array_like of shape (n_samples, n_features)
+            The shared dataset.
+        support_idx : array_like of int, shape (n_tasks, n_support), or flat
+            shape (total_support,) together with ``support_ptr``.
+        support_y : array_like of int, same shape as ``support_idx``
+            The episode's own labels for those rows.
+        query_idx, query_y : array_like
+            Likewise for the query sets.
+        support_ptr, query_ptr : array_like of int, shape (n_tasks + 1,), optional
+            Offsets for ragged tasks (groups of different sizes): task t owns
+            positions ``ptr[t]:ptr[t+1]`` of the flat index and label arrays.
+        check_finite : bool, default=True
+            Check X for NaN/infinity. A sampler that checked X once passes False.
+        """
+        self = cls.__new__(cls)
+        Xa = as_feature_array(X, "X", ndim=2, check_finite=check_finite)
+        sides = []
+        n_tasks = None
+        for side, idx, y, ptr in (("support", support_idx, support_y, support_ptr), ("query", query_idx, query_y, query_ptr)):
+            ia = as_index(idx, f"{side}_idx")
+            if ptr is None:
+                if ia.ndim != 2:
+                    raise ValueError(
+                        f"{side}_idx: expected shape (n_tasks, n_{side}) or a flat array with {side}_ptr, "
+                        f"got {shape_str(ia.shape)}"
+                    )
+                T, n = ia.shape
+                pa = np.arange(T + 1, dtype=np.int64) * n
+            else:
+                if ia.ndim != 1:
+                    raise ValueError(f"{side}_idx: with {side}_ptr expected a flat array, got {shape_str(ia.shape)}")
+                pa = as_index(ptr, f"{side}_ptr")
+                if pa.ndim != 1 or pa.size < 2:
+                    raise ValueError(f"{side}_ptr: expected shape (n_tasks + 1,), got {shape_str(pa.shape)}")
+                if pa[0] != 0 or pa[-1] != ia.size or np.any(np.diff(pa) < 1):
+                    raise ValueError(
+                        f"{side}_ptr: expected increasing offsets from 0 to {ia.size} with every task non-empty"
+                    )
+                T = pa.size - 1
+            ya = as_labels(y, f"{side}_y", shape=ia.shape)
+            if ia.size and (ia.min() < 0 or ia.max() >= Xa.shape[0]):
+                raise ValueError(f"{side}_idx: indices must lie in [0, {Xa.shape[0]}) for X with {Xa.shape[0]} rows")
+            if n_tasks is not None and T != n_tasks:
+                raise ValueError(f"query_idx: expected {n_tasks} tasks like support_idx, got {T}")
+            if T == 0 or ia.size == 0:
+                raise ValueError(f"{side}_idx: expected at least one task with at least one row")
+            n_tasks = T
+            sides.append(_Side(Xa, ia.reshape(-1), pa, ya.reshape(-1)))
+        self.support, self.query = sides
+        self.n_tasks = n_tasks
+        self.n_features = Xa.shape[1]
+        self.dtype = Xa.dtype
+        self.is_indexed = True
+        return self
+
+    @property
+    def is_ragged(self) -> bool:
+        return bool(np.ptp(self.support.sizes()) or np.ptp(self.query.sizes()))
+
+    def __len__(self) -> int:
+        return self.n_tasks
+
+    def task(self, t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Dense copies (support_X, support_y, query_X, query_y) of task t."""
+        if not -self.n_tasks <= t < self.n_tasks:
+            raise IndexError(f"t: task {t} out of range for {self.n_tasks} tasks")
+        t %= self.n_tasks
+        sX, sy = self.support.rows(t)
+        qX, qy = self.query.rows(t)
+        return sX, sy, qX, qy
+
+    def __repr__(self) -> str:
+        form = "indexed" if self.is_indexed else "dense"
+        return f"Tasks(n_tasks={self.n_tasks}, n_features={self.n_features}, dtype={self.dtype}, {form})"

@@ -24,6 +24,7 @@ from ._api import (
 )
 from ._config import show_config
 from ._tasks import Tasks
+from .estimator import MAML, LogisticModel, StepSizeWarning
 
 try:
     __version__ = _version("fastmaml")
@@ -33,6 +34,9 @@ except PackageNotFoundError:  # pragma: no cover
 __all__ = [
     "DivergenceError",
     "MetaGradient",
+    "MAML",
+    "LogisticModel",
+    "StepSizeWarning",
     "Tasks",
     "adapt",
     "hessian_vector_product",

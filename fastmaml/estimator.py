@@ -1,0 +1,727 @@
+"""`MAML`: the meta-training estimator a script uses.
+
+One call into the compiled core per meta-batch; the Python loop per
+meta-iteration only samples, updates a handful of arrays and records history.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import _checkpoint
+from ._api import adapt as _adapt
+from ._api import hessian_vector_product, meta_value_and_grad
+from ._optim import SGD, Adam
+from ._scoring import mean_ci, query_scores
+from ._tasks import Tasks
+from ._validation import as_feature_array, check_float, check_int, check_threads
+
+__all__ = ["MAML", "LogisticModel", "StepSizeWarning"]
+
+ALGORITHMS = ("maml", "fomaml", "reptile")
+LR_MODES = (None, "scalar", "per_step", "per_parameter", "per_step_parameter")
+SELECT = ("final", "best_accuracy", "best_loss")
+
+
+class StepSizeWarning(UserWarning):
+    """The inner step size is large for the data (inner_lr * largest Hessian eigenvalue > 2)."""
+
+
+class LogisticModel:
+    """A fitted binary logistic-regression model (the result of :meth:`MAML.adapt`).
+
+    Attributes
+    ----------
+    coef_ : ndarray of shape (1, n_features)
+    intercept_ : ndarray of shape (1,)
+    classes_ : ndarray of shape (2,)
+        The original labels; ``classes_[1]`` is the positive class.
+    """
+
+    def __init__(self, params, classes=(0, 1)):
+        params = np.asarray(params, dtype=np.float64)
+        self.coef_ = params[:-1].reshape(1, -1).copy()
+        self.intercept_ = params[-1:].copy()
+        self.classes_ = np.asarray(classes)
+        self.n_features_in_ = self.coef_.shape[1]
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logits, shape (n,)."""
+        Xa = as_feature_array(X, "X", ndim=2)
+        if Xa.shape[1] != self.n_features_in_:
+            raise ValueError(f"X: expected {self.n_features_in_} features, got {Xa.shape[1]}")
+        return Xa.astype(np.float64, copy=False) @ self.coef_[0] + self.intercept_[0]
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Class probabilities, shape (n, 2), columns in the order of ``classes_``."""
+        z = self.decision_function(X)
+        p1 = np.exp(-np.logaddexp(0.0, -z))
+        return np.column_stack([1.0 - p1, p1])
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+
+    def score(self, X, y) -> float:
+        """Mean accuracy on (X, y)."""
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+    def to_sklearn(self):
+        """The same model as a fitted ``sklearn.linear_model.LogisticRegression``."""
+        try:
+            from sklearn.linear_model import LogisticRegression
+        except ImportError as exc:  # pragma: no cover
+            raise ImportError("to_sklearn needs scikit-learn: pip install scikit-learn") from exc
+        model = LogisticRegression()
+        model.coef_ = self.coef_.copy()
+        model.intercept_ = self.intercept_.copy()
+        model.classes_ = self.classes_.copy()
+        model.n_features_in_ = self.n_features_in_
+        model.n_iter_ = np.array([0])
+        return model
+
+
+class _Interrupt:
+    """Turns the first Ctrl-C during fit into a flag checked between iterations."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGINT)
+
+            def handler(signum, frame):
+                if self.flag:  # second Ctrl-C: give up at once
+                    signal.signal(signal.SIGINT, self.previous or signal.default_int_handler)
+                    raise KeyboardInterrupt
+                self.flag = True
+
+            signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+class MAML:
+    """Meta-learn a logistic-regression initialization and inner-loop hyperparameters.
+
+    Parameters
+    ----------
+    algorithm : {"maml", "fomaml", "reptile"}, default="maml"
+        Exact second-order MAML, first-order MAML, or Reptile.
+    inner_steps : int, default=5
+        Inner gradient steps K.
+    inner_lr : float or array_like, default=0.1
+        Inner step size (initial value when learned). Broadcast as in
+        :func:`fastmaml.meta_value_and_grad`. Features scaled to [0, 1]
+        (as the bundled datasets are) make 0.1-1 a sensible range.
+    learn_inner_lr : {None, "scalar", "per_step", "per_parameter", "per_step_parameter"}
+        Which inner step sizes are meta-learned (in log space). None keeps
+        ``inner_lr`` fixed; "per_parameter" is Meta-SGD.
+    l2 : float, default=0.0
+        L2 strength of the inner (support) loss.
+    learn_l2 : bool, default=False
+        Meta-learn l2 (in log space; needs l2 > 0 to start).
+    learn_init : bool, default=True
+        Meta-learn the initialization theta (False keeps the zero start and
+        learns only the hyperparameters).
+    meta_lr : float, default=1e-3
+    meta_optimizer : {"adam", "sgd"}, default="adam"
+    lr_schedule : {None, "cosine"}
+    meta_batch_size : int, default=32
+    n_iterations : int, default=1000
+    validate_every : int, default=50
+        Meta-validation period (iterations) when fit gets ``validation``.
+    select : {"final", "best_accuracy", "best_loss"}, default="final"
+        Keep the final parameters or the best on meta-validation (accuracy and
+        log-loss can disagree, so the criterion is explicit).
+    checkpoint_path : str or None
+        Where to write checkpoints (atomically) every ``checkpoint_every``
+        iterations and when fit ends or is interrupted.
+    checkpoint_every : int, default=100
+    n_threads : int or None
+    random_state : int, numpy.random.Generator or None
+        Seeds the task sampler when fit is given data instead of a sampler.
+    progress : bool or "auto", default="auto"
+        A tqdm progress bar (when tqdm is installed; "auto": only on a terminal).
+    callbacks : sequence of callables
+        ``callback(model, record)`` after every iteration; return True to stop.
+
+    Attributes
+    ----------
+    theta_ : ndarray of shape (n_features + 1,)
+    inner_lr_ : float or ndarray
+    l2_ : float
+    history_ : list of dict
+        One record per iteration (loss, time, hyperparameters) and, at
+        validation iterations, ``val_accuracy`` and ``val_loss``.
+    n_iter_ : int
+    interrupted_ : bool
+    """
+
+    def __init__(
+        self,
+        *,
+        algorithm="maml",
+        inner_steps=5,
+        inner_lr=0.1,
+        learn_inner_lr=None,
+        l2=0.0,
+        learn_l2=False,
+        learn_init=True,
+        meta_lr=1e-3,
+        meta_optimizer="adam",
+        lr_schedule=None,
+        meta_batch_size=32,
+        n_iterations=1000,
+        validate_every=50,
+        select="final",
+        checkpoint_path=None,
+        checkpoint_every=100,
+        n_threads=None,
+        random_state=None,
+        progress="auto",
+        callbacks=(),
+    ):
+        self.algorithm = algorithm
+        self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
+        self.learn_inner_lr = learn_inner_lr
+        self.l2 = l2
+        self.learn_l2 = learn_l2
+        self.learn_init = learn_init
+        self.meta_lr = meta_lr
+        self.meta_optimizer = meta_optimizer
+        self.lr_schedule = lr_schedule
+        self.meta_batch_size = meta_batch_size
+        self.n_iterations = n_iterations
+        self.validate_every = validate_every
+        self.select = select
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_every = checkpoint_every
+        self.n_threads = n_threads
+        self.random_state = random_state
+        self.progress = progress
+        self.callbacks = tuple(callbacks)
+
+    # ------------------------------------------------------------------ config
+    _CONFIG_KEYS = (
+        "algorithm", "inner_steps", "learn_inner_lr", "l2", "learn_l2", "learn_init", "meta_lr",
+        "meta_optimizer", "lr_schedule", "meta_batch_size", "n_iterations", "validate_every", "select",
+        "checkpoint_every",
+    )
+
+    def _config(self) -> dict:
+        cfg = {k: getattr(self, k) for k in self._CONFIG_KEYS}
+        cfg["inner_lr"] = np.asarray(self.inner_lr, dtype=np.float64).tolist()
+        return cfg
+
+    def _validate_config(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
+        K = check_int(self.inner_steps, "inner_steps", minimum=0)
+        if self.learn_inner_lr not in LR_MODES:
+            raise ValueError(f"learn_inner_lr: expected one of {LR_MODES}, got {self.learn_inner_lr!r}")
+        if self.algorithm == "reptile" and (self.learn_inner_lr or self.learn_l2):
+            raise ValueError(
+                "algorithm: 'reptile' has no hypergradients; use learn_inner_lr=None and learn_l2=False"
+            )
+        lr = np.asarray(self.inner_lr, dtype=np.float64)
+        if not np.isfinite(lr).all():
+            raise ValueError("inner_lr: contains NaN or infinity")
+        if self.learn_inner_lr and np.any(lr <= 0):
+            raise ValueError("inner_lr: must be > 0 when it is learned (it is learned in log space)")
+        check_float(self.l2, "l2", minimum=0.0)
+        if self.learn_l2 and not self.l2 > 0:
+            raise ValueError("l2: must be > 0 when learn_l2=True (it is learned in log space)")
+        check_float(self.meta_lr, "meta_lr", minimum=0.0)
+        if self.meta_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"meta_optimizer: expected 'adam' or 'sgd', got {self.meta_optimizer!r}")
+        if self.lr_schedule not in (None, "cosine"):
+            raise ValueError(f"lr_schedule: expected None or 'cosine', got {self.lr_schedule!r}")
+        check_int(self.meta_batch_size, "meta_batch_size", minimum=1)
+        check_int(self.n_iterations, "n_iterations", minimum=0)
+        check_int(self.validate_every, "validate_every", minimum=1)
+        check_int(self.checkpoint_every, "checkpoint_every", minimum=1)
+        if self.select not in SELECT:
+            raise ValueError(f"select: expected one of {SELECT}, got {self.select!r}")
+        check_threads(self.n_threads)
+        for cb in self.callbacks:
+            if not callable(cb):
+                raise TypeError(f"callbacks: expected callables, got {cb!r}")
+        return K
+
+    def _initial_lr(self, K: int, D: int) -> np.ndarray:
+        lr = np.asarray(self.inner_lr, dtype=np.float64)
+        mode = self.learn_inner_lr
+        if mode is None:
+            return lr
+        shapes = {"scalar": (), "per_step": (K, 1), "per_parameter": (D,), "per_step_parameter": (K, D)}
+        target = shapes[mode]
+        try:
+            return np.broadcast_to(lr, target).copy()
+        except ValueError:
+            raise ValueError(
+                f"inner_lr: shape {lr.shape} cannot initialise a {mode} inner learning rate of shape {target}"
+            ) from None
+
+    # --------------------------------------------------------------- accessors
+    @property
+    def theta_(self) -> np.ndarray:
+        self._check_fitted()
+        return self._params["theta"].copy()
+
+    @property
+    def inner_lr_(self):
+        self._check_fitted()
+        lr = self._lr_value(self._params)
+        return float(lr) if lr.ndim == 0 else lr
+
+    @property
+    def l2_(self) -> float:
+        self._check_fitted()
+        return float(self._l2_value(self._params))
+
+    def _check_fitted(self):
+        if not hasattr(self, "_params"):
+            raise AttributeError("this MAML model is not fitted yet: call fit(...) or MAML.load(path)")
+
+    def _lr_value(self, params):
+        if "log_inner_lr" in params:
+            return np.exp(params["log_inner_lr"])
+        return self._fixed_lr
+
+    def _l2_value(self, params):
+        if "log_l2" in params:
+            return float(np.exp(params["log_l2"]))
+        return float(self.l2)
+
+    def _lr_arg(self, params):
+        lr = self._lr_value(params)
+        return float(lr) if np.ndim(lr) == 0 else lr
+
+    # --------------------------------------------------------------------- fit
+    def _init_state(self, n_features: int, K: int):
+        D = n_features + 1
+        self.n_features_in_ = n_features
+        self._fixed_lr = np.asarray(self.inner_lr, dtype=np.float64)
+        params = {"theta": np.zeros(D)}
+        if self.learn_inner_lr:
+            params["log_inner_lr"] = np.log(self._initial_lr(K, D))
+        if self.learn_l2:
+            params["log_l2"] = np.asarray(math.log(self.l2))
+        self._params = params
+        opt_cls = Adam if self.meta_optimizer == "adam" else SGD
+        self._opt = opt_cls(lr=self.meta_lr, schedule=self.lr_schedule, total_steps=self.n_iterations)
+        self.history_ = []
+        self.n_iter_ = 0
+        self.interrupted_ = False
+        self._best = None  # (score, iteration, params)
+
+    def fit(self, tasks, *, validation=None, val_episodes=200, resume=False):
+        """Meta-train.
+
+        Parameters
+        ----------
+        tasks : sampler or Tasks
+            A task sampler (an object with ``sample(n_tasks) -> Tasks`` and
+            ``get_state()/set_state()``, e.g. :class:`fastmaml.EpisodeSampler`)
+            drawing a fresh meta-batch every iteration, or a fixed Tasks used
+            whole every iteration.
+        validation : sampler or Tasks, optional
+            Meta-validation tasks (use classes/groups the meta-training never
+            sees). A sampler is drawn from once, ``val_episodes`` tasks, at
+            the start, so every validation uses the same episodes.
+        val_episodes : int, default=200
+        resume : bool, default=False
+            Continue from ``checkpoint_path`` (exactly: parameters, optimizer
+            moments, sampler RNG state, history) up to ``n_iterations``.
+
+        Returns
+        -------
+        self
+        """
+        K = self._validate_config()
+        if not isinstance(tasks, Tasks) and not hasattr(tasks, "sample"):
+            raise TypeError(f"tasks: expected a Tasks or a sampler with sample(n_tasks), got {type(tasks).__name__}")
+        n_features = tasks.n_features if isinstance(tasks, Tasks) else int(tasks.n_features)
+        val_tasks = None
+        val_state = None
+        if validation is not None:
+            if isinstance(validation, Tasks):
+                val_tasks = validation
+            elif hasattr(validation, "sample"):
+                check_int(val_episodes, "val_episodes", minimum=1)
+                val_state = validation.get_state()
+            else:
+                raise TypeError(f"validation: expected a Tasks or a sampler, got {type(validation).__name__}")
+        self._train_source = tasks
+        if resume:
+            if not self.checkpoint_path:
+                raise ValueError("resume: needs checkpoint_path to be set")
+            self._restore(self.checkpoint_path, tasks)
+            if val_state is not None and "val_sampler_state" in self._resume_meta:
+                val_state = self._resume_meta["val_sampler_state"]
+        else:
+            self._init_state(n_features, K)
+        if val_state is not None:
+            validation.set_state(val_state)
+            val_tasks = validation.sample(val_episodes)
+        self._val_state = val_state
+        if val_tasks is not None and val_tasks.n_features != n_features:
+            raise ValueError(f"validation: expected {n_features} features, got {val_tasks.n_features}")
+        if self.n_iter_ == 0:
+            self._warn_step_size(tasks)
+        self._run(tasks, val_tasks, K)
+        return self
+
+    def _draw(self, tasks):
+        return tasks if isinstance(tasks, Tasks) else tasks.sample(self.meta_batch_size)
+
+    def _gradients(self, batch: Tasks, K: int):
+        params = self._params
+        lr = self._lr_arg(params)
+        l2 = self._l2_value(params)
+        if self.algorithm == "reptile":
+            phi = _adapt(params["theta"], batch, inner_lr=lr, inner_steps=K, l2=l2, n_threads=self.n_threads)
+            grad = params["theta"] - phi.astype(np.float64).mean(axis=0)
+            # Reptile has no meta-loss of its own; report the query loss after adaptation.
+            loss = float(query_scores(phi, batch)["loss"].mean())
+            return loss, {"theta": grad}
+        res = meta_value_and_grad(
+            params["theta"], batch, inner_lr=lr, inner_steps=K, l2=l2,
+            first_order=self.algorithm == "fomaml", n_threads=self.n_threads,
+        )
+        grads = {}
+        if self.learn_init:
+            grads["theta"] = np.asarray(res.grad, dtype=np.float64)
+        if "log_inner_lr" in params:
+            grads["log_inner_lr"] = np.asarray(res.grad_inner_lr, dtype=np.float64) * np.exp(params["log_inner_lr"])
+        if "log_l2" in params:
+            grads["log_l2"] = np.asarray(res.grad_l2 * l2)
+        return res.loss, grads
+
+    def _make_bar(self, total, initial):
+        show = self.progress
+        if show == "auto":
+            show = sys.stderr.isatty()
+        if not show:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=total, initial=initial, desc="meta-training", unit="it", leave=False)
+
+    def _run(self, tasks, val_tasks, K):
+        bar = self._make_bar(self.n_iterations, self.n_iter_)
+        stop = False
+        try:
+            with _Interrupt() as interrupt:
+                while self.n_iter_ < self.n_iterations and not stop:
+                    t0 = time.perf_counter()
+                    batch = self._draw(tasks)
+                    loss, grads = self._gradients(batch, K)
+                    self._opt.step(self._params, grads)
+                    self.n_iter_ += 1
+                    record = {"iteration": self.n_iter_, "loss": float(loss), "meta_lr": self._opt.current_lr()}
+                    lr = self._lr_value(self._params)
+                    record["inner_lr_mean"] = float(np.mean(lr))
+                    record["l2"] = self._l2_value(self._params)
+                    if val_tasks is not None and (
+                        self.n_iter_ % self.validate_every == 0 or self.n_iter_ == self.n_iterations
+                    ):
+                        scores = self.evaluate(val_tasks)
+                        record["val_accuracy"] = scores["accuracy"]
+                        record["val_loss"] = scores["loss"]
+                        self._track_best(record)
+                    record["seconds"] = time.perf_counter() - t0
+                    self.history_.append(record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}")
+                    for cb in self.callbacks:
+                        if cb(self, record):
+                            stop = True
+                    if self.checkpoint_path and self.n_iter_ % self.checkpoint_every == 0:
+                        self._write_checkpoint(self.checkpoint_path)
+                    if interrupt.flag:
+                        self.interrupted_ = True
+                        stop = True
+        finally:
+            if bar is not None:
+                bar.close()
+        if self.checkpoint_path:
+            self._write_checkpoint(self.checkpoint_path)
+        if self.interrupted_:
+            warnings.warn(
+                f"meta-training interrupted after {self.n_iter_} iterations; the model holds the parameters "
+                "of the last complete iteration" + (" and a checkpoint was written" if self.checkpoint_path else ""),
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if self.select != "final" and self._best is not None:
+            self._final_params = {k: v.copy() for k, v in self._params.items()}
+            self._params = {k: v.copy() for k, v in self._best[2].items()}
+            self.best_iteration_ = self._best[1]
+
+    def _track_best(self, record):
+        if self.select == "final":
+            return
+        score = record["val_accuracy"] if self.select == "best_accuracy" else -record["val_loss"]
+        if self._best is None or score > self._best[0]:
+            self._best = (score, record["iteration"], {k: v.copy() for k, v in self._params.items()})
+
+    def _warn_step_size(self, tasks, n_probe=8, n_power=30):
+        """Warn when inner_lr * lambda_max(H) > 2 on a few tasks (power iteration on HVPs)."""
+        if isinstance(tasks, Tasks):
+            probe = tasks
+        else:
+            state = tasks.get_state()
+            probe = tasks.sample(min(n_probe, self.meta_batch_size))
+            tasks.set_state(state)  # probing must not shift the training stream
+        lam_max = self.largest_curvature(probe, n_power=n_power)
+        lr_max = float(np.max(self._lr_value(self._params)))
+        if lr_max * lam_max > 2.0:
+            warnings.warn(
+                f"inner_lr={lr_max:.3g} times the largest support-loss Hessian eigenvalue {lam_max:.3g} is "
+                f"{lr_max * lam_max:.3g} > 2: the inner loop overshoots and meta-training becomes unstable; "
+                f"use inner_lr < {2.0 / lam_max:.3g}",
+                StepSizeWarning,
+                stacklevel=3,
+            )
+
+    def largest_curvature(self, tasks: Tasks, n_power: int = 30) -> float:
+        """Largest eigenvalue of the support-loss Hessian at theta, max over tasks (power iteration)."""
+        theta = self._params["theta"] if hasattr(self, "_params") else np.zeros(tasks.n_features + 1)
+        l2 = self._l2_value(self._params) if hasattr(self, "_params") else float(self.l2)
+        T = min(tasks.n_tasks, 64)
+        sub = tasks if T == tasks.n_tasks else _first_tasks(tasks, T)
+        params = np.broadcast_to(theta, (sub.n_tasks, theta.size)).copy()
+        rng = np.random.default_rng(0)
+        v = rng.standard_normal(params.shape)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        lam = np.zeros(sub.n_tasks)
+        for _ in range(n_power):
+            hv = np.asarray(hessian_vector_product(params, sub, None, v, l2=l2, n_threads=self.n_threads), dtype=np.float64)
+            lam = np.einsum("ij,ij->i", v, hv)
+            norm = np.linalg.norm(hv, axis=1, keepdims=True)
+            norm[norm == 0] = 1.0
+            v = hv / norm
+        return float(lam.max())
+
+    # ------------------------------------------------------------- adaptation
+    def adapt(self, X, y, *, inner_steps=None):
+        """Adapt the meta-learned start to one task's labelled examples.
+
+        Parameters
+        ----------
+        X : array_like of shape (n, n_features)
+        y : array_like of shape (n,)
+            Two distinct labels (any values); the larger is the positive class.
+        inner_steps : int, optional
+            Defaults to the meta-training inner_steps.
+
+        Returns
+        -------
+        LogisticModel
+        """
+        self._check_fitted()
+        Xa = as_feature_array(X, "X", ndim=2)
+        if Xa.shape[1] != self.n_features_in_:
+            raise ValueError(f"X: expected {self.n_features_in_} features, got {Xa.shape[1]}")
+        y = np.asarray(y)
+        if y.shape != (Xa.shape[0],):
+            raise ValueError(f"y: expected shape ({Xa.shape[0]},), got {y.shape}")
+        classes = np.unique(y)
+        if classes.size > 2:
+            raise ValueError(f"y: expected at most two classes for a binary model, got {classes.size}")
+        if classes.size == 1:
+            classes = np.array([0, 1]) if classes[0] in (0, 1) else np.array([classes[0], classes[0]])
+        y01 = (y == classes[1]).astype(np.int32)
+        K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
+        lr = self._lr_for_steps(K)
+        phi = _adapt(self._params["theta"], Xa, y01, inner_lr=lr, inner_steps=K, l2=self._l2_value(self._params))
+        return LogisticModel(phi, classes)
+
+    def _lr_for_steps(self, K):
+        lr = self._lr_value(self._params)
+        if np.ndim(lr) == 2 and lr.shape[0] != K:
+            raise ValueError(
+                f"inner_steps: the learned inner_lr has one row per step ({lr.shape[0]} steps); got {K}"
+            )
+        return float(lr) if np.ndim(lr) == 0 else lr
+
+    def adapt_tasks(self, tasks: Tasks, *, inner_steps=None) -> np.ndarray:
+        """Adapted parameters for every task's support set, shape (n_tasks, n_features + 1)."""
+        self._check_fitted()
+        K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
+        return _adapt(
+            self._params["theta"], tasks, inner_lr=self._lr_for_steps(K), inner_steps=K,
+            l2=self._l2_value(self._params), n_threads=self.n_threads,
+        )
+
+    def evaluate(self, tasks, *, n_episodes=600, inner_steps=None) -> dict:
+        """Adapt on each task's support set and score on its query set.
+
+        Parameters
+        ----------
+        tasks : Tasks or sampler
+            A sampler is drawn from once (``n_episodes`` tasks).
+
+        Returns
+        -------
+        dict
+            ``accuracy`` (mean), ``accuracy_ci95`` (half-width), ``loss`` (mean
+            query log-loss), ``per_task_accuracy`` (ndarray).
+        """
+        if not isinstance(tasks, Tasks):
+            if not hasattr(tasks, "sample"):
+                raise TypeError(f"tasks: expected a Tasks or a sampler, got {type(tasks).__name__}")
+            tasks = tasks.sample(check_int(n_episodes, "n_episodes", minimum=1))
+        phi = self.adapt_tasks(tasks, inner_steps=inner_steps)
+        scores = query_scores(phi, tasks)
+        acc, ci = mean_ci(scores["accuracy"])
+        return {
+            "accuracy": acc,
+            "accuracy_ci95": ci,
+            "loss": float(scores["loss"].mean()),
+            "per_task_accuracy": scores["accuracy"],
+        }
+
+    # ------------------------------------------------------------ persistence
+    def _state_arrays(self) -> dict:
+        arrays = {f"param.{k}": v for k, v in self._params.items()}
+        arrays["fixed_inner_lr"] = np.asarray(self._fixed_lr, dtype=np.float64)
+        if self._best is not None:
+            arrays.update({f"best.{k}": v for k, v in self._best[2].items()})
+        if getattr(self, "_final_params", None) is not None:
+            arrays.update({f"final.{k}": v for k, v in self._final_params.items()})
+        return arrays
+
+    def _meta(self) -> dict:
+        from . import __version__
+
+        return {
+            "fastmaml_version": __version__,
+            "config": self._config(),
+            "n_features": int(self.n_features_in_),
+            "n_iter": int(self.n_iter_),
+            "interrupted": bool(self.interrupted_),
+            "history": self.history_,
+            "best": None if self._best is None else [self._best[0], self._best[1]],
+            "best_iteration": getattr(self, "best_iteration_", None),
+        }
+
+    def save(self, path) -> None:
+        """Save the fitted model (plain NumPy arrays + JSON; atomic write)."""
+        self._check_fitted()
+        _checkpoint.write(path, self._state_arrays(), dict(self._meta(), kind="model"))
+
+    def _write_checkpoint(self, path):
+        arrays = self._state_arrays()
+        arrays.update(self._opt.state_arrays())
+        meta = dict(self._meta(), kind="checkpoint", opt_t=self._opt.t)
+        meta["sampler_state"] = self._sampler_state
+        if getattr(self, "_val_state", None) is not None:
+            meta["val_sampler_state"] = self._val_state
+        _checkpoint.write(path, arrays, meta)
+
+    @property
+    def _sampler_state(self):
+        src = getattr(self, "_train_source", None)
+        return None if src is None or isinstance(src, Tasks) else src.get_state()
+
+    def _restore(self, path, tasks):
+        arrays, meta = _checkpoint.read(path)
+        if meta.get("kind") != "checkpoint":
+            raise _checkpoint.CheckpointError(f"path: {path!r} is a saved model, not a training checkpoint")
+        cfg = meta["config"]
+        mine = self._config()
+        for key in ("algorithm", "inner_steps", "learn_inner_lr", "learn_l2", "learn_init", "meta_optimizer",
+                    "lr_schedule", "meta_batch_size"):
+            if cfg.get(key) != mine.get(key):
+                raise ValueError(
+                    f"resume: checkpoint was written with {key}={cfg.get(key)!r}, this model has {mine.get(key)!r}"
+                )
+        self._load_arrays(arrays, meta)
+        opt_cls = Adam if self.meta_optimizer == "adam" else SGD
+        self._opt = opt_cls(lr=self.meta_lr, schedule=self.lr_schedule, total_steps=self.n_iterations)
+        self._opt.load_state(arrays, meta.get("opt_t", 0))
+        if meta.get("sampler_state") is not None and not isinstance(tasks, Tasks):
+            tasks.set_state(meta["sampler_state"])
+        self._resume_meta = meta
+        self.interrupted_ = False
+
+    def _load_arrays(self, arrays, meta):
+        self.n_features_in_ = int(meta["n_features"])
+        self._params = {k[6:]: np.array(v, dtype=np.float64) for k, v in arrays.items() if k.startswith("param.")}
+        if "theta" not in self._params or self._params["theta"].shape != (self.n_features_in_ + 1,):
+            raise _checkpoint.CheckpointError("checkpoint: theta is missing or has the wrong shape")
+        self._fixed_lr = np.array(arrays.get("fixed_inner_lr", self.inner_lr), dtype=np.float64)
+        best = {k[5:]: np.array(v) for k, v in arrays.items() if k.startswith("best.")}
+        self._best = None if not best or meta.get("best") is None else (meta["best"][0], meta["best"][1], best)
+        final = {k[6:]: np.array(v) for k, v in arrays.items() if k.startswith("final.")}
+        self._final_params = final or None
+        if meta.get("best_iteration") is not None:
+            self.best_iteration_ = meta["best_iteration"]
+        self.history_ = list(meta.get("history", []))
+        self.n_iter_ = int(meta.get("n_iter", 0))
+        self.interrupted_ = bool(meta.get("interrupted", False))
+
+    @classmethod
+    def load(cls, path) -> "MAML":
+        """Load a model written by :meth:`save` (or a training checkpoint)."""
+        arrays, meta = _checkpoint.read(path)
+        cfg = dict(meta.get("config", {}))
+        try:
+            inner_lr = cfg.pop("inner_lr")
+            model = cls(**cfg, inner_lr=inner_lr if np.ndim(inner_lr) else float(inner_lr))
+            model._load_arrays(arrays, meta)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise _checkpoint.CheckpointError(f"path: {path!r} holds an unreadable model ({exc})") from exc
+        opt_cls = Adam if model.meta_optimizer == "adam" else SGD
+        model._opt = opt_cls(lr=model.meta_lr, schedule=model.lr_schedule, total_steps=model.n_iterations)
+        model._opt.load_state(arrays, meta.get("opt_t", 0))
+        return model
+
+    def __repr__(self) -> str:
+        return (
+            f"MAML(algorithm={self.algorithm!r}, inner_steps={self.inner_steps}, inner_lr={self.inner_lr!r}, "
+            f"learn_inner_lr={self.learn_inner_lr!r}, l2={self.l2}, learn_l2={self.learn_l2})"
+        )
+
+
+def _first_tasks(tasks: Tasks, count: int) -> Tasks:
+    """The first `count` tasks of a batch, as dense copies (small: used for probing)."""
+    parts = [tasks.task(t) for t in range(count)]
+    sizes_s = {p[0].shape[0] for p in parts}
+    sizes_q = {p[2].shape[0] for p in parts}
+    if len(sizes_s) == 1 and len(sizes_q) == 1:
+        return Tasks(*(np.stack([p[i] for p in parts]) for i in range(4)))
+    X = np.concatenate([np.concatenate([p[0], p[2]]) for p in parts])
+    s_idx, q_idx, s_ptr, q_ptr, off = [], [], [0], [0], 0
+    for p in parts:
+        n, m = p[0].shape[0], p[2].shape[0]
+        s_idx.append(np.arange(off, off + n))
+        q_idx.append(np.arange(off + n, off + n + m))
+        off += n + m
+        s_ptr.append(s_ptr[-1] + n)
+        q_ptr.append(q_ptr[-1] + m)
+    return Tasks.from_index(
+        X, np.concatenate(s_idx), np.concatenate([p[1] for p in parts]), np.concatenate(q_idx),
+        np.concatenate([p[3] for p in parts]), support_ptr=s_ptr, query_ptr=q_ptr,
+    )

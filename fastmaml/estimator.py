@@ -357,7 +357,7 @@ class MAML:
         K = self._validate_config()
         if not isinstance(tasks, Tasks) and not hasattr(tasks, "sample"):
             raise TypeError(f"tasks: expected a Tasks or a sampler with sample(n_tasks), got {type(tasks).__name__}")
-        n_features = tasks.n_features if isinstance(tasks, Tasks) else int(tasks.n_features)
+        n_features = _n_features(tasks)
         val_tasks = None
         val_state = None
         if validation is not None:
@@ -703,6 +703,16 @@ class MAML:
             f"MAML(algorithm={self.algorithm!r}, inner_steps={self.inner_steps}, inner_lr={self.inner_lr!r}, "
             f"learn_inner_lr={self.learn_inner_lr!r}, l2={self.l2}, learn_l2={self.learn_l2})"
         )
+
+
+def _n_features(source) -> int:
+    """Feature count of a Tasks or a sampler (drawing one task if the sampler does not say)."""
+    if isinstance(source, Tasks) or hasattr(source, "n_features"):
+        return int(source.n_features)
+    state = source.get_state()
+    probe = source.sample(1)
+    source.set_state(state)
+    return int(probe.n_features)
 
 
 def _first_tasks(tasks: Tasks, count: int) -> Tasks:

@@ -35,7 +35,7 @@ def write(path, arrays: dict, meta: dict) -> None:
     header = dict(meta)
     header["format"] = FORMAT
     header["format_version"] = FORMAT_VERSION
-    payload = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    payload = {k: np.asarray(v, order="C") for k, v in arrays.items()}  # keeps 0-d arrays 0-d
     for name, value in payload.items():
         if value.dtype == object:
             raise TypeError(f"checkpoint array {name!r} has object dtype; only numeric arrays are stored")
@@ -78,7 +78,9 @@ def read(path) -> tuple[dict, dict]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"path: no such model/checkpoint file: {path!r}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with open(path, "rb") as fh:
+            raw = io.BytesIO(fh.read())  # the file is closed whatever np.load makes of it
+        with np.load(raw, allow_pickle=False) as data:
             if _META_KEY not in data.files:
                 raise CheckpointError(f"path: {path!r} is not a fastmaml model/checkpoint (no metadata)")
             arrays = {k: data[k] for k in data.files if k != _META_KEY}

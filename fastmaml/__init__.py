@@ -25,6 +25,7 @@ from ._api import (
 from ._config import show_config
 from ._tasks import Tasks
 from .estimator import MAML, LogisticModel, StepSizeWarning
+from .samplers import EpisodeSampler, GroupedSampler, make_grouped_tasks, split_groups, split_rows
 
 try:
     __version__ = _version("fastmaml")
@@ -35,6 +36,11 @@ __all__ = [
     "DivergenceError",
     "MetaGradient",
     "MAML",
+    "EpisodeSampler",
+    "GroupedSampler",
+    "make_grouped_tasks",
+    "split_groups",
+    "split_rows",
     "LogisticModel",
     "StepSizeWarning",
     "Tasks",

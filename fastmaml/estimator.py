@@ -429,6 +429,12 @@ class MAML:
     def _run(self, tasks, val_tasks, K):
         bar = self._make_bar(self.n_iterations, self.n_iter_)
         stop = False
+        if val_tasks is not None and self.n_iter_ == 0 and not self.history_:
+            # iteration 0 = the untrained start: "stop before training" is a choice validation can make
+            scores = self.evaluate(val_tasks)
+            record = {"iteration": 0, "val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
+            self._track_best(record)
+            self.history_.append(record)
         try:
             with _Interrupt() as interrupt:
                 while self.n_iter_ < self.n_iterations and not stop:

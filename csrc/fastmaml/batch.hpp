@@ -28,6 +28,10 @@ constexpr index_t kReduceBlock = 64;
 // Per-task result slots are kept for at most this many doubles per chunk; a
 // chunk is always a whole number of reduction blocks (shape-only choice).
 constexpr index_t kChunkDoubles = index_t(1) << 23;  // 64 MiB
+// Below this many multiply-adds per thread a parallel region costs more than
+// it saves (and on a loaded machine a descheduled worker stalls the join), so
+// small batches use fewer threads. Shape-only: results never depend on it.
+constexpr double kMinWorkPerThread = 2.0e5;
 
 enum class ErrorCode : int { ok = 0, diverged = 1, nonfinite_query = 2, no_memory = 3, internal = 4 };
 
@@ -64,9 +68,11 @@ inline bool built_with_openmp() {
 // Returns the error of the lowest-numbered failing task, if any.
 template <class MakeWorker>
 TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
-                     MakeWorker&& make_worker, double* total) {
+                     MakeWorker&& make_worker, double* total, double work_per_task = 1e9) {
   TaskStatus status;
-  const int threads = resolve_threads(n_threads);
+  int threads = resolve_threads(n_threads);
+  const double useful = static_cast<double>(n_tasks) * work_per_task / kMinWorkPerThread;
+  if (useful < threads) threads = std::max(1, static_cast<int>(useful));
   index_t chunk = n_tasks;
   if (slot_len > 0) {
     const index_t blocks = std::max<index_t>(1, kChunkDoubles / (slot_len * kReduceBlock));

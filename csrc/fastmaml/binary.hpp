@@ -177,7 +177,9 @@ TaskStatus binary_meta_value_and_grad(const TaskSet<T>& ts, const T* theta,
   auto make = [&]() {
     return BinaryMetaWorker<T>{&ts, theta, alpha, K, lr, lam, first_order, {}};
   };
-  TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data());
+  const double rows = static_cast<double>(ts.support.ptr[ts.n_tasks] + ts.query.ptr[ts.n_tasks]) / ts.n_tasks;
+  const double work = (4.0 * K + 2.0) * rows * static_cast<double>(D);
+  TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data(), work);
   if (!st.ok()) return st;
   const double inv_T = 1.0 / static_cast<double>(ts.n_tasks);
   *loss = total[0] * inv_T;
@@ -220,7 +222,8 @@ TaskStatus binary_adapt(const TaskSet<T>& ts, const T* theta, bool per_task_thet
   };
   (void)D;
   auto make = [&]() { return Worker{&ts, theta, per_task_theta, alpha, K, lam, keep_path, out, {}}; };
-  return run_tasks(ts.n_tasks, 0, n_threads, make, nullptr);
+  const double work = 2.0 * (K + 1) * static_cast<double>(ts.support.ptr[ts.n_tasks]) / ts.n_tasks * D;
+  return run_tasks(ts.n_tasks, 0, n_threads, make, nullptr, work);
 }
 
 // Batched primitives on the support side of `ts`, one parameter vector per
@@ -265,7 +268,8 @@ TaskStatus binary_loss_grad_hvp(const TaskSet<T>& ts, const T* params, double la
     }
   };
   auto make = [&]() { return Worker{&ts, params, lam, v, loss_out, out, {}, {}}; };
-  return run_tasks(ts.n_tasks, 0, n_threads, make, nullptr);
+  const double work = 4.0 * static_cast<double>(ts.support.ptr[ts.n_tasks]) / ts.n_tasks * (ts.d + 1);
+  return run_tasks(ts.n_tasks, 0, n_threads, make, nullptr, work);
 }
 
 }  // namespace fastmaml

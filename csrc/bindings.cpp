@@ -12,7 +12,8 @@
 #include <string>
 
 #include "fastmaml/batch.hpp"
-#include "fastmaml/binary.hpp"
+#include "fastmaml/imaml.hpp"
+#include "fastmaml/model.hpp"
 #include "fastmaml/tasks.hpp"
 
 namespace py = pybind11;
@@ -88,10 +89,16 @@ fastmaml::SideView<T> make_side(const py::array& X, const py::object& idx, const
 }
 
 template <class T>
-void check_binary_labels(const fastmaml::SideView<T>& v, index_t total, const char* side) {
+void check_labels(const fastmaml::SideView<T>& v, index_t total, index_t C, const char* side) {
+  const std::int32_t hi = C == 1 ? 1 : static_cast<std::int32_t>(C - 1);
   for (index_t p = 0; p < total; ++p) {
-    if (v.y[p] != 0 && v.y[p] != 1)
-      value_error(std::string(side) + "_y: binary labels must be 0 or 1, got " + std::to_string(v.y[p]));
+    if (v.y[p] < 0 || v.y[p] > hi) {
+      if (C == 1)
+        value_error(std::string(side) + "_y: binary labels must be 0 or 1, got " + std::to_string(v.y[p]));
+      value_error(std::string(side) + "_y: labels must lie in [0, " + std::to_string(C) + ") for " +
+                  std::to_string(C) + " classes (theta has " + std::to_string(C) + " columns), got " +
+                  std::to_string(v.y[p]));
+    }
   }
 }
 
@@ -124,16 +131,19 @@ struct Sides {
 };
 
 template <class T>
-fastmaml::TaskSet<T> make_taskset(index_t n_tasks, index_t d, const Sides& s, const Sides* q, bool binary) {
+fastmaml::TaskSet<T> make_taskset(index_t n_tasks, index_t d, index_t C, const Sides& s, const Sides* q) {
   if (n_tasks < 1) value_error("tasks: expected at least one task, got 0");
   fastmaml::TaskSet<T> ts;
   ts.n_tasks = n_tasks;
   ts.d = d;
   ts.support = make_side<T>(s.X, s.idx, s.ptr, s.y, n_tasks, d, "support");
-  if (binary) check_binary_labels(ts.support, s.y.size(), "support");
+  check_labels(ts.support, s.y.size(), C, "support");
   if (q) {
+    if (q->ptr.size() - 1 != n_tasks)
+      value_error("query: expected " + std::to_string(n_tasks) + " tasks like the support sets, got " +
+                  std::to_string(q->ptr.size() - 1));
     ts.query = make_side<T>(q->X, q->idx, q->ptr, q->y, n_tasks, d, "query");
-    if (binary) check_binary_labels(ts.query, q->y.size(), "query");
+    check_labels(ts.query, q->y.size(), C, "query");
   }
   return ts;
 }
@@ -144,74 +154,150 @@ index_t feature_count(const py::array& X) {
 }
 
 template <class T>
-py::tuple meta_value_and_grad_impl(py::array theta, py::array alpha, index_t ks, index_t ps, index_t K,
-                                   double l2, bool first_order, int n_threads, const Sides& s,
-                                   const Sides& q) {
-  const index_t d = feature_count(s.X), D = d + 1;
+fastmaml::Preconditioner<T> make_precond(const py::object& log_scale, const py::object& U, index_t D) {
+  fastmaml::Preconditioner<T> pre;
+  if (log_scale.is_none()) return pre;
+  py::array s = log_scale.cast<py::array>();
+  py::array u = U.cast<py::array>();
+  pre.log_scale = checked<T>(s, "log_scale");
+  pre.U = checked<T>(u, "U");
+  if (s.size() != D) value_error("log_scale: expected " + std::to_string(D) + " values");
+  if (u.ndim() != 2 || u.shape(0) != D) value_error("U: expected shape (" + std::to_string(D) + ", rank)");
+  pre.rank = u.shape(1);
+  return pre;
+}
+
+// Runs `body` with the right scalar type and link.
+template <class T, class F>
+auto with_link(index_t C, F&& body) {
+  if (C == 1) return body(fastmaml::BinaryLink{});
+  fastmaml::SoftmaxLink link;
+  link.C = C;
+  return body(link);
+}
+
+template <class T>
+py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale,
+                    py::object U, index_t K, double l2, int mode, int n_threads, index_t C, const Sides& s,
+                    const Sides& q) {
+  const index_t d = feature_count(s.X), D = d + 1, P = D * C;
   if (feature_count(q.X) != d) value_error("query_X: feature count differs from support_X");
   const index_t n_tasks = s.ptr.size() - 1;
   const T* th = checked<T>(theta, "theta");
-  const T* al = checked<T>(alpha, "inner_lr");
-  if (theta.size() != D) value_error("theta: expected " + std::to_string(D) + " values");
-  if (alpha.size() != K * D) value_error("inner_lr: expected a broadcast table of K*(d+1) values");
-  if (!((ks == 1 || ks == K) && (ps == 1 || ps == D))) value_error("inner_lr: bad layout");
-  auto ts = make_taskset<T>(n_tasks, d, s, &q, true);
-  py::array_t<T> grad(D);
-  py::array_t<T> grad_lr(ks * ps);
+  if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
+  auto pre = make_precond<T>(log_scale, U, D);
+  const T* al = nullptr;
+  if (!pre.active()) {
+    py::array a = alpha.cast<py::array>();
+    al = checked<T>(a, "inner_lr");
+    if (a.size() != K * P) value_error("inner_lr: expected a broadcast table of K*(d+1)*C values");
+    if (!((ks == 1 || ks == K) && (pr == 1 || pr == D) && (pc == 1 || pc == C))) value_error("inner_lr: bad layout");
+  }
+  auto ts = make_taskset<T>(n_tasks, d, C, s, &q);
+  fastmaml::LrLayout lr{ks, pr, pc};
+  const index_t H = pre.active() ? D * (1 + pre.rank) : lr.size();
+  py::array_t<T> grad(P);
+  py::array_t<T> hyper(H);
   double loss = 0.0, grad_l2 = 0.0;
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
-    st = fastmaml::binary_meta_value_and_grad<T>(ts, th, al, K, fastmaml::LrLayout{ks, ps}, l2, first_order,
-                                                 n_threads, &loss, grad.mutable_data(), grad_lr.mutable_data(),
-                                                 &grad_l2);
+    st = with_link<T>(C, [&](auto link) {
+      return fastmaml::meta_value_and_grad<T>(ts, link, th, al, pre, K, lr, l2, static_cast<fastmaml::Mode>(mode),
+                                              n_threads, &loss, grad.mutable_data(), hyper.mutable_data(),
+                                              &grad_l2);
+    });
   }
   raise_status(st);
-  return py::make_tuple(loss, grad, grad_lr, grad_l2);
+  return py::make_tuple(loss, grad, hyper, grad_l2);
 }
 
 template <class T>
-py::array adapt_impl(py::array theta, bool per_task, py::array alpha, index_t K, double l2, bool keep_path,
-                     int n_threads, const Sides& s) {
-  const index_t d = feature_count(s.X), D = d + 1;
+py::array adapt_impl(py::array theta, bool per_task, py::object alpha, py::object log_scale, py::object U,
+                     index_t K, double l2, bool keep_path, int n_threads, index_t C, const Sides& s) {
+  const index_t d = feature_count(s.X), D = d + 1, P = D * C;
   const index_t n_tasks = s.ptr.size() - 1;
   const T* th = checked<T>(theta, "theta");
-  const T* al = checked<T>(alpha, "inner_lr");
-  if (theta.size() != (per_task ? n_tasks * D : D)) value_error("theta: wrong number of values");
-  if (alpha.size() != K * D) value_error("inner_lr: expected a broadcast table of K*(d+1) values");
-  auto ts = make_taskset<T>(n_tasks, d, s, nullptr, true);
-  py::array_t<T> out = keep_path ? py::array_t<T>({n_tasks, K + 1, D}) : py::array_t<T>({n_tasks, D});
+  if (theta.size() != (per_task ? n_tasks * P : P)) value_error("theta: wrong number of values");
+  auto pre = make_precond<T>(log_scale, U, D);
+  const T* al = nullptr;
+  if (!pre.active()) {
+    py::array a = alpha.cast<py::array>();
+    al = checked<T>(a, "inner_lr");
+    if (a.size() != K * P) value_error("inner_lr: expected a broadcast table of K*(d+1)*C values");
+  }
+  auto ts = make_taskset<T>(n_tasks, d, C, s, nullptr);
+  py::array_t<T> out = keep_path ? py::array_t<T>({n_tasks, K + 1, P}) : py::array_t<T>({n_tasks, P});
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
-    st = fastmaml::binary_adapt<T>(ts, th, per_task, al, K, l2, keep_path, n_threads, out.mutable_data());
+    st = with_link<T>(C, [&](auto link) {
+      return fastmaml::adapt<T>(ts, link, th, per_task, al, pre, K, l2, keep_path, n_threads, out.mutable_data());
+    });
   }
   raise_status(st);
   return out;
 }
 
 template <class T>
-py::tuple loss_grad_hvp_impl(py::array params, py::object v, double l2, int n_threads, const Sides& s) {
-  const index_t d = feature_count(s.X), D = d + 1;
+py::tuple loss_grad_hvp_impl(py::array params, py::object v, double l2, int n_threads, index_t C, const Sides& s) {
+  const index_t d = feature_count(s.X), P = (d + 1) * C;
   const index_t n_tasks = s.ptr.size() - 1;
   const T* p = checked<T>(params, "params");
-  if (params.size() != n_tasks * D) value_error("params: expected one parameter vector per task");
+  if (params.size() != n_tasks * P) value_error("params: expected one parameter vector per task");
   const T* vp = nullptr;
   if (!v.is_none()) {
     py::array va = v.cast<py::array>();
     vp = checked<T>(va, "v");
-    if (va.size() != n_tasks * D) value_error("v: expected one vector per task");
+    if (va.size() != n_tasks * P) value_error("v: expected one vector per task");
   }
-  auto ts = make_taskset<T>(n_tasks, d, s, nullptr, true);
+  auto ts = make_taskset<T>(n_tasks, d, C, s, nullptr);
   py::array_t<T> loss(n_tasks);
-  py::array_t<T> out({n_tasks, D});
+  py::array_t<T> out({n_tasks, P});
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
-    st = fastmaml::binary_loss_grad_hvp<T>(ts, p, l2, vp, n_threads, loss.mutable_data(), out.mutable_data());
+    st = with_link<T>(C, [&](auto link) {
+      return fastmaml::loss_grad_hvp<T>(ts, link, p, l2, vp, n_threads, loss.mutable_data(), out.mutable_data());
+    });
   }
   raise_status(st);
   return py::make_tuple(loss, out);
+}
+
+template <class T>
+py::tuple imaml_impl(py::array theta, double mu, double l2, double tol, index_t max_iter, double cg_tol,
+                     index_t cg_max_iter, int n_threads, index_t C, const Sides& s, const Sides& q) {
+  const index_t d = feature_count(s.X), P = (d + 1) * C;
+  if (feature_count(q.X) != d) value_error("query_X: feature count differs from support_X");
+  const index_t n_tasks = s.ptr.size() - 1;
+  const T* th = checked<T>(theta, "theta");
+  if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
+  auto ts = make_taskset<T>(n_tasks, d, C, s, &q);
+  py::array_t<T> grad(P);
+  py::array_t<double> inner_res(n_tasks), cg_res(n_tasks);
+  py::array_t<std::int32_t> inner_it(n_tasks), cg_it(n_tasks);
+  py::array_t<std::uint8_t> inner_ok(n_tasks), cg_ok(n_tasks);
+  fastmaml::ImamlSettings cfg{mu, l2, tol, max_iter, cg_tol, cg_max_iter};
+  fastmaml::ImamlReport rep{inner_res.mutable_data(), inner_it.mutable_data(), inner_ok.mutable_data(),
+                            cg_res.mutable_data(),    cg_it.mutable_data(),    cg_ok.mutable_data()};
+  double loss = 0.0;
+  fastmaml::TaskStatus st;
+  {
+    py::gil_scoped_release release;
+    st = with_link<T>(C, [&](auto link) {
+      return fastmaml::imaml_value_and_grad<T>(ts, link, th, cfg, rep, n_threads, &loss, grad.mutable_data());
+    });
+  }
+  raise_status(st);
+  py::dict report;
+  report["inner_residual"] = inner_res;
+  report["inner_iterations"] = inner_it;
+  report["inner_converged"] = inner_ok;
+  report["cg_residual"] = cg_res;
+  report["cg_iterations"] = cg_it;
+  report["cg_converged"] = cg_ok;
+  return py::make_tuple(loss, grad, report);
 }
 
 bool is_f32(const py::array& X) { return py::isinstance<py::array_t<float>>(X); }
@@ -224,39 +310,55 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "meta_value_and_grad",
-      [](py::array theta, py::array alpha, index_t ks, index_t ps, index_t K, double l2, bool first_order,
-         int n_threads, py::array sX, py::object sidx, py::array sptr, py::array sy, py::array qX,
-         py::object qidx, py::array qptr, py::array qy) {
+      [](py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale, py::object U,
+         index_t K, double l2, int mode, int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr,
+         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy) {
         Sides s{sX, sidx, sptr, sy}, q{qX, qidx, qptr, qy};
-        if (is_f32(sX)) return meta_value_and_grad_impl<float>(theta, alpha, ks, ps, K, l2, first_order, n_threads, s, q);
-        return meta_value_and_grad_impl<double>(theta, alpha, ks, ps, K, l2, first_order, n_threads, s, q);
+        if (is_f32(sX)) return meta_impl<float>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q);
+        return meta_impl<double>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q);
       },
-      py::arg("theta"), py::arg("inner_lr"), py::arg("lr_steps"), py::arg("lr_params"), py::arg("inner_steps"),
-      py::arg("l2"), py::arg("first_order"), py::arg("n_threads"), py::arg("support_X"), py::arg("support_idx"),
-      py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"), py::arg("query_idx"),
-      py::arg("query_ptr"), py::arg("query_y"));
+      py::arg("theta"), py::arg("inner_lr"), py::arg("lr_steps"), py::arg("lr_rows"), py::arg("lr_cols"),
+      py::arg("log_scale"), py::arg("U"), py::arg("inner_steps"), py::arg("l2"), py::arg("mode"),
+      py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"), py::arg("support_idx"),
+      py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"), py::arg("query_idx"), py::arg("query_ptr"),
+      py::arg("query_y"));
 
   m.def(
       "adapt",
-      [](py::array theta, bool per_task, py::array alpha, index_t K, double l2, bool keep_path, int n_threads,
-         py::array sX, py::object sidx, py::array sptr, py::array sy) {
+      [](py::array theta, bool per_task, py::object alpha, py::object log_scale, py::object U, index_t K, double l2,
+         bool keep_path, int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr, py::array sy) {
         Sides s{sX, sidx, sptr, sy};
-        if (is_f32(sX)) return adapt_impl<float>(theta, per_task, alpha, K, l2, keep_path, n_threads, s);
-        return adapt_impl<double>(theta, per_task, alpha, K, l2, keep_path, n_threads, s);
+        if (is_f32(sX)) return adapt_impl<float>(theta, per_task, alpha, log_scale, U, K, l2, keep_path, n_threads, C, s);
+        return adapt_impl<double>(theta, per_task, alpha, log_scale, U, K, l2, keep_path, n_threads, C, s);
       },
-      py::arg("theta"), py::arg("per_task_theta"), py::arg("inner_lr"), py::arg("inner_steps"), py::arg("l2"),
-      py::arg("keep_path"), py::arg("n_threads"), py::arg("X"), py::arg("idx"), py::arg("ptr"), py::arg("y"));
+      py::arg("theta"), py::arg("per_task_theta"), py::arg("inner_lr"), py::arg("log_scale"), py::arg("U"),
+      py::arg("inner_steps"), py::arg("l2"), py::arg("keep_path"), py::arg("n_threads"), py::arg("n_classes"),
+      py::arg("X"), py::arg("idx"), py::arg("ptr"), py::arg("y"));
 
   m.def(
       "loss_grad_hvp",
-      [](py::array params, py::object v, double l2, int n_threads, py::array sX, py::object sidx, py::array sptr,
-         py::array sy) {
+      [](py::array params, py::object v, double l2, int n_threads, index_t C, py::array sX, py::object sidx,
+         py::array sptr, py::array sy) {
         Sides s{sX, sidx, sptr, sy};
-        if (is_f32(sX)) return loss_grad_hvp_impl<float>(params, v, l2, n_threads, s);
-        return loss_grad_hvp_impl<double>(params, v, l2, n_threads, s);
+        if (is_f32(sX)) return loss_grad_hvp_impl<float>(params, v, l2, n_threads, C, s);
+        return loss_grad_hvp_impl<double>(params, v, l2, n_threads, C, s);
       },
-      py::arg("params"), py::arg("v"), py::arg("l2"), py::arg("n_threads"), py::arg("X"), py::arg("idx"),
-      py::arg("ptr"), py::arg("y"));
+      py::arg("params"), py::arg("v"), py::arg("l2"), py::arg("n_threads"), py::arg("n_classes"), py::arg("X"),
+      py::arg("idx"), py::arg("ptr"), py::arg("y"));
+
+  m.def(
+      "imaml_value_and_grad",
+      [](py::array theta, double mu, double l2, double tol, index_t max_iter, double cg_tol, index_t cg_max_iter,
+         int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr, py::array sy, py::array qX,
+         py::object qidx, py::array qptr, py::array qy) {
+        Sides s{sX, sidx, sptr, sy}, q{qX, qidx, qptr, qy};
+        if (is_f32(sX)) return imaml_impl<float>(theta, mu, l2, tol, max_iter, cg_tol, cg_max_iter, n_threads, C, s, q);
+        return imaml_impl<double>(theta, mu, l2, tol, max_iter, cg_tol, cg_max_iter, n_threads, C, s, q);
+      },
+      py::arg("theta"), py::arg("mu"), py::arg("l2"), py::arg("tol"), py::arg("max_iter"), py::arg("cg_tol"),
+      py::arg("cg_max_iter"), py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"),
+      py::arg("support_idx"), py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"),
+      py::arg("query_idx"), py::arg("query_ptr"), py::arg("query_y"));
 
   m.def("openmp_enabled", &fastmaml::built_with_openmp);
   m.def("max_threads", []() { return fastmaml::resolve_threads(0); });

@@ -14,6 +14,14 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from ._api import (
+    ConvergenceWarning,
+    ImplicitGradient,
+    PreconditionedGradient,
+    ReptileStep,
+    adapt_preconditioned,
+    imaml_value_and_grad,
+    precond_value_and_grad,
+    reptile_grad,
     DivergenceError,
     MetaGradient,
     adapt,
@@ -33,6 +41,14 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = getattr(_core, "__version__", "0+unknown")
 
 __all__ = [
+    "ConvergenceWarning",
+    "ImplicitGradient",
+    "PreconditionedGradient",
+    "ReptileStep",
+    "adapt_preconditioned",
+    "imaml_value_and_grad",
+    "precond_value_and_grad",
+    "reptile_grad",
     "DivergenceError",
     "MetaGradient",
     "MAML",

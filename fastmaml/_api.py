@@ -24,6 +24,14 @@ __all__ = [
     "loss_and_grad",
     "hessian_vector_product",
     "DivergenceError",
+    "ReptileStep",
+    "reptile_grad",
+    "PreconditionedGradient",
+    "precond_value_and_grad",
+    "adapt_preconditioned",
+    "ImplicitGradient",
+    "imaml_value_and_grad",
+    "ConvergenceWarning",
 ]
 
 DivergenceError = _core.DivergenceError
@@ -64,38 +72,42 @@ def _as_tasks(tasks) -> Tasks:
     )
 
 
-def _prepare_theta(theta, n_features: int, dtype) -> np.ndarray:
+def _prepare_theta(theta, n_features: int, dtype, name: str = "theta") -> np.ndarray:
+    """theta as a C-contiguous array of the compute dtype: (d+1,) binary or (d+1, C) multinomial."""
     if isinstance(theta, (str, bytes)):
-        raise TypeError(f"theta: expected a numeric array, got {type(theta).__name__}")
+        raise TypeError(f"{name}: expected a numeric array, got {type(theta).__name__}")
     arr = np.asarray(theta)
     if arr.dtype.kind not in "biuf":
-        raise TypeError(f"theta: expected a numeric array, got dtype {arr.dtype}")
+        raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
     D = n_features + 1
-    if arr.shape != (D,):
-        if arr.ndim == 2 and arr.shape[0] == D:
-            raise ValueError(
-                f"theta: multinomial parameters of shape {shape_str(arr.shape)} are not supported by this "
-                f"version; use a binary theta of shape ({D},)"
-            )
+    if not (arr.shape == (D,) or (arr.ndim == 2 and arr.shape[0] == D)):
         raise ValueError(
-            f"theta: expected shape ({D},) = (n_features + 1,) with the bias last, got {shape_str(arr.shape)}"
+            f"{name}: expected shape ({D},) for a binary model or ({D}, n_classes) for a multinomial one "
+            f"(n_features + 1 rows, the bias last), got {shape_str(arr.shape)}"
         )
+    if arr.ndim == 2 and arr.shape[1] < 2:
+        raise ValueError(f"{name}: a multinomial theta needs at least 2 class columns, got {arr.shape[1]}")
     arr = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
-        raise ValueError("theta: contains NaN or infinity")
+        raise ValueError(f"{name}: contains NaN or infinity")
     return arr
+
+
+def _n_classes(theta: np.ndarray) -> int:
+    """1 for a binary theta (sigmoid), C for a multinomial (d+1, C) theta."""
+    return 1 if theta.ndim == 1 else int(theta.shape[1])
 
 
 def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
     """Broadcast inner_lr to its (K, *theta_shape) table.
 
-    Returns (table, lr_steps, lr_params, original shape, scalar_in).
-    lr_steps / lr_params say whether the gradient varies along the step and
-    the parameter axis; the core reduces over the others.
+    Returns (table, layout, original shape, scalar_in), where layout =
+    (lr_steps, lr_rows, lr_cols) says along which axes of the table the
+    gradient varies; the core sums over the others.
     """
-    scalar_in = isinstance(inner_lr, numbers.Real) and not isinstance(inner_lr, np.ndarray)
     if isinstance(inner_lr, bool) or isinstance(inner_lr, (str, bytes)):
         raise TypeError(f"inner_lr: expected a number or an array of numbers, got {inner_lr!r}")
+    scalar_in = isinstance(inner_lr, numbers.Real) and not isinstance(inner_lr, np.ndarray)
     arr = np.asarray(inner_lr)
     if arr.dtype.kind not in "iuf":
         raise TypeError(f"inner_lr: expected a number or an array of numbers, got dtype {arr.dtype}")
@@ -110,30 +122,29 @@ def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
     if not ok:
         hint = ""
         if arr.ndim == 1:
+            per_step = "(%d, 1)" % arr.shape[0] if len(theta_shape) == 1 else "(%d, 1, 1)" % arr.shape[0]
             hint = (
-                f"; a 1-d inner_lr is read as per parameter and must have {full[-1]} entries"
-                f" — for one step size per inner step use shape ({arr.shape[0]}, 1)"
+                f"; a 1-d inner_lr is read as per parameter along theta's last axis and must have "
+                f"{full[-1]} entries — for one step size per inner step use shape {per_step}"
             )
         raise ValueError(
             f"inner_lr: shape {shape_str(arr.shape)} does not broadcast to (inner_steps, *theta.shape) = "
             f"{shape_str(full)}{hint}"
         )
     padded = (1,) * (len(full) - arr.ndim) + arr.shape
-    lr_steps = K if (K > 1 and padded[0] == K) else 1
-    lr_params = full[1] if padded[1] == full[1] and full[1] > 1 else 1
+    full3 = full if len(full) == 3 else full + (1,)
+    padded3 = padded if len(padded) == 3 else padded + (1,)
+    layout = tuple(f if (p == f and f > 1) else 1 for p, f in zip(padded3, full3))
     table = np.ascontiguousarray(np.broadcast_to(arr.astype(dtype, copy=False), full))
-    return table, lr_steps, lr_params, arr.shape, scalar_in
+    return table, layout, arr.shape, scalar_in
 
 
-def _unreduce_lr_grad(grad_lr: np.ndarray, lr_steps: int, lr_params: int, shape: tuple, inner_steps: int, scalar_in: bool):
+def _unreduce_lr_grad(grad_lr: np.ndarray, shape: tuple, scalar_in: bool):
+    """The core's (lr_steps, lr_rows, lr_cols) gradient, in inner_lr's own shape."""
     if len(shape) == 0:
         value = grad_lr.reshape(())
         return float(value) if scalar_in else value.copy()
-    padded = (1,) * (2 - len(shape)) + tuple(shape)
-    out = grad_lr.reshape(lr_steps, lr_params)
-    # A length-1 axis of inner_lr that stands for K (or D) entries was summed
-    # by the core already; what is left has inner_lr's own sizes.
-    return out.reshape(padded).reshape(shape)
+    return grad_lr.reshape(shape)
 
 
 def meta_value_and_grad(
@@ -193,14 +204,15 @@ def meta_value_and_grad(
     nt = check_threads(n_threads)
     dtype = ts.dtype
     theta_c = _prepare_theta(theta, ts.n_features, dtype)
-    table, ks, ps, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)
+    table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)
     loss, grad, grad_lr, grad_l2 = _core.meta_value_and_grad(
-        theta_c, table, ks, ps, K, lam, bool(first_order), nt, *ts.support.core_args(), *ts.query.core_args()
+        theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
+        *ts.support.core_args(), *ts.query.core_args()
     )
     return MetaGradient(
         loss=float(loss),
         grad=grad.reshape(theta_c.shape),
-        grad_inner_lr=_unreduce_lr_grad(grad_lr, ks, ps, lr_shape, K, scalar_in),
+        grad_inner_lr=_unreduce_lr_grad(grad_lr, lr_shape, scalar_in),
         grad_l2=float(grad_l2),
     )
 
@@ -248,47 +260,60 @@ def adapt(theta, X, y=None, *, inner_lr, inner_steps: int, l2: float = 0.0, retu
     lam = check_float(l2, "l2", minimum=0.0)
     nt = check_threads(n_threads)
     theta_c = _prepare_theta(theta, d, dtype)
-    table, _, _, _, _ = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)
-    out = _core.adapt(theta_c, False, table, K, lam, bool(return_path), nt, *side.core_args())
+    table = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)[0]
+    out = _core.adapt(theta_c, False, table, None, None, K, lam, bool(return_path), nt, _n_classes(theta_c),
+                      *side.core_args())
+    out = out.reshape(out.shape[:-1] + theta_c.shape)
     return out[0] if single else out
 
 
 def predict_proba(params, X):
-    """P(y = 1 | x) for binary logistic parameters.
+    """Class probabilities of logistic-regression parameters.
 
     Parameters
     ----------
-    params : array_like of shape (n_features + 1,) or (n_tasks, n_features + 1)
+    params : array_like
+        Binary: (n_features + 1,) or per task (n_tasks, n_features + 1).
+        Multinomial: (n_features + 1, C) or per task (n_tasks, n_features + 1, C).
     X : array_like of shape (n, n_features) or (n_tasks, n, n_features)
 
     Returns
     -------
-    ndarray of shape (n,) or (n_tasks, n)
+    ndarray
+        Binary: P(y = 1), shape (n,) or (n_tasks, n). Multinomial: shape
+        (n, C) or (n_tasks, n, C).
     """
     Xa = as_feature_array(X, "X", ndim=(2, 3))
     P = np.asarray(params)
     if P.dtype.kind not in "biuf":
         raise TypeError(f"params: expected a numeric array, got dtype {P.dtype}")
-    P = P.astype(Xa.dtype, copy=False)
+    if not np.isfinite(P).all():
+        raise ValueError("params: contains NaN or infinity")
     d = Xa.shape[-1]
-    if P.shape[-1] != d + 1 or P.ndim not in (1, 2):
-        raise ValueError(f"params: expected shape ({d + 1},) or (n_tasks, {d + 1}), got {shape_str(P.shape)}")
-    if P.ndim == 2 and (Xa.ndim != 3 or Xa.shape[0] != P.shape[0]):
-        raise ValueError(f"X: per-task params {shape_str(P.shape)} need X of shape ({P.shape[0]}, n, {d})")
-    if P.ndim == 1:
-        z = Xa @ P[:-1] + P[-1]
+    # A task axis exists when X is batched and params lead with the same count.
+    per_task = Xa.ndim == 3 and P.ndim >= 2 and P.shape[0] == Xa.shape[0] and P.shape[1] == d + 1
+    shared_ok = P.ndim in (1, 2) and P.shape[0] == d + 1
+    if not per_task and not shared_ok:
+        raise ValueError(
+            f"params: expected shape ({d + 1},), ({d + 1}, C), (n_tasks, {d + 1}) or (n_tasks, {d + 1}, C), "
+            f"got {shape_str(P.shape)}"
+        )
+    P = P.astype(Xa.dtype, copy=False)
+    if per_task:
+        W, b = P[:, :-1], P[:, -1]
+        z = np.einsum("tnd,td...->tn...", Xa, W) + (b[:, None] if b.ndim == 2 else b[:, None])
     else:
-        z = np.einsum("tnd,td->tn", Xa, P[:, :-1]) + P[:, -1:]
-    return _stable_sigmoid(z)
+        z = Xa @ P[:-1] + P[-1]
+    binary = (P.ndim == 1) or (per_task and P.ndim == 2)
+    if binary:
+        return _stable_sigmoid(z)
+    z = z - z.max(axis=-1, keepdims=True)
+    ez = np.exp(z)
+    return ez / ez.sum(axis=-1, keepdims=True)
 
 
 def _stable_sigmoid(z: np.ndarray) -> np.ndarray:
-    out = np.empty_like(z)
-    pos = z >= 0
-    out[pos] = 1.0 / (1.0 + np.exp(-z[pos]))
-    ez = np.exp(z[~pos])
-    out[~pos] = ez / (1.0 + ez)
-    return out
+    return np.exp(-np.logaddexp(0.0, -z))
 
 
 def _primitive(params, X, y, v, l2, n_threads):
@@ -296,24 +321,27 @@ def _primitive(params, X, y, v, l2, n_threads):
     lam = check_float(l2, "l2", minimum=0.0)
     nt = check_threads(n_threads)
     D = d + 1
-    want = (D,) if single else (T, D)
     P = np.asarray(params)
     if P.dtype.kind not in "biuf":
         raise TypeError(f"params: expected a numeric array, got dtype {P.dtype}")
-    if P.shape != want:
-        raise ValueError(f"params: expected shape {shape_str(want)}, got {shape_str(P.shape)}")
+    inner = P.shape if single else P.shape[1:]
+    if not (inner == (D,) or (len(inner) == 2 and inner[0] == D and inner[1] >= 2)) or (not single and P.shape[0] != T):
+        want = f"({D},) or ({D}, C)" if single else f"({T}, {D}) or ({T}, {D}, C)"
+        raise ValueError(f"params: expected shape {want}, got {shape_str(P.shape)}")
+    C = 1 if len(inner) == 1 else inner[1]
     P = np.ascontiguousarray(P, dtype=dtype)
     if not np.isfinite(P).all():
         raise ValueError("params: contains NaN or infinity")
     V = None
     if v is not None:
         V = np.asarray(v)
-        if V.shape != want:
-            raise ValueError(f"v: expected shape {shape_str(want)}, got {shape_str(V.shape)}")
+        if V.shape != P.shape:
+            raise ValueError(f"v: expected shape {shape_str(P.shape)} like params, got {shape_str(V.shape)}")
         V = np.ascontiguousarray(V, dtype=dtype)
         if not np.isfinite(V).all():
             raise ValueError("v: contains NaN or infinity")
-    loss, out = _core.loss_grad_hvp(P, V, lam, nt, *side.core_args())
+    loss, out = _core.loss_grad_hvp(P, V, lam, nt, C, *side.core_args())
+    out = out.reshape((T,) + inner)
     if single:
         return float(loss[0]), out[0]
     return loss, out
@@ -352,3 +380,232 @@ def hessian_vector_product(params, X, y=None, v=None, *, l2: float = 0.0, n_thre
     if v is None:
         raise TypeError("v: the vector to multiply is required")
     return _primitive(params, X, y, v, l2, n_threads)[1]
+
+
+@dataclass(frozen=True)
+class ReptileStep:
+    """Reptile's meta-update direction for one meta-batch.
+
+    Attributes
+    ----------
+    loss : float
+        Mean query loss after adaptation (for monitoring).
+    grad : ndarray, shaped like theta
+        mean over tasks of (theta - phi_K): a plain or Adam step on it moves
+        theta toward the adapted weights.
+    """
+
+    loss: float
+    grad: np.ndarray
+
+
+def reptile_grad(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0, n_threads=None) -> ReptileStep:
+    """Reptile direction mean_t (theta - phi_K^(t)) from one call into the core.
+
+    Parameters are as in :func:`meta_value_and_grad`; binary or multinomial theta.
+    """
+    ts = _as_tasks(tasks)
+    K = check_int(inner_steps, "inner_steps", minimum=0)
+    lam = check_float(l2, "l2", minimum=0.0)
+    nt = check_threads(n_threads)
+    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
+    table, layout, _, _ = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
+    loss, grad, _, _ = _core.meta_value_and_grad(
+        theta_c, table, *layout, None, None, K, lam, 2, nt, _n_classes(theta_c),
+        *ts.support.core_args(), *ts.query.core_args()
+    )
+    return ReptileStep(loss=float(loss), grad=grad.reshape(theta_c.shape))
+
+
+@dataclass(frozen=True)
+class PreconditionedGradient:
+    """Meta-loss and exact gradients with a learned preconditioner P = diag(exp(log_scale)) + U U^T.
+
+    Attributes
+    ----------
+    loss : float
+    grad : ndarray shaped like theta
+    grad_log_scale : ndarray of shape (n_features + 1,)
+    grad_U : ndarray of shape (n_features + 1, rank)
+    grad_l2 : float
+    """
+
+    loss: float
+    grad: np.ndarray
+    grad_log_scale: np.ndarray
+    grad_U: np.ndarray
+    grad_l2: float
+
+
+def _prepare_precond(log_scale, U, D: int, dtype):
+    s = np.asarray(log_scale)
+    if s.dtype.kind not in "iuf":
+        raise TypeError(f"log_scale: expected a numeric array, got dtype {s.dtype}")
+    if s.shape != (D,):
+        raise ValueError(f"log_scale: expected shape ({D},) = (n_features + 1,), got {shape_str(s.shape)}")
+    Ua = np.asarray(U)
+    if Ua.dtype.kind not in "iuf":
+        raise TypeError(f"U: expected a numeric array, got dtype {Ua.dtype}")
+    if Ua.ndim != 2 or Ua.shape[0] != D:
+        raise ValueError(f"U: expected shape ({D}, rank) = (n_features + 1, rank), got {shape_str(Ua.shape)}")
+    for name, a in (("log_scale", s), ("U", Ua)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name}: contains NaN or infinity")
+    return np.ascontiguousarray(s, dtype=dtype), np.ascontiguousarray(Ua, dtype=dtype)
+
+
+def precond_value_and_grad(
+    theta, tasks, *, log_scale, U, inner_steps: int, l2: float = 0.0, first_order: bool = False, n_threads=None
+) -> PreconditionedGradient:
+    """Exact MAML gradients with a learned preconditioned inner update.
+
+    The inner loop is phi_{j+1} = phi_j - P grad l_s(phi_j) with
+    P = diag(exp(log_scale)) + U U^T acting on the (n_features + 1) axis (for
+    a multinomial theta, on each class column alike). Beyond Meta-SGD's
+    diagonal, U U^T lets the update move along learned directions — what can
+    still transfer when random labels make the meta-objective even in theta.
+
+    Parameters
+    ----------
+    theta : array_like of shape (n_features + 1,) or (n_features + 1, C)
+    tasks : Tasks or tuple
+    log_scale : array_like of shape (n_features + 1,)
+    U : array_like of shape (n_features + 1, rank)
+    inner_steps, l2, first_order, n_threads
+        As in :func:`meta_value_and_grad`.
+    """
+    ts = _as_tasks(tasks)
+    K = check_int(inner_steps, "inner_steps", minimum=0)
+    lam = check_float(l2, "l2", minimum=0.0)
+    nt = check_threads(n_threads)
+    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
+    D = ts.n_features + 1
+    s_c, U_c = _prepare_precond(log_scale, U, D, ts.dtype)
+    loss, grad, hyper, grad_l2 = _core.meta_value_and_grad(
+        theta_c, None, 1, 1, 1, s_c, U_c, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
+        *ts.support.core_args(), *ts.query.core_args()
+    )
+    return PreconditionedGradient(
+        loss=float(loss), grad=grad.reshape(theta_c.shape), grad_log_scale=hyper[:D].copy(),
+        grad_U=hyper[D:].reshape(U_c.shape), grad_l2=float(grad_l2),
+    )
+
+
+def adapt_preconditioned(theta, X, y=None, *, log_scale, U, inner_steps: int, l2: float = 0.0,
+                         return_path: bool = False, n_threads=None):
+    """The preconditioned inner loop (see :func:`precond_value_and_grad`); shapes as in :func:`adapt`."""
+    side, single, dtype, d, T = _support_side(X, y)
+    K = check_int(inner_steps, "inner_steps", minimum=0)
+    lam = check_float(l2, "l2", minimum=0.0)
+    nt = check_threads(n_threads)
+    theta_c = _prepare_theta(theta, d, dtype)
+    s_c, U_c = _prepare_precond(log_scale, U, d + 1, dtype)
+    out = _core.adapt(theta_c, False, None, s_c, U_c, K, lam, bool(return_path), nt, _n_classes(theta_c),
+                      *side.core_args())
+    out = out.reshape(out.shape[:-1] + theta_c.shape)
+    return out[0] if single else out
+
+
+@dataclass(frozen=True)
+class ImplicitGradient:
+    """iMAML meta-loss, implicit gradient and solver report.
+
+    Attributes
+    ----------
+    loss : float
+        Mean query loss at the proximal solutions phi*.
+    grad : ndarray shaped like theta
+    inner_residual : ndarray of shape (n_tasks,)
+        ||grad of the proximal objective||_2 at each phi*.
+    inner_iterations : ndarray of shape (n_tasks,)
+    inner_converged : ndarray of bool, shape (n_tasks,)
+    cg_residual : ndarray of shape (n_tasks,)
+        Relative residual of each (I + H/mu) x = grad l_q solve.
+    cg_iterations : ndarray of shape (n_tasks,)
+    cg_converged : ndarray of bool, shape (n_tasks,)
+    converged : bool
+        Every solve of every task converged.
+    """
+
+    loss: float
+    grad: np.ndarray
+    inner_residual: np.ndarray
+    inner_iterations: np.ndarray
+    inner_converged: np.ndarray
+    cg_residual: np.ndarray
+    cg_iterations: np.ndarray
+    cg_converged: np.ndarray
+    converged: bool
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative solver stopped before reaching its tolerance."""
+
+
+def imaml_value_and_grad(
+    theta, tasks, *, mu: float, l2: float = 0.0, tol=None, max_iter: int = 50, cg_tol=None,
+    cg_max_iter: int = 200, n_threads=None,
+) -> ImplicitGradient:
+    """iMAML: implicit meta-gradient of the proximal inner problem.
+
+    phi* = argmin_phi l_s(phi) + mu/2 ||phi - theta||^2 (l_s with its L2 term)
+    is solved by Newton-CG until ||grad||_2 <= ``tol``; the meta-gradient is
+    the mean over tasks of (I + H(phi*)/mu)^{-1} grad l_q(phi*), by conjugate
+    gradient on Hessian-vector products. Memory does not grow with the number
+    of solver iterations.
+
+    Parameters
+    ----------
+    theta : array_like of shape (n_features + 1,) or (n_features + 1, C)
+    tasks : Tasks or tuple
+    mu : float
+        Proximal strength (> 0).
+    l2 : float, default=0.0
+    tol : float, optional
+        Inner tolerance on the gradient norm; default 1e-10 (float64) or 1e-4 (float32).
+    max_iter : int, default=50
+        Newton iterations.
+    cg_tol : float, optional
+        Relative residual of the meta-gradient solve; default 1e-10 (float64) or 1e-5 (float32).
+    cg_max_iter : int, default=200
+
+    Returns
+    -------
+    ImplicitGradient
+        Non-convergence is reported in the result (``converged`` False and the
+        per-task flags) and warned about (:class:`ConvergenceWarning`), never silent.
+    """
+    ts = _as_tasks(tasks)
+    mu = check_float(mu, "mu")
+    if not mu > 0:
+        raise ValueError(f"mu: expected a number > 0, got {mu}")
+    lam = check_float(l2, "l2", minimum=0.0)
+    f32 = ts.dtype == np.float32
+    tol = (1e-4 if f32 else 1e-10) if tol is None else check_float(tol, "tol", minimum=0.0)
+    cg_tol = (1e-5 if f32 else 1e-10) if cg_tol is None else check_float(cg_tol, "cg_tol", minimum=0.0)
+    max_iter = check_int(max_iter, "max_iter", minimum=0)
+    cg_max_iter = check_int(cg_max_iter, "cg_max_iter", minimum=1)
+    nt = check_threads(n_threads)
+    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
+    loss, grad, rep = _core.imaml_value_and_grad(
+        theta_c, mu, lam, tol, max_iter, cg_tol, cg_max_iter, nt, _n_classes(theta_c),
+        *ts.support.core_args(), *ts.query.core_args()
+    )
+    inner_ok = rep["inner_converged"].astype(bool)
+    cg_ok = rep["cg_converged"].astype(bool)
+    converged = bool(inner_ok.all() and cg_ok.all())
+    if not converged:
+        import warnings
+
+        warnings.warn(
+            f"iMAML solvers did not converge for {int((~inner_ok).sum())} inner problems (max residual "
+            f"{rep['inner_residual'].max():.3g} > tol {tol:g}) and {int((~cg_ok).sum())} meta-gradient solves "
+            f"(max relative residual {rep['cg_residual'].max():.3g}); raise max_iter / cg_max_iter or loosen tol",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return ImplicitGradient(
+        loss=float(loss), grad=grad.reshape(theta_c.shape), inner_residual=rep["inner_residual"],
+        inner_iterations=rep["inner_iterations"], inner_converged=inner_ok, cg_residual=rep["cg_residual"],
+        cg_iterations=rep["cg_iterations"], cg_converged=cg_ok, converged=converged,
+    )

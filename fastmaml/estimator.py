@@ -18,8 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 
 from . import _checkpoint
+from ._api import ConvergenceWarning, adapt_preconditioned, hessian_vector_product, imaml_value_and_grad
 from ._api import adapt as _adapt
-from ._api import hessian_vector_product, meta_value_and_grad
+from ._api import meta_value_and_grad, precond_value_and_grad, reptile_grad
 from ._optim import SGD, Adam
 from ._scoring import mean_ci, query_scores
 from ._tasks import Tasks
@@ -27,8 +28,8 @@ from ._validation import as_feature_array, check_float, check_int, check_threads
 
 __all__ = ["MAML", "LogisticModel", "StepSizeWarning"]
 
-ALGORITHMS = ("maml", "fomaml", "reptile")
-LR_MODES = (None, "scalar", "per_step", "per_parameter", "per_step_parameter")
+ALGORITHMS = ("maml", "fomaml", "reptile", "imaml")
+LR_MODES = (None, "scalar", "per_step", "per_parameter", "per_step_parameter", "preconditioner")
 SELECT = ("final", "best_accuracy", "best_loss")
 
 
@@ -49,26 +50,38 @@ class LogisticModel:
 
     def __init__(self, params, classes=(0, 1)):
         params = np.asarray(params, dtype=np.float64)
-        self.coef_ = params[:-1].reshape(1, -1).copy()
-        self.intercept_ = params[-1:].copy()
+        if params.ndim == 1:  # binary: one weight row, like scikit-learn
+            self.coef_ = params[:-1].reshape(1, -1).copy()
+            self.intercept_ = params[-1:].copy()
+        else:  # multinomial (d+1, C): one row per class
+            self.coef_ = params[:-1].T.copy()
+            self.intercept_ = params[-1].copy()
         self.classes_ = np.asarray(classes)
         self.n_features_in_ = self.coef_.shape[1]
 
     def decision_function(self, X) -> np.ndarray:
-        """Logits, shape (n,)."""
+        """Logits: shape (n,) for a binary model, (n, C) for a multinomial one."""
         Xa = as_feature_array(X, "X", ndim=2)
         if Xa.shape[1] != self.n_features_in_:
             raise ValueError(f"X: expected {self.n_features_in_} features, got {Xa.shape[1]}")
-        return Xa.astype(np.float64, copy=False) @ self.coef_[0] + self.intercept_[0]
+        z = Xa.astype(np.float64, copy=False) @ self.coef_.T + self.intercept_
+        return z[:, 0] if self.coef_.shape[0] == 1 else z
 
     def predict_proba(self, X) -> np.ndarray:
-        """Class probabilities, shape (n, 2), columns in the order of ``classes_``."""
+        """Class probabilities, shape (n, n_classes), columns in the order of ``classes_``."""
         z = self.decision_function(X)
-        p1 = np.exp(-np.logaddexp(0.0, -z))
-        return np.column_stack([1.0 - p1, p1])
+        if z.ndim == 1:
+            p1 = np.exp(-np.logaddexp(0.0, -z))
+            return np.column_stack([1.0 - p1, p1])
+        z = z - z.max(axis=1, keepdims=True)
+        ez = np.exp(z)
+        return ez / ez.sum(axis=1, keepdims=True)
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[(self.decision_function(X) > 0).astype(int)]
+        z = self.decision_function(X)
+        if z.ndim == 1:
+            return self.classes_[(z > 0).astype(int)]
+        return self.classes_[np.argmax(z, axis=1)]
 
     def score(self, X, y) -> float:
         """Mean accuracy on (X, y)."""
@@ -120,17 +133,21 @@ class MAML:
 
     Parameters
     ----------
-    algorithm : {"maml", "fomaml", "reptile"}, default="maml"
-        Exact second-order MAML, first-order MAML, or Reptile.
+    algorithm : {"maml", "fomaml", "reptile", "imaml"}, default="maml"
+        Exact second-order MAML, first-order MAML, Reptile, or iMAML (implicit
+        gradients of a proximal inner problem with strength ``imaml_mu``; at
+        adaptation time iMAML runs ``inner_steps`` gradient steps of ``inner_lr``).
     inner_steps : int, default=5
         Inner gradient steps K.
     inner_lr : float or array_like, default=0.1
         Inner step size (initial value when learned). Broadcast as in
         :func:`fastmaml.meta_value_and_grad`. Features scaled to [0, 1]
         (as the bundled datasets are) make 0.1-1 a sensible range.
-    learn_inner_lr : {None, "scalar", "per_step", "per_parameter", "per_step_parameter"}
+    learn_inner_lr : {None, "scalar", "per_step", "per_parameter", "per_step_parameter", "preconditioner"}
         Which inner step sizes are meta-learned (in log space). None keeps
-        ``inner_lr`` fixed; "per_parameter" is Meta-SGD.
+        ``inner_lr`` fixed; "per_parameter" is Meta-SGD; "preconditioner"
+        learns P = diag(exp(s)) + U U^T (U of rank ``precond_rank``) in place
+        of the step size.
     l2 : float, default=0.0
         L2 strength of the inner (support) loss.
     learn_l2 : bool, default=False
@@ -152,9 +169,13 @@ class MAML:
         Where to write checkpoints (atomically) every ``checkpoint_every``
         iterations and when fit ends or is interrupted.
     checkpoint_every : int, default=100
+    imaml_mu : float, default=1.0
+        Proximal strength of iMAML.
+    precond_rank : int, default=4
+        Rank of U for the learned preconditioner.
     n_threads : int or None
-    random_state : int, numpy.random.Generator or None
-        Seeds the task sampler when fit is given data instead of a sampler.
+    random_state : int or None
+        Seeds the random initial U of the learned preconditioner.
     progress : bool or "auto", default="auto"
         A tqdm progress bar (when tqdm is installed; "auto": only on a terminal).
     callbacks : sequence of callables
@@ -191,11 +212,15 @@ class MAML:
         select="final",
         checkpoint_path=None,
         checkpoint_every=100,
+        imaml_mu=1.0,
+        precond_rank=4,
         n_threads=None,
         random_state=None,
         progress="auto",
         callbacks=(),
     ):
+        self.imaml_mu = imaml_mu
+        self.precond_rank = precond_rank
         self.algorithm = algorithm
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
@@ -221,7 +246,7 @@ class MAML:
     _CONFIG_KEYS = (
         "algorithm", "inner_steps", "learn_inner_lr", "l2", "learn_l2", "learn_init", "meta_lr",
         "meta_optimizer", "lr_schedule", "meta_batch_size", "n_iterations", "validate_every", "select",
-        "checkpoint_every",
+        "checkpoint_every", "imaml_mu", "precond_rank",
     )
 
     def _config(self) -> dict:
@@ -235,10 +260,17 @@ class MAML:
         K = check_int(self.inner_steps, "inner_steps", minimum=0)
         if self.learn_inner_lr not in LR_MODES:
             raise ValueError(f"learn_inner_lr: expected one of {LR_MODES}, got {self.learn_inner_lr!r}")
-        if self.algorithm == "reptile" and (self.learn_inner_lr or self.learn_l2):
+        if self.algorithm in ("reptile", "imaml") and (self.learn_inner_lr or self.learn_l2):
             raise ValueError(
-                "algorithm: 'reptile' has no hypergradients; use learn_inner_lr=None and learn_l2=False"
+                f"algorithm: {self.algorithm!r} has no hypergradients; use learn_inner_lr=None and learn_l2=False"
             )
+        if self.algorithm == "imaml":
+            mu = check_float(self.imaml_mu, "imaml_mu")
+            if not mu > 0:
+                raise ValueError(f"imaml_mu: expected a number > 0, got {mu}")
+        check_int(self.precond_rank, "precond_rank", minimum=1)
+        if self.learn_inner_lr == "preconditioner" and np.size(self.inner_lr) != 1:
+            raise ValueError("inner_lr: the preconditioner starts from one scalar inner_lr (diag(inner_lr))")
         lr = np.asarray(self.inner_lr, dtype=np.float64)
         if not np.isfinite(lr).all():
             raise ValueError("inner_lr: contains NaN or infinity")
@@ -264,12 +296,14 @@ class MAML:
                 raise TypeError(f"callbacks: expected callables, got {cb!r}")
         return K
 
-    def _initial_lr(self, K: int, D: int) -> np.ndarray:
+    def _initial_lr(self, K: int, theta_shape: tuple) -> np.ndarray:
         lr = np.asarray(self.inner_lr, dtype=np.float64)
         mode = self.learn_inner_lr
         if mode is None:
             return lr
-        shapes = {"scalar": (), "per_step": (K, 1), "per_parameter": (D,), "per_step_parameter": (K, D)}
+        ones = (1,) * len(theta_shape)
+        shapes = {"scalar": (), "per_step": (K,) + ones, "per_parameter": tuple(theta_shape),
+                  "per_step_parameter": (K,) + tuple(theta_shape)}
         target = shapes[mode]
         try:
             return np.broadcast_to(lr, target).copy()
@@ -302,6 +336,8 @@ class MAML:
     def _lr_value(self, params):
         if "log_inner_lr" in params:
             return np.exp(params["log_inner_lr"])
+        if "log_scale" in params:  # the diagonal of P = diag(exp(s)) + U U^T
+            return np.exp(params["log_scale"]) + (params["U"] ** 2).sum(axis=1)
         return self._fixed_lr
 
     def _l2_value(self, params):
@@ -314,13 +350,20 @@ class MAML:
         return float(lr) if np.ndim(lr) == 0 else lr
 
     # --------------------------------------------------------------------- fit
-    def _init_state(self, n_features: int, K: int):
+    def _init_state(self, n_features: int, K: int, n_classes: int):
         D = n_features + 1
         self.n_features_in_ = n_features
+        self.n_classes_ = n_classes
         self._fixed_lr = np.asarray(self.inner_lr, dtype=np.float64)
-        params = {"theta": np.zeros(D)}
-        if self.learn_inner_lr:
-            params["log_inner_lr"] = np.log(self._initial_lr(K, D))
+        shape = (D,) if n_classes <= 2 else (D, n_classes)
+        params = {"theta": np.zeros(shape)}
+        if self.learn_inner_lr == "preconditioner":
+            rng = np.random.default_rng(self.random_state if isinstance(self.random_state, (int, np.integer)) else None)
+            params["log_scale"] = np.full(D, math.log(float(self._fixed_lr.reshape(-1)[0])))
+            # U = 0 is a stationary point of d/dU = (M + M^T) U: start slightly off it
+            params["U"] = 1e-3 * rng.standard_normal((D, int(self.precond_rank)))
+        elif self.learn_inner_lr:
+            params["log_inner_lr"] = np.log(self._initial_lr(K, shape))
         if self.learn_l2:
             params["log_l2"] = np.asarray(math.log(self.l2))
         self._params = params
@@ -376,7 +419,7 @@ class MAML:
             if val_state is not None and "val_sampler_state" in self._resume_meta:
                 val_state = self._resume_meta["val_sampler_state"]
         else:
-            self._init_state(n_features, K)
+            self._init_state(n_features, K, _n_classes(tasks))
         if val_state is not None:
             validation.set_state(val_state)
             val_tasks = validation.sample(val_episodes)
@@ -396,11 +439,29 @@ class MAML:
         lr = self._lr_arg(params)
         l2 = self._l2_value(params)
         if self.algorithm == "reptile":
-            phi = _adapt(params["theta"], batch, inner_lr=lr, inner_steps=K, l2=l2, n_threads=self.n_threads)
-            grad = params["theta"] - phi.astype(np.float64).mean(axis=0)
-            # Reptile has no meta-loss of its own; report the query loss after adaptation.
-            loss = float(query_scores(phi, batch)["loss"].mean())
-            return loss, {"theta": grad}
+            # Reptile has no meta-loss of its own; .loss is the query loss after adaptation.
+            res = reptile_grad(params["theta"], batch, inner_lr=lr, inner_steps=K, l2=l2, n_threads=self.n_threads)
+            return res.loss, {"theta": np.asarray(res.grad, dtype=np.float64)}
+        if self.algorithm == "imaml":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                res = imaml_value_and_grad(params["theta"], batch, mu=float(self.imaml_mu), l2=l2,
+                                           n_threads=self.n_threads)
+            self._last_extra = {"imaml_converged": res.converged,
+                                "imaml_inner_residual": float(res.inner_residual.max())}
+            return res.loss, {"theta": np.asarray(res.grad, dtype=np.float64)}
+        if "U" in params:
+            res = precond_value_and_grad(
+                params["theta"], batch, log_scale=params["log_scale"], U=params["U"], inner_steps=K, l2=l2,
+                first_order=self.algorithm == "fomaml", n_threads=self.n_threads,
+            )
+            grads = {"log_scale": np.asarray(res.grad_log_scale, dtype=np.float64),
+                     "U": np.asarray(res.grad_U, dtype=np.float64)}
+            if self.learn_init:
+                grads["theta"] = np.asarray(res.grad, dtype=np.float64)
+            if "log_l2" in params:
+                grads["log_l2"] = np.asarray(res.grad_l2 * l2)
+            return res.loss, grads
         res = meta_value_and_grad(
             params["theta"], batch, inner_lr=lr, inner_steps=K, l2=l2,
             first_order=self.algorithm == "fomaml", n_threads=self.n_threads,
@@ -444,6 +505,7 @@ class MAML:
                     self._opt.step(self._params, grads)
                     self.n_iter_ += 1
                     record = {"iteration": self.n_iter_, "loss": float(loss), "meta_lr": self._opt.current_lr()}
+                    record.update(getattr(self, "_last_extra", {}))
                     lr = self._lr_value(self._params)
                     record["inner_lr_mean"] = float(np.mean(lr))
                     record["l2"] = self._l2_value(self._params)
@@ -516,13 +578,14 @@ class MAML:
         l2 = self._l2_value(self._params) if hasattr(self, "_params") else float(self.l2)
         T = min(tasks.n_tasks, 64)
         sub = tasks if T == tasks.n_tasks else _first_tasks(tasks, T)
-        params = np.broadcast_to(theta, (sub.n_tasks, theta.size)).copy()
+        params = np.broadcast_to(theta, (sub.n_tasks,) + theta.shape).copy()
         rng = np.random.default_rng(0)
-        v = rng.standard_normal(params.shape)
+        v = rng.standard_normal(params.shape).reshape(sub.n_tasks, -1)
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         lam = np.zeros(sub.n_tasks)
         for _ in range(n_power):
-            hv = np.asarray(hessian_vector_product(params, sub, None, v, l2=l2, n_threads=self.n_threads), dtype=np.float64)
+            hv = hessian_vector_product(params, sub, None, v.reshape(params.shape), l2=l2, n_threads=self.n_threads)
+            hv = np.asarray(hv, dtype=np.float64).reshape(sub.n_tasks, -1)
             lam = np.einsum("ij,ij->i", v, hv)
             norm = np.linalg.norm(hv, axis=1, keepdims=True)
             norm[norm == 0] = 1.0
@@ -552,20 +615,33 @@ class MAML:
         y = np.asarray(y)
         if y.shape != (Xa.shape[0],):
             raise ValueError(f"y: expected shape ({Xa.shape[0]},), got {y.shape}")
+        C = max(2, getattr(self, "n_classes_", 2))
         classes = np.unique(y)
-        if classes.size > 2:
-            raise ValueError(f"y: expected at most two classes for a binary model, got {classes.size}")
-        if classes.size == 1:
-            classes = np.array([0, 1]) if classes[0] in (0, 1) else np.array([classes[0], classes[0]])
-        y01 = (y == classes[1]).astype(np.int32)
+        if classes.size > C:
+            raise ValueError(f"y: the model has {C} classes, got {classes.size} distinct labels")
+        if C == 2:
+            if classes.size == 1:
+                classes = np.array([0, 1]) if classes[0] in (0, 1) else np.array([classes[0], classes[0]])
+            codes = (y == classes[1]).astype(np.int32)
+        else:
+            if classes.size < C:
+                raise ValueError(f"y: the model has {C} classes; give examples of all {C}, got {classes.size}")
+            codes = np.searchsorted(classes, y).astype(np.int32)
         K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
-        lr = self._lr_for_steps(K)
-        phi = _adapt(self._params["theta"], Xa, y01, inner_lr=lr, inner_steps=K, l2=self._l2_value(self._params))
+        phi = self._adapt_batch(Xa, codes, K)
         return LogisticModel(phi, classes)
+
+    def _adapt_batch(self, X, y, K, **kw):
+        params = self._params
+        l2 = self._l2_value(params)
+        if "U" in params:
+            return adapt_preconditioned(params["theta"], X, y, log_scale=params["log_scale"], U=params["U"],
+                                        inner_steps=K, l2=l2, **kw)
+        return _adapt(params["theta"], X, y, inner_lr=self._lr_for_steps(K), inner_steps=K, l2=l2, **kw)
 
     def _lr_for_steps(self, K):
         lr = self._lr_value(self._params)
-        if np.ndim(lr) == 2 and lr.shape[0] != K:
+        if np.ndim(lr) == self._params["theta"].ndim + 1 and lr.shape[0] != K:
             raise ValueError(
                 f"inner_steps: the learned inner_lr has one row per step ({lr.shape[0]} steps); got {K}"
             )
@@ -575,10 +651,7 @@ class MAML:
         """Adapted parameters for every task's support set, shape (n_tasks, n_features + 1)."""
         self._check_fitted()
         K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
-        return _adapt(
-            self._params["theta"], tasks, inner_lr=self._lr_for_steps(K), inner_steps=K,
-            l2=self._l2_value(self._params), n_threads=self.n_threads,
-        )
+        return self._adapt_batch(tasks, None, K, n_threads=self.n_threads)
 
     def evaluate(self, tasks, *, n_episodes=600, inner_steps=None) -> dict:
         """Adapt on each task's support set and score on its query set.
@@ -625,6 +698,7 @@ class MAML:
             "fastmaml_version": __version__,
             "config": self._config(),
             "n_features": int(self.n_features_in_),
+            "n_classes": int(getattr(self, "n_classes_", 2)),
             "n_iter": int(self.n_iter_),
             "interrupted": bool(self.interrupted_),
             "history": self.history_,
@@ -674,8 +748,10 @@ class MAML:
 
     def _load_arrays(self, arrays, meta):
         self.n_features_in_ = int(meta["n_features"])
+        self.n_classes_ = int(meta.get("n_classes", 2))
         self._params = {k[6:]: np.array(v, dtype=np.float64) for k, v in arrays.items() if k.startswith("param.")}
-        if "theta" not in self._params or self._params["theta"].shape != (self.n_features_in_ + 1,):
+        want = (self.n_features_in_ + 1,) if self.n_classes_ <= 2 else (self.n_features_in_ + 1, self.n_classes_)
+        if "theta" not in self._params or self._params["theta"].shape != want:
             raise _checkpoint.CheckpointError("checkpoint: theta is missing or has the wrong shape")
         self._fixed_lr = np.array(arrays.get("fixed_inner_lr", self.inner_lr), dtype=np.float64)
         best = {k[5:]: np.array(v) for k, v in arrays.items() if k.startswith("best.")}
@@ -709,6 +785,19 @@ class MAML:
             f"MAML(algorithm={self.algorithm!r}, inner_steps={self.inner_steps}, inner_lr={self.inner_lr!r}, "
             f"learn_inner_lr={self.learn_inner_lr!r}, l2={self.l2}, learn_l2={self.learn_l2})"
         )
+
+
+def _n_classes(source) -> int:
+    """Classes of a Tasks or sampler: 2 means the binary (sigmoid) model."""
+    if hasattr(source, "n_way"):
+        return int(source.n_way)
+    if isinstance(source, Tasks):
+        tasks = source
+    else:
+        state = source.get_state()
+        tasks = source.sample(1)
+        source.set_state(state)
+    return max(2, int(max(tasks.support.y.max(), tasks.query.y.max())) + 1)
 
 
 def _n_features(source) -> int:

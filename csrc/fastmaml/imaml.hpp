@@ -120,7 +120,7 @@ struct ImamlWorker {
     grad.resize(static_cast<size_t>(P));
     hp.resize(static_cast<size_t>(P));
     curv.resize(static_cast<size_t>(n * C));
-    std::vector<T> g_t(static_cast<size_t>(P));
+    std::vector<T> g_t(static_cast<size_t>(P)), trial_g(static_cast<size_t>(P));
     index_t it = 0;
     double gnorm = 0.0;
     bool converged = false;
@@ -152,10 +152,25 @@ struct ImamlWorker {
       bool accepted = false;
       for (int ls = 0; ls < 40; ++ls) {
         for (index_t q = 0; q < P; ++q) trial[q] = static_cast<T>(static_cast<double>(phi[q]) - s * x[q]);
-        f_new = objective(t, trial.data(), nullptr, nullptr);
+        f_new = objective(t, trial.data(), ls == 0 ? trial_g.data() : nullptr, nullptr);
         if (f_new <= f - 1e-4 * s * slope) {
           accepted = true;
           break;
+        }
+        if (ls == 0) {
+          // Near the optimum objective differences drown in rounding; a full
+          // Newton step that shrinks the gradient is then the right step.
+          double gn = 0.0;
+          for (index_t q = 0; q < P; ++q) {
+            double gq = static_cast<double>(trial_g[q]) +
+                        cfg.mu * (static_cast<double>(trial[q]) - static_cast<double>(theta[q]));
+            if (q < d * C) gq += cfg.lam * static_cast<double>(trial[q]);
+            gn += gq * gq;
+          }
+          if (std::sqrt(gn) < 0.5 * gnorm) {
+            accepted = true;
+            break;
+          }
         }
         s *= 0.5;
       }

@@ -27,13 +27,6 @@ def _int_list(text: str) -> tuple:
     return values
 
 
-def _pair(text: str) -> tuple:
-    values = _int_list(text)
-    if len(values) != 2 or values[0] == values[1]:
-        raise argparse.ArgumentTypeError(f"expected two different classes like 2,3, got {text!r}")
-    return values
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -55,7 +48,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", choices=("digits", "grouped"), default="digits",
                       help="digits: MNIST digit pairs (random labels per episode); grouped: synthetic groups "
                            "whose labels mean the same in every group")
-    demo.add_argument("--holdout", type=_pair, default=(2, 3), help="held-out test pair, e.g. 2,3 (default)")
+    demo.add_argument("--holdout", type=_int_list, default=None,
+                      help="held-out test classes, e.g. 2,3 (default; 2,3,5 for --ways 3)")
+    demo.add_argument("--ways", type=_positive, default=2,
+                      help="classes per task: 2 = digit pairs (sigmoid model), N > 2 = N-way (softmax model)")
     demo.add_argument("--all-pairs", action="store_true", help="leave-one-pair-out sweep over every pair")
     demo.add_argument("--shots", type=_int_list, default=None, help="K examples per class, e.g. 1,5,10")
     demo.add_argument("--quick", action="store_true", help="a small run (well under a minute)")
@@ -174,7 +170,14 @@ def _cmd_demo(args) -> int:
         results = experiment.run_all_pairs(make(**overrides), log=log)
         print(experiment.format_all_pairs(results))
     else:
-        overrides["holdout"] = args.holdout
+        default_holdout = (2, 3, 5, 8, 9, 0, 1, 4, 6, 7)[: args.ways]
+        holdout = args.holdout or default_holdout
+        if len(holdout) != args.ways or len(set(holdout)) != args.ways:
+            raise CLIError(f"--holdout: expected {args.ways} different classes for --ways {args.ways}, got {holdout}")
+        if args.ways < 2:
+            raise CLIError("--ways: expected at least 2")
+        overrides["holdout"] = holdout
+        overrides["n_way"] = args.ways
         results = experiment.run_digit_pairs(make(**overrides), log=log)
         print(experiment.format_table(results))
     if args.plot and not args.all_pairs:

@@ -48,7 +48,8 @@ RANDOM = "random search (lr, L2, steps)"
 GRID = "grid-search LR (C by CV)"
 GRID_K1 = "grid-search LR (C from meta-val)"
 ORACLE = "oracle: LR, C chosen on query"
-META_LEARNERS = (MAML_FIXED, MAML_LEARNED, METASGD)
+PRECOND = "Preconditioned (diag + rank-4)"
+META_LEARNERS = (MAML_FIXED, MAML_LEARNED, METASGD, PRECOND)
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class DemoConfig:
     """Settings of the digit-pair experiment (see ``fastmaml demo --help``)."""
 
     holdout: tuple = (2, 3)
+    n_way: int = 2
     shots: tuple = (1, 5, 10)
     n_query: int = 15
     test_episodes: int = 600
@@ -123,6 +125,16 @@ def _path_accuracy(theta, inner_lr, l2, steps, tasks: Tasks, n_threads=None) -> 
     return np.stack([query_scores(path[:, j], tasks)["accuracy"] for j in range(steps + 1)])
 
 
+def _model_path_accuracy(model: MAML, tasks: Tasks, n_threads=None) -> np.ndarray:
+    """Like _path_accuracy for a fitted meta-learner (any inner-update kind)."""
+    K = int(model.inner_steps)
+    try:
+        path = model._adapt_batch(tasks, None, K, return_path=True, n_threads=n_threads)
+    except DivergenceError:
+        return np.zeros((K + 1, tasks.n_tasks))
+    return np.stack([query_scores(path[:, j], tasks)["accuracy"] for j in range(K + 1)])
+
+
 def _final_accuracy(theta, inner_lr, l2, steps, tasks, n_threads=None) -> np.ndarray:
     try:
         phi = _adapt(theta, tasks, inner_lr=inner_lr, inner_steps=steps, l2=l2, n_threads=n_threads)
@@ -137,8 +149,11 @@ def _time_adaptation(method: dict, tasks: Tasks, n_threads=None, repeats=3) -> f
     for _ in range(repeats):
         t0 = time.perf_counter()
         try:
-            _adapt(method["theta"], tasks, inner_lr=method["inner_lr"], inner_steps=method["steps"],
-                   l2=method["l2"], n_threads=n_threads)
+            if "model" in method:
+                method["model"]._adapt_batch(tasks, None, method["steps"], n_threads=n_threads)
+            else:
+                _adapt(method["theta"], tasks, inner_lr=method["inner_lr"], inner_steps=method["steps"],
+                       l2=method["l2"], n_threads=n_threads)
         except DivergenceError:
             pass
         best = min(best, time.perf_counter() - t0)
@@ -197,7 +212,7 @@ def grid_search_baseline(tasks: Tasks, c_grid, *, fixed_C=None, cv_folds=5, seed
             if fixed_C is not None:
                 best = c_grid.index(fixed_C)
             else:
-                k = int(min(cv_folds, np.bincount(ys, minlength=2).min()))
+                k = int(min(cv_folds, np.bincount(ys, minlength=int(ys.max()) + 1).min()))
                 if k < 2:  # a class with one example: no stratified split exists
                     best = c_grid.index(fallback_C) if fallback_C in c_grid else len(c_grid) // 2
                     chosen[t] = c_grid[best]
@@ -255,20 +270,23 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
     notes = [str(w.message) for w in caught]
     X, y = data.X, data.y
     classes = sorted(int(c) for c in np.unique(y))
-    a, b = (int(c) for c in config.holdout)
-    for c in (a, b):
+    n_way = int(config.n_way)
+    holdout = [int(c) for c in config.holdout]
+    if n_way < 2:
+        raise ValueError(f"n_way: expected at least 2 classes per task, got {n_way}")
+    if len(holdout) != n_way or len(set(holdout)) != n_way:
+        raise ValueError(f"holdout: expected {n_way} different classes for {n_way}-way tasks, got {holdout}")
+    for c in holdout:
         if c not in classes:
             raise ValueError(f"holdout: class {c} is not in the data (classes {classes})")
-    if a == b:
-        raise ValueError("holdout: expected two different classes")
-    train_digits = [c for c in classes if c not in (a, b)]
+    train_digits = [c for c in classes if c not in holdout]
     n_folds = int(config.val_folds)
-    if n_folds < 1 or len(train_digits) // max(n_folds, 1) < 2 and n_folds > 1:
-        raise ValueError(f"val_folds: {n_folds} folds leave fewer than 2 validation digits each")
+    if n_folds < 1 or (n_folds > 1 and len(train_digits) // n_folds < n_way):
+        raise ValueError(f"val_folds: {n_folds} folds leave fewer than {n_way} validation digits each")
     rng = np.random.default_rng(config.seed)
     perm = [int(c) for c in rng.permutation(train_digits)]
     if n_folds == 1:
-        n_val = max(2, len(perm) // 3)
+        n_val = max(n_way, len(perm) // 3)
         fold_digits = [sorted(perm[:n_val])]
     else:
         fold_digits = [sorted(perm[i::n_folds]) for i in range(n_folds)]
@@ -280,7 +298,8 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
         "config": dataclasses.asdict(config),
         "data": {"name": data.name, "description": data.description, "n_samples": int(X.shape[0]),
                  "n_features": int(X.shape[1]), "notes": notes},
-        "holdout": [a, b],
+        "holdout": holdout,
+        "n_way": n_way,
         "train_digits": train_digits,
         "validation_folds": fold_digits,
         "shots": {},
@@ -294,8 +313,8 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
             K = int(K)
             seeds = [int(s.generate_state(1)[0]) for s in seed_stream.spawn(4 + 2 * len(fold_digits))]
             mk = lambda cls, seed: EpisodeSampler(  # noqa: E731
-                X, y, n_way=2, k_shot=K, n_query=config.n_query, classes=cls, random_state=seed)
-            test_tasks = mk([a, b], seeds[0]).sample(config.test_episodes)
+                X, y, n_way=n_way, k_shot=K, n_query=config.n_query, classes=cls, random_state=seed)
+            test_tasks = mk(holdout, seeds[0]).sample(config.test_episodes)
             folds = []
             for f, vd in enumerate(fold_digits):
                 tr = [c for c in train_digits if c not in vd]
@@ -331,7 +350,8 @@ def _run_shot(K, K_inner, config, test_tasks, folds, val_sets, refit_sampler, se
     # 1. Zero start: step size on meta-validation.
     logger(f"K={K}: zero start, choosing the step size on meta-validation")
     D = test_tasks.n_features + 1
-    zero = np.zeros(D)
+    n_way = int(config.n_way)
+    zero = np.zeros(D) if n_way == 2 else np.zeros((D, n_way))
     val_lr = {lr: _concat_acc(lambda v: _final_accuracy(zero, lr, 0.0, K_inner, v, nt), val_sets)
               for lr in config.lr_grid}
     lr0 = max(val_lr, key=val_lr.get)
@@ -361,6 +381,7 @@ def _run_shot(K, K_inner, config, test_tasks, folds, val_sets, refit_sampler, se
         MAML_FIXED: dict(inner_lr=lr0),
         MAML_LEARNED: dict(inner_lr=lr0, learn_inner_lr="scalar", l2=1e-3, learn_l2=True),
         METASGD: dict(inner_lr=lr0, learn_inner_lr="per_parameter"),
+        PRECOND: dict(inner_lr=lr0, learn_inner_lr="preconditioner", precond_rank=4, random_state=seeds[3]),
     }
     curves = {}
     budget_units = 0
@@ -383,7 +404,7 @@ def _run_shot(K, K_inner, config, test_tasks, folds, val_sets, refit_sampler, se
         timing[name] = time.perf_counter() - t0
         curves[name]["refit_loss"] = [r["loss"] for r in model.history_]
         lr = model._lr_for_steps(K_inner)
-        methods[name] = {"theta": model.theta_, "inner_lr": lr, "l2": model.l2_, "steps": K_inner,
+        methods[name] = {"model": model, "theta": model.theta_, "inner_lr": lr, "l2": model.l2_, "steps": K_inner,
                          "val_accuracy": float(mean_val[best]),
                          "choice": {"iterations": n_best,
                                     "inner_lr": float(np.mean(lr)), "l2": model.l2_}}
@@ -416,7 +437,10 @@ def _run_shot(K, K_inner, config, test_tasks, folds, val_sets, refit_sampler, se
     table = {}
     steps_curves = {}
     for name, m in methods.items():
-        path = _path_accuracy(m["theta"], m["inner_lr"], m["l2"], m["steps"], test_tasks, nt)
+        if "model" in m:
+            path = _model_path_accuracy(m["model"], test_tasks, nt)
+        else:
+            path = _path_accuracy(m["theta"], m["inner_lr"], m["l2"], m["steps"], test_tasks, nt)
         seconds = _time_adaptation(m, test_tasks, nt)
         acc = path[-1]
         mean, ci = mean_ci(acc)
@@ -469,6 +493,9 @@ def summarize(results: dict) -> list:
         best = max(contenders, key=lambda n: table[n]["accuracy"])
         parts = [f"K={K}: the meta-learner chosen on meta-validation is {sel} "
                  f"({100 * row['accuracy']:.1f}% +/- {100 * row['ci95']:.1f})."]
+        if (row.get("choice") or {}).get("iterations") == 0:
+            parts.append("Meta-validation stopped it at iteration 0, before any meta-training: "
+                         "meta-training did not improve on its starting point on held-out classes.")
         for ref_name, key in ((ZERO, "vs_zero"), (res["grid_method"], "vs_grid")):
             if ref_name is None or row[key] is None:
                 continue
@@ -482,7 +509,7 @@ def summarize(results: dict) -> list:
                 verdict = (f"is not distinguishable from {ref_name} ({100 * d['mean']:+.1f} points, "
                            f"95% CI {100 * lo:.1f} to {100 * hi:.1f})")
             parts.append(f"It {verdict}.")
-        parts.append(f"Best non-oracle method on the test pair: {best} ({100 * table[best]['accuracy']:.1f}%).")
+        parts.append(f"Best non-oracle method on the held-out classes: {best} ({100 * table[best]['accuracy']:.1f}%).")
         lines.append(" ".join(parts))
     return lines
 
@@ -490,8 +517,9 @@ def summarize(results: dict) -> list:
 def format_table(results: dict) -> str:
     """The results table as text."""
     out = []
-    a, b = results["holdout"]
-    out.append(f"Digit pairs: meta-train on {results['train_digits']}, test on {a} vs {b} "
+    held = " vs ".join(str(c) for c in results["holdout"])
+    kind = "Digit pairs" if results.get("n_way", 2) == 2 else f"{results['n_way']}-way digit tasks"
+    out.append(f"{kind}: meta-train on {results['train_digits']}, test on {held} "
                f"({results['data']['name']}, {results['data']['n_samples']} images)")
     out.append(f"validation folds (digits never meta-trained on in that fold): {results['validation_folds']}")
     for K, res in results["shots"].items():
@@ -538,7 +566,8 @@ def plot_results(results: dict, path: str) -> None:
             if name and name in res["table"]:
                 ax.axhline(100 * res["table"][name]["accuracy"], ls="--" if name == ORACLE else ":", lw=1,
                            color="gray" if name == ORACLE else "black", label=name)
-        ax.set_title(f"{results['holdout'][0]} vs {results['holdout'][1]}, K={K}: test accuracy")
+        held = " vs ".join(str(c) for c in results["holdout"])
+        ax.set_title(f"{held}, K={K}: test accuracy")
         ax.set_xlabel("adaptation steps")
         ax.set_ylabel("query accuracy (%)")
         ax.grid(alpha=0.3)

@@ -63,7 +63,7 @@ def test_summary_reports_a_loss_when_the_baseline_wins():
     (line,) = experiment.summarize(fake)
     assert "LOSES to zero init by 5.0 points" in line
     assert "not distinguishable from grid-search" in line
-    assert "Best non-oracle method on the test pair: zero init" in line
+    assert "Best non-oracle method on the held-out classes: zero init" in line
 
 
 def test_grouped_family_meta_learning_beats_the_zero_start(capsys):
@@ -109,7 +109,8 @@ def test_train_resumes_from_a_checkpoint(table_file, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["demo", "--holdout", "2"], "two different classes"),
+        (["demo", "--holdout", "2"], "expected 2 different classes"),
+        (["demo", "--ways", "3", "--holdout", "2,3"], "expected 3 different classes"),
         (["demo", "--shots", "a,b"], "comma-separated integers"),
         (["demo", "--iterations", "0"], "positive integer"),
         (["demo", "--data", "/no/such/folder", "--quick"], "/no/such/folder"),

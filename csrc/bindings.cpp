@@ -115,6 +115,10 @@ void raise_status(const fastmaml::TaskStatus& st) {
     case ErrorCode::nonfinite_query:
       throw DivergenceError("query loss is not finite for task " + std::to_string(st.task) +
                             " after " + std::to_string(st.step) + " inner steps; inner_lr is too large");
+    case ErrorCode::nonfinite_grad:
+      throw DivergenceError("the meta-gradient of task " + std::to_string(st.task) +
+                            " overflowed in the reverse sweep (non-finite values); inner_lr or l2 is too "
+                            "large for this data");
     case ErrorCode::no_memory:
       throw std::bad_alloc();
     default:

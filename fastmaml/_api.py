@@ -87,10 +87,29 @@ def _prepare_theta(theta, n_features: int, dtype, name: str = "theta") -> np.nda
         )
     if arr.ndim == 2 and arr.shape[1] < 2:
         raise ValueError(f"{name}: a multinomial theta needs at least 2 class columns, got {arr.shape[1]}")
-    arr = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name}: contains NaN or infinity")
+    with np.errstate(over="ignore"):
+        arr = np.ascontiguousarray(arr, dtype=dtype)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: values overflow the compute dtype {np.dtype(dtype)}")
     return arr
+
+
+def _check_l2(l2, dtype) -> float:
+    lam = check_float(l2, "l2", minimum=0.0)
+    if lam > np.finfo(dtype).max:
+        raise ValueError(f"l2: {lam} overflows the compute dtype {np.dtype(dtype)}")
+    return lam
+
+
+def _check_labels_in_range(y: np.ndarray, n_classes: int, name: str) -> None:
+    """Labels of user arrays, checked here so that the message names the user's argument."""
+    hi = 2 if n_classes == 1 else n_classes
+    if y.size and (y.min() < 0 or y.max() >= hi):
+        bad = int(y.min()) if y.min() < 0 else int(y.max())
+        what = "0 or 1 (binary model)" if n_classes == 1 else f"integers in [0, {hi})"
+        raise ValueError(f"{name}: labels must be {what}, got {bad}")
 
 
 def _n_classes(theta: np.ndarray) -> int:
@@ -131,11 +150,15 @@ def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
             f"inner_lr: shape {shape_str(arr.shape)} does not broadcast to (inner_steps, *theta.shape) = "
             f"{shape_str(full)}{hint}"
         )
+    with np.errstate(over="ignore"):
+        cast = arr.astype(dtype, copy=False)
+    if not np.isfinite(cast).all():
+        raise ValueError(f"inner_lr: values overflow the compute dtype {np.dtype(dtype)}")
     padded = (1,) * (len(full) - arr.ndim) + arr.shape
     full3 = full if len(full) == 3 else full + (1,)
     padded3 = padded if len(padded) == 3 else padded + (1,)
     layout = tuple(f if (p == f and f > 1) else 1 for p, f in zip(padded3, full3))
-    table = np.ascontiguousarray(np.broadcast_to(arr.astype(dtype, copy=False), full))
+    table = np.ascontiguousarray(np.broadcast_to(cast, full))
     return table, layout, arr.shape, scalar_in
 
 
@@ -144,6 +167,8 @@ def _unreduce_lr_grad(grad_lr: np.ndarray, shape: tuple, scalar_in: bool):
     if len(shape) == 0:
         value = grad_lr.reshape(())
         return float(value) if scalar_in else value.copy()
+    if int(np.prod(shape)) == 0:  # inner_steps=0 with a per-step table: nothing to differentiate
+        return np.zeros(shape, dtype=grad_lr.dtype)
     return grad_lr.reshape(shape)
 
 
@@ -200,7 +225,7 @@ def meta_value_and_grad(
     """
     ts = _as_tasks(tasks)
     K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = check_float(l2, "l2", minimum=0.0)
+    lam = _check_l2(l2, ts.dtype)
     nt = check_threads(n_threads)
     dtype = ts.dtype
     theta_c = _prepare_theta(theta, ts.n_features, dtype)
@@ -257,9 +282,11 @@ def adapt(theta, X, y=None, *, inner_lr, inner_steps: int, l2: float = 0.0, retu
     """
     side, single, dtype, d, T = _support_side(X, y)
     K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = check_float(l2, "l2", minimum=0.0)
+    lam = _check_l2(l2, dtype)
     nt = check_threads(n_threads)
     theta_c = _prepare_theta(theta, d, dtype)
+    if not isinstance(X, Tasks):
+        _check_labels_in_range(side.y, _n_classes(theta_c), "y")
     table = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)[0]
     out = _core.adapt(theta_c, False, table, None, None, K, lam, bool(return_path), nt, _n_classes(theta_c),
                       *side.core_args())
@@ -267,7 +294,7 @@ def adapt(theta, X, y=None, *, inner_lr, inner_steps: int, l2: float = 0.0, retu
     return out[0] if single else out
 
 
-def predict_proba(params, X):
+def predict_proba(params, X, *, per_task=None):
     """Class probabilities of logistic-regression parameters.
 
     Parameters
@@ -276,6 +303,10 @@ def predict_proba(params, X):
         Binary: (n_features + 1,) or per task (n_tasks, n_features + 1).
         Multinomial: (n_features + 1, C) or per task (n_tasks, n_features + 1, C).
     X : array_like of shape (n, n_features) or (n_tasks, n, n_features)
+    per_task : bool or None
+        Whether params has a leading task axis. None infers it from the
+        shapes and raises when both readings fit (a (d+1, d+1) params with
+        d+1 tasks).
 
     Returns
     -------
@@ -291,8 +322,19 @@ def predict_proba(params, X):
         raise ValueError("params: contains NaN or infinity")
     d = Xa.shape[-1]
     # A task axis exists when X is batched and params lead with the same count.
-    per_task = Xa.ndim == 3 and P.ndim >= 2 and P.shape[0] == Xa.shape[0] and P.shape[1] == d + 1
+    task_ok = Xa.ndim == 3 and P.ndim >= 2 and P.shape[0] == Xa.shape[0] and P.shape[1] == d + 1
     shared_ok = P.ndim in (1, 2) and P.shape[0] == d + 1
+    if per_task is None:
+        if task_ok and shared_ok:
+            raise ValueError(
+                f"params: shape {shape_str(P.shape)} with X {shape_str(Xa.shape)} reads both as per-task binary "
+                "parameters and as one shared multinomial theta; pass per_task=True or per_task=False"
+            )
+        per_task = task_ok
+    elif per_task and not task_ok:
+        raise ValueError(f"params: per_task=True needs shape (n_tasks, {d + 1}[, C]) matching X {shape_str(Xa.shape)}")
+    elif not per_task and not shared_ok:
+        task_ok = shared_ok = False
     if not per_task and not shared_ok:
         raise ValueError(
             f"params: expected shape ({d + 1},), ({d + 1}, C), (n_tasks, {d + 1}) or (n_tasks, {d + 1}, C), "
@@ -318,7 +360,7 @@ def _stable_sigmoid(z: np.ndarray) -> np.ndarray:
 
 def _primitive(params, X, y, v, l2, n_threads):
     side, single, dtype, d, T = _support_side(X, y)
-    lam = check_float(l2, "l2", minimum=0.0)
+    lam = _check_l2(l2, dtype)
     nt = check_threads(n_threads)
     D = d + 1
     P = np.asarray(params)
@@ -329,12 +371,16 @@ def _primitive(params, X, y, v, l2, n_threads):
         want = f"({D},) or ({D}, C)" if single else f"({T}, {D}) or ({T}, {D}, C)"
         raise ValueError(f"params: expected shape {want}, got {shape_str(P.shape)}")
     C = 1 if len(inner) == 1 else inner[1]
+    if not isinstance(X, Tasks):
+        _check_labels_in_range(side.y, C, "y")
     P = np.ascontiguousarray(P, dtype=dtype)
     if not np.isfinite(P).all():
         raise ValueError("params: contains NaN or infinity")
     V = None
     if v is not None:
         V = np.asarray(v)
+        if V.dtype.kind not in "biuf":
+            raise TypeError(f"v: expected a numeric array, got dtype {V.dtype}")
         if V.shape != P.shape:
             raise ValueError(f"v: expected shape {shape_str(P.shape)} like params, got {shape_str(V.shape)}")
         V = np.ascontiguousarray(V, dtype=dtype)
@@ -406,7 +452,7 @@ def reptile_grad(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0, n
     """
     ts = _as_tasks(tasks)
     K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = check_float(l2, "l2", minimum=0.0)
+    lam = _check_l2(l2, ts.dtype)
     nt = check_threads(n_threads)
     theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
     table, layout, _, _ = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
@@ -476,7 +522,7 @@ def precond_value_and_grad(
     """
     ts = _as_tasks(tasks)
     K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = check_float(l2, "l2", minimum=0.0)
+    lam = _check_l2(l2, ts.dtype)
     nt = check_threads(n_threads)
     theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
     D = ts.n_features + 1
@@ -496,10 +542,12 @@ def adapt_preconditioned(theta, X, y=None, *, log_scale, U, inner_steps: int, l2
     """The preconditioned inner loop (see :func:`precond_value_and_grad`); shapes as in :func:`adapt`."""
     side, single, dtype, d, T = _support_side(X, y)
     K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = check_float(l2, "l2", minimum=0.0)
+    lam = _check_l2(l2, dtype)
     nt = check_threads(n_threads)
     theta_c = _prepare_theta(theta, d, dtype)
     s_c, U_c = _prepare_precond(log_scale, U, d + 1, dtype)
+    if not isinstance(X, Tasks):
+        _check_labels_in_range(side.y, _n_classes(theta_c), "y")
     out = _core.adapt(theta_c, False, None, s_c, U_c, K, lam, bool(return_path), nt, _n_classes(theta_c),
                       *side.core_args())
     out = out.reshape(out.shape[:-1] + theta_c.shape)
@@ -579,7 +627,7 @@ def imaml_value_and_grad(
     mu = check_float(mu, "mu")
     if not mu > 0:
         raise ValueError(f"mu: expected a number > 0, got {mu}")
-    lam = check_float(l2, "l2", minimum=0.0)
+    lam = _check_l2(l2, ts.dtype)
     f32 = ts.dtype == np.float32
     tol = (1e-4 if f32 else 1e-10) if tol is None else check_float(tol, "tol", minimum=0.0)
     cg_tol = (1e-5 if f32 else 1e-10) if cg_tol is None else check_float(cg_tol, "cg_tol", minimum=0.0)

@@ -68,6 +68,8 @@ def as_labels(y, name: str, *, shape=None) -> np.ndarray:
             raise ValueError(f"{name}: labels contain NaN or infinity")
         if not np.array_equal(arr, np.round(arr)):
             raise ValueError(f"{name}: labels must be whole numbers, got fractional values")
+        if arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
+            raise ValueError(f"{name}: label values out of range")
     if arr.dtype.kind in "iu" and arr.size and (arr.max() > np.iinfo(np.int32).max or arr.min() < np.iinfo(np.int32).min):
         raise ValueError(f"{name}: label values out of range")
     if arr.dtype != np.int32 or not arr.flags.c_contiguous:

@@ -33,7 +33,7 @@ constexpr index_t kChunkDoubles = index_t(1) << 23;  // 64 MiB
 // small batches use fewer threads. Shape-only: results never depend on it.
 constexpr double kMinWorkPerThread = 2.0e5;
 
-enum class ErrorCode : int { ok = 0, diverged = 1, nonfinite_query = 2, no_memory = 3, internal = 4 };
+enum class ErrorCode : int { ok = 0, diverged = 1, nonfinite_query = 2, no_memory = 3, internal = 4, nonfinite_grad = 5 };
 
 struct TaskStatus {
   ErrorCode code = ErrorCode::ok;

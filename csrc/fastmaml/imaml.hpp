@@ -197,6 +197,10 @@ struct ImamlWorker {
     rep.cg_converged[t] = rel <= cfg.cg_tol * 10.0 ? 1 : 0;
     slot[0] = loss;
     for (index_t q = 0; q < P; ++q) slot[1 + q] = x[q];
+    if (!all_finite(slot, 1 + P)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
     return ErrorCode::ok;
   }
 };

@@ -19,16 +19,21 @@ namespace fastmaml {
 struct BinaryLink {
   static constexpr bool kBinary = true;
   index_t cols() const { return 1; }
-  // Writes r (1) and curv (1); returns the row loss.
+  // Writes r (1) and curv (1); returns the row loss. Written without
+  // cancellation: for a confidently right row (y = 1, z = 40) p - y is
+  // -sigmoid(-z), not 1 - 1, and the loss is softplus(-z), not
+  // softplus(z) - z, so tiny residuals and losses keep their digits.
   double row(const double* z, std::int32_t y, double* r, double* curv) const {
-    const double p = sigmoid(z[0]);
-    const double yy = static_cast<double>(y);
-    r[0] = p - yy;
-    if (curv) curv[0] = p * (1.0 - p);
-    return softplus(z[0]) - yy * z[0];
+    const double pz = sigmoid(z[0]), pm = sigmoid(-z[0]);
+    if (y == 1) {
+      r[0] = -pm;
+    } else {
+      r[0] = pz;
+    }
+    if (curv) curv[0] = pz * pm;
+    return y == 1 ? softplus(-z[0]) : softplus(z[0]);
   }
   void hvp_row(const double* curv, const double* u, double* out) const { out[0] = curv[0] * u[0]; }
-  bool predicts(const double* z, std::int32_t y) const { return (z[0] > 0.0) == (y == 1); }
 };
 
 struct SoftmaxLink {
@@ -36,31 +41,31 @@ struct SoftmaxLink {
   index_t C = 2;
   index_t cols() const { return C; }
   double row(const double* z, std::int32_t y, double* r, double* curv) const {
-    double zmax = z[0];
-    for (index_t c = 1; c < C; ++c) zmax = std::max(zmax, z[c]);
-    double sum = 0.0;
+    index_t top = 0;
+    for (index_t c = 1; c < C; ++c)
+      if (z[c] > z[top]) top = c;
+    const double zmax = z[top];
+    double rest = 0.0;  // sum of exp(z_c - zmax) over c != top, each in (0, 1]
     for (index_t c = 0; c < C; ++c) {
-      r[c] = std::exp(z[c] - zmax);  // in (0, 1]: no overflow for any logit
-      sum += r[c];
+      r[c] = c == top ? 1.0 : std::exp(z[c] - zmax);
+      if (c != top) rest += r[c];
     }
-    const double inv = 1.0 / sum;
+    const double inv = 1.0 / (1.0 + rest);
+    double others_of_y = 0.0;  // sum of p_c over c != y, summed without 1 - p_y
     for (index_t c = 0; c < C; ++c) {
       const double p = r[c] * inv;
       if (curv) curv[c] = p;
-      r[c] = p - (c == y ? 1.0 : 0.0);
+      r[c] = p;
+      if (c != y) others_of_y += p;
     }
-    return zmax + std::log(sum) - z[y];
+    r[y] = -others_of_y;
+    // logsumexp(z) - z_y = (zmax - z_y) + log1p(rest)
+    return (zmax - z[y]) + std::log1p(rest);
   }
   void hvp_row(const double* p, const double* u, double* out) const {
     double pu = 0.0;
     for (index_t c = 0; c < C; ++c) pu += p[c] * u[c];
     for (index_t c = 0; c < C; ++c) out[c] = p[c] * (u[c] - pu);
-  }
-  bool predicts(const double* z, std::int32_t y) const {
-    index_t best = 0;
-    for (index_t c = 1; c < C; ++c)
-      if (z[c] > z[best]) best = c;
-    return best == y;
   }
 };
 

@@ -256,6 +256,12 @@ struct MetaWorker {
     }
     for (index_t p = 0; p < P; ++p) slot[1 + p] = static_cast<double>(sc.gbar[p]);
     slot[1 + P + hyper_size()] = grad_l2;
+    // A forward pass that stays finite can still overflow on the way back
+    // (huge step sizes): never hand back inf or NaN.
+    if (!all_finite(slot, 1 + P + hyper_size() + 1)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
     return ErrorCode::ok;
   }
 };

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "fastmaml/batch.hpp"
+#include "fastmaml/gram.hpp"
 #include "fastmaml/imaml.hpp"
 #include "fastmaml/model.hpp"
 #include "fastmaml/tasks.hpp"
@@ -183,7 +184,7 @@ auto with_link(index_t C, F&& body) {
 template <class T>
 py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale,
                     py::object U, index_t K, double l2, int mode, int n_threads, index_t C, const Sides& s,
-                    const Sides& q) {
+                    const Sides& q, int sweep) {
   const index_t d = feature_count(s.X), D = d + 1, P = D * C;
   if (feature_count(q.X) != d) value_error("query_X: feature count differs from support_X");
   const index_t n_tasks = s.ptr.size() - 1;
@@ -200,6 +201,9 @@ py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, i
   auto ts = make_taskset<T>(n_tasks, d, C, s, &q);
   fastmaml::LrLayout lr{ks, pr, pc};
   const index_t H = pre.active() ? D * (1 + pre.rank) : lr.size();
+  if (sweep == 2 && !fastmaml::gram_applies(pre.active(), lr, static_cast<fastmaml::Mode>(mode), K))
+    value_error("sweep: 'gram' needs one step size per step (scalar or per-step inner_lr), no preconditioner, "
+                "MAML or first-order MAML, and inner_steps >= 1");
   py::array_t<T> grad(P);
   py::array_t<T> hyper(H);
   double loss = 0.0, grad_l2 = 0.0;
@@ -209,7 +213,7 @@ py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, i
     st = with_link<T>(C, [&](auto link) {
       return fastmaml::meta_value_and_grad<T>(ts, link, th, al, pre, K, lr, l2, static_cast<fastmaml::Mode>(mode),
                                               n_threads, &loss, grad.mutable_data(), hyper.mutable_data(),
-                                              &grad_l2);
+                                              &grad_l2, static_cast<fastmaml::Sweep>(sweep));
     });
   }
   raise_status(st);
@@ -316,16 +320,16 @@ PYBIND11_MODULE(_core, m) {
       "meta_value_and_grad",
       [](py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale, py::object U,
          index_t K, double l2, int mode, int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr,
-         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy) {
+         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy, int sweep) {
         Sides s{sX, sidx, sptr, sy}, q{qX, qidx, qptr, qy};
-        if (is_f32(sX)) return meta_impl<float>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q);
-        return meta_impl<double>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q);
+        if (is_f32(sX)) return meta_impl<float>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep);
+        return meta_impl<double>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep);
       },
       py::arg("theta"), py::arg("inner_lr"), py::arg("lr_steps"), py::arg("lr_rows"), py::arg("lr_cols"),
       py::arg("log_scale"), py::arg("U"), py::arg("inner_steps"), py::arg("l2"), py::arg("mode"),
       py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"), py::arg("support_idx"),
       py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"), py::arg("query_idx"), py::arg("query_ptr"),
-      py::arg("query_y"));
+      py::arg("query_y"), py::arg("sweep") = 0);
 
   m.def(
       "adapt",
@@ -365,6 +369,13 @@ PYBIND11_MODULE(_core, m) {
       py::arg("query_idx"), py::arg("query_ptr"), py::arg("query_y"));
 
   m.def("openmp_enabled", &fastmaml::built_with_openmp);
+  m.def("multiversioned", []() { return FASTMAML_MULTIVERSIONED == 1; });
+  m.def(
+      "uses_gram",
+      [](index_t n, index_t d, index_t C, index_t K) {
+        return fastmaml::gram_cost(n, d, C, K) < fastmaml::plain_cost(n, d, C, K);
+      },
+      py::arg("n"), py::arg("d"), py::arg("n_classes"), py::arg("inner_steps"));
   m.def("max_threads", []() { return fastmaml::resolve_threads(0); });
   m.attr("reduce_block") = fastmaml::kReduceBlock;
 #ifdef FASTMAML_VERSION

@@ -181,6 +181,7 @@ def meta_value_and_grad(
     l2: float = 0.0,
     first_order: bool = False,
     n_threads=None,
+    sweep: str = "auto",
 ) -> MetaGradient:
     """Exact MAML meta-loss and gradients for a meta-batch of binary tasks.
 
@@ -211,6 +212,13 @@ def meta_value_and_grad(
     n_threads : int or None
         OpenMP threads across tasks; None uses OpenMP's default. The result
         does not depend on it (bitwise).
+    sweep : {"auto", "plain", "gram"}, default="auto"
+        Which exact path computes the result. "gram" runs the inner loop and
+        the reverse sweep in the span of the support rows through their
+        n x n Gram matrix (one step size per step: scalar or per-step
+        inner_lr); "plain" sweeps the features every step. "auto" picks by a
+        cost model of the shapes (never of the thread count). Both agree to
+        rounding.
 
     Returns
     -------
@@ -230,9 +238,12 @@ def meta_value_and_grad(
     dtype = ts.dtype
     theta_c = _prepare_theta(theta, ts.n_features, dtype)
     table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)
+    sweeps = {"auto": 0, "plain": 1, "gram": 2}
+    if sweep not in sweeps:
+        raise ValueError(f"sweep: expected one of {tuple(sweeps)}, got {sweep!r}")
     loss, grad, grad_lr, grad_l2 = _core.meta_value_and_grad(
         theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args()
+        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep]
     )
     return MetaGradient(
         loss=float(loss),

@@ -275,18 +275,12 @@ double rows_per_task(const SideView<T>& side, index_t n_tasks) {
 // loss, grad (P), hyper (step-size gradient in layout lr, or d/dlog_scale
 // then d/dU), grad_l2. In Reptile mode grad = mean(theta - phi_K) and the
 // hypergradients are zero.
-template <class T, class Link>
-TaskStatus meta_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta, const T* alpha,
-                               const Preconditioner<T>& pre, index_t K, LrLayout lr, double lam, Mode mode,
-                               int n_threads, double* loss, T* grad, T* hyper, double* grad_l2) {
-  Model<T, Link> model(&ts, link);
-  MetaWorker<T, Link> proto{model, theta, alpha, pre, K, lr, lam, mode, {}};
-  const index_t H = proto.hyper_size();
+template <class T, class Link, class MakeWorker>
+TaskStatus meta_value_and_grad_with(const TaskSet<T>& ts, const Model<T, Link>& model, index_t H, Mode mode,
+                                    int n_threads, double work, MakeWorker&& make, double* loss, T* grad,
+                                    T* hyper, double* grad_l2) {
   const index_t slot_len = mode == Mode::reptile ? 1 + model.P : 1 + model.P + H + 1;
   std::vector<double> total(static_cast<size_t>(slot_len));
-  auto make = [&]() { return MetaWorker<T, Link>{model, theta, alpha, pre, K, lr, lam, mode, {}}; };
-  const double rows = rows_per_task(ts.support, ts.n_tasks) + rows_per_task(ts.query, ts.n_tasks);
-  const double work = (4.0 * K + 2.0) * rows * static_cast<double>(model.P);
   TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data(), work);
   if (!st.ok()) return st;
   const double inv_T = 1.0 / static_cast<double>(ts.n_tasks);

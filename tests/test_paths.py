@@ -1,0 +1,82 @@
+"""The exact paths agree: the span-of-rows (Gram) sweep against the plain sweep and the reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastmaml
+import reference as R
+from fastmaml import _core
+from tolerances import RTOL_F32, RTOL_F64, assert_rel
+
+
+def batch(T=5, n=7, m=6, d=9, C=1, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    hi = 2 if C == 1 else C
+    return (rng.random((T, n, d)).astype(dtype), rng.integers(0, hi, (T, n)),
+            rng.random((T, m, d)).astype(dtype), rng.integers(0, hi, (T, m)))
+
+
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("lr_kind", ["scalar", "per_step"])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("l2", [0.0, 0.3])
+@pytest.mark.parametrize("K", [1, 4])
+def test_gram_sweep_matches_plain_sweep_and_reference(C, lr_kind, first_order, l2, K):
+    tasks = batch(C=C, seed=C + K)
+    rng = np.random.default_rng(1)
+    theta = 0.5 * rng.standard_normal(10 if C == 1 else (10, C))
+    lr = 0.4 if lr_kind == "scalar" else np.linspace(0.2, 0.5, K).reshape((K, 1) if C == 1 else (K, 1, 1))
+    kw = dict(inner_lr=lr, inner_steps=K, l2=l2, first_order=first_order)
+    gram = fastmaml.meta_value_and_grad(theta, tasks, sweep="gram", **kw)
+    plain = fastmaml.meta_value_and_grad(theta, tasks, sweep="plain", **kw)
+    ref = R.meta_value_and_grad(theta, tasks, lr, K, l2, first_order)
+    for name in ("loss", "grad", "grad_inner_lr", "grad_l2"):
+        assert_rel(getattr(gram, name), getattr(plain, name), RTOL_F64)
+        assert_rel(getattr(gram, name), getattr(ref, name), RTOL_F64)
+
+
+def test_gram_sweep_on_ragged_index_tasks_and_float32():
+    rng = np.random.default_rng(2)
+    X = rng.random((60, 12))
+    s_ptr = np.array([0, 3, 10, 14])
+    q_ptr = np.array([0, 5, 9, 15])
+    s_idx = rng.integers(0, 60, 14)
+    q_idx = rng.integers(0, 60, 15)
+    sy, qy = rng.integers(0, 2, 14), rng.integers(0, 2, 15)
+    theta = 0.3 * rng.standard_normal(13)
+    for dtype, tol in ((np.float64, RTOL_F64), (np.float32, RTOL_F32)):
+        tasks = fastmaml.Tasks.from_index(X.astype(dtype), s_idx, sy, q_idx, qy, support_ptr=s_ptr, query_ptr=q_ptr)
+        gram = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=0.5, inner_steps=6, l2=0.1, sweep="gram")
+        ref = R.meta_value_and_grad(theta, [tasks.task(t) for t in range(3)], 0.5, 6, 0.1)
+        assert gram.grad.dtype == dtype
+        assert_rel(gram.grad, ref.grad, tol)
+        assert_rel(gram.grad_inner_lr, ref.grad_inner_lr, tol)
+
+
+def test_gram_sweep_is_thread_independent_and_diverges_cleanly():
+    tasks = batch(T=140, seed=3)
+    theta = np.zeros(10)
+    a = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=0.3, inner_steps=3, sweep="gram", n_threads=1)
+    b = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=0.3, inner_steps=3, sweep="gram", n_threads=2)
+    assert np.array_equal(a.grad, b.grad) and a.loss == b.loss and a.grad_inner_lr == b.grad_inner_lr
+    big = tuple(x * 1e3 if x.dtype.kind == "f" else x for x in batch(seed=4))
+    with pytest.raises(fastmaml.DivergenceError, match="task"):
+        fastmaml.meta_value_and_grad(theta, big, inner_lr=1e300, inner_steps=30, l2=1e6, sweep="gram")
+
+
+def test_gram_sweep_refuses_cases_it_does_not_cover():
+    tasks = batch()
+    with pytest.raises(ValueError, match="sweep"):
+        fastmaml.meta_value_and_grad(np.zeros(10), tasks, inner_lr=np.full(10, 0.1), inner_steps=2, sweep="gram")
+    with pytest.raises(ValueError, match="sweep"):
+        fastmaml.meta_value_and_grad(np.zeros(10), tasks, inner_lr=0.1, inner_steps=2, sweep="fast")
+
+
+def test_cost_model_depends_on_shapes_only():
+    # deep inner loops on few rows take the Gram path; many rows with few steps do not
+    assert _core.uses_gram(20, 784, 1, 50)
+    assert _core.uses_gram(20, 784, 1, 5)
+    assert not _core.uses_gram(100, 784, 1, 10)
+    assert not _core.uses_gram(200, 20, 1, 1)

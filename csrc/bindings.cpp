@@ -184,7 +184,7 @@ auto with_link(index_t C, F&& body) {
 template <class T>
 py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale,
                     py::object U, index_t K, double l2, int mode, int n_threads, index_t C, const Sides& s,
-                    const Sides& q, int sweep) {
+                    const Sides& q, int sweep, bool want_blocks) {
   const index_t d = feature_count(s.X), D = d + 1, P = D * C;
   if (feature_count(q.X) != d) value_error("query_X: feature count differs from support_X");
   const index_t n_tasks = s.ptr.size() - 1;
@@ -206,6 +206,9 @@ py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, i
                 "MAML or first-order MAML, and inner_steps >= 1");
   py::array_t<T> grad(P);
   py::array_t<T> hyper(H);
+  const index_t n_blocks = (n_tasks + fastmaml::kReduceBlock - 1) / fastmaml::kReduceBlock;
+  const index_t slot_len = fastmaml::meta_slot_len(P, H, static_cast<fastmaml::Mode>(mode));
+  py::array_t<double> blocks = want_blocks ? py::array_t<double>({n_blocks, slot_len}) : py::array_t<double>(0);
   double loss = 0.0, grad_l2 = 0.0;
   fastmaml::TaskStatus st;
   {
@@ -213,10 +216,12 @@ py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, i
     st = with_link<T>(C, [&](auto link) {
       return fastmaml::meta_value_and_grad<T>(ts, link, th, al, pre, K, lr, l2, static_cast<fastmaml::Mode>(mode),
                                               n_threads, &loss, grad.mutable_data(), hyper.mutable_data(),
-                                              &grad_l2, static_cast<fastmaml::Sweep>(sweep));
+                                              &grad_l2, static_cast<fastmaml::Sweep>(sweep),
+                                              want_blocks ? blocks.mutable_data() : nullptr);
     });
   }
   raise_status(st);
+  if (want_blocks) return py::make_tuple(loss, grad, hyper, grad_l2, blocks);
   return py::make_tuple(loss, grad, hyper, grad_l2);
 }
 
@@ -320,16 +325,17 @@ PYBIND11_MODULE(_core, m) {
       "meta_value_and_grad",
       [](py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale, py::object U,
          index_t K, double l2, int mode, int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr,
-         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy, int sweep) {
+         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy, int sweep, bool blocks) {
         Sides s{sX, sidx, sptr, sy}, q{qX, qidx, qptr, qy};
-        if (is_f32(sX)) return meta_impl<float>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep);
-        return meta_impl<double>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep);
+        if (is_f32(sX))
+          return meta_impl<float>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep, blocks);
+        return meta_impl<double>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep, blocks);
       },
       py::arg("theta"), py::arg("inner_lr"), py::arg("lr_steps"), py::arg("lr_rows"), py::arg("lr_cols"),
       py::arg("log_scale"), py::arg("U"), py::arg("inner_steps"), py::arg("l2"), py::arg("mode"),
       py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"), py::arg("support_idx"),
       py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"), py::arg("query_idx"), py::arg("query_ptr"),
-      py::arg("query_y"), py::arg("sweep") = 0);
+      py::arg("query_y"), py::arg("sweep") = 0, py::arg("block_sums") = false);
 
   m.def(
       "adapt",

@@ -14,6 +14,9 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from ._api import (
+    BlockSums,
+    combine_block_sums,
+    meta_block_sums,
     ConvergenceWarning,
     ImplicitGradient,
     PreconditionedGradient,
@@ -41,6 +44,9 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = getattr(_core, "__version__", "0+unknown")
 
 __all__ = [
+    "BlockSums",
+    "combine_block_sums",
+    "meta_block_sums",
     "ConvergenceWarning",
     "ImplicitGradient",
     "PreconditionedGradient",

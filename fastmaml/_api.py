@@ -32,6 +32,10 @@ __all__ = [
     "ImplicitGradient",
     "imaml_value_and_grad",
     "ConvergenceWarning",
+    "BlockSums",
+    "REDUCE_BLOCK",
+    "meta_block_sums",
+    "combine_block_sums",
 ]
 
 DivergenceError = _core.DivergenceError
@@ -667,4 +671,92 @@ def imaml_value_and_grad(
         loss=float(loss), grad=grad.reshape(theta_c.shape), inner_residual=rep["inner_residual"],
         inner_iterations=rep["inner_iterations"], inner_converged=inner_ok, cg_residual=rep["cg_residual"],
         cg_iterations=rep["cg_iterations"], cg_converged=cg_ok, converged=converged,
+    )
+
+
+@dataclass(frozen=True)
+class BlockSums:
+    """Per-block partial sums of a meta-gradient, for combining shards exactly.
+
+    The core sums per-task results in fixed blocks of ``REDUCE_BLOCK`` tasks;
+    a shard whose tasks are whole blocks of the full meta-batch returns its
+    block sums, and :func:`combine_block_sums` folds the blocks of all shards,
+    in order, exactly as one call on the whole batch would: the result is
+    bitwise identical.
+
+    Attributes
+    ----------
+    blocks : ndarray of shape (n_blocks, slot_len), float64
+        Rows: [loss, grad (theta.size), grad_inner_lr (core layout), grad_l2].
+    n_tasks : int
+    theta_shape, dtype, lr_shape, scalar_in
+        What is needed to shape the combined result like a MetaGradient.
+    """
+
+    blocks: np.ndarray
+    n_tasks: int
+    theta_shape: tuple
+    dtype: np.dtype
+    lr_shape: tuple
+    scalar_in: bool
+
+
+REDUCE_BLOCK = int(_core.reduce_block)
+
+
+def meta_block_sums(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0, first_order: bool = False,
+                    n_threads=None, sweep: str = "auto") -> BlockSums:
+    """Like :func:`meta_value_and_grad`, but return the per-block sums (see :class:`BlockSums`)."""
+    ts = _as_tasks(tasks)
+    K = check_int(inner_steps, "inner_steps", minimum=0)
+    lam = _check_l2(l2, ts.dtype)
+    nt = check_threads(n_threads)
+    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
+    table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
+    sweeps = {"auto": 0, "plain": 1, "gram": 2}
+    if sweep not in sweeps:
+        raise ValueError(f"sweep: expected one of {tuple(sweeps)}, got {sweep!r}")
+    *_, blocks = _core.meta_value_and_grad(
+        theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
+        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep], True
+    )
+    return BlockSums(blocks=blocks, n_tasks=ts.n_tasks, theta_shape=theta_c.shape, dtype=theta_c.dtype,
+                     lr_shape=lr_shape, scalar_in=scalar_in)
+
+
+def combine_block_sums(parts) -> MetaGradient:
+    """Combine :class:`BlockSums` of consecutive shards (in task order) into one MetaGradient.
+
+    Every shard but the last must hold a whole number of blocks
+    (a multiple of ``REDUCE_BLOCK`` tasks); then the result is bitwise equal
+    to one call on the concatenated meta-batch.
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("parts: expected at least one BlockSums")
+    first = parts[0]
+    for i, p in enumerate(parts):
+        if not isinstance(p, BlockSums):
+            raise TypeError(f"parts: expected BlockSums, got {type(p).__name__} at position {i}")
+        if p.theta_shape != first.theta_shape or p.blocks.shape[1] != first.blocks.shape[1]:
+            raise ValueError(f"parts: shard {i} was computed with a different theta or inner_lr layout")
+        if i < len(parts) - 1 and p.n_tasks % REDUCE_BLOCK:
+            raise ValueError(
+                f"parts: shard {i} holds {p.n_tasks} tasks, not a multiple of {REDUCE_BLOCK}; only the last "
+                "shard may hold a partial block"
+            )
+    total = np.zeros(first.blocks.shape[1])
+    for p in parts:
+        for row in p.blocks:
+            total += row  # the core's fold, element by element, in block order
+    n_tasks = sum(p.n_tasks for p in parts)
+    inv_T = 1.0 / n_tasks
+    P = int(np.prod(first.theta_shape))
+    grad = (total[1:1 + P] * inv_T).astype(first.dtype).reshape(first.theta_shape)
+    grad_lr = (total[1 + P:-1] * inv_T).astype(first.dtype)
+    return MetaGradient(
+        loss=float(total[0] * inv_T),
+        grad=grad,
+        grad_inner_lr=_unreduce_lr_grad(grad_lr, first.lr_shape, first.scalar_in),
+        grad_l2=float(total[-1] * inv_T),
     )

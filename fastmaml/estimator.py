@@ -398,7 +398,7 @@ class MAML:
         self
         """
         K = self._validate_config()
-        if not isinstance(tasks, Tasks) and not hasattr(tasks, "sample"):
+        if not isinstance(tasks, Tasks) and not hasattr(tasks, "sample") and not _is_gradient_source(tasks):
             raise TypeError(f"tasks: expected a Tasks or a sampler with sample(n_tasks), got {type(tasks).__name__}")
         n_features = _n_features(tasks)
         val_tasks = None
@@ -432,12 +432,25 @@ class MAML:
         return self
 
     def _draw(self, tasks):
-        return tasks if isinstance(tasks, Tasks) else tasks.sample(self.meta_batch_size)
+        if isinstance(tasks, Tasks) or _is_gradient_source(tasks):
+            return tasks
+        return tasks.sample(self.meta_batch_size)
 
-    def _gradients(self, batch: Tasks, K: int):
+    def _gradients(self, batch, K: int):
         params = self._params
         lr = self._lr_arg(params)
         l2 = self._l2_value(params)
+        if _is_gradient_source(batch):
+            # A source that computes the meta-gradient itself (e.g. on a Dask
+            # cluster, fastmaml.distributed): same maths, same result.
+            if self.algorithm not in ("maml", "fomaml") or "U" in params:
+                raise ValueError(
+                    "tasks: a distributed task source supports algorithm 'maml' / 'fomaml' with a fixed or "
+                    "learned step size (not reptile, imaml or the preconditioner)"
+                )
+            res = batch.meta_value_and_grad(params["theta"], inner_lr=lr, inner_steps=K, l2=l2,
+                                            first_order=self.algorithm == "fomaml", iteration=self.n_iter_)
+            return res.loss, self._grads_from(res, params, l2)
         if self.algorithm == "reptile":
             # Reptile has no meta-loss of its own; .loss is the query loss after adaptation.
             res = reptile_grad(params["theta"], batch, inner_lr=lr, inner_steps=K, l2=l2, n_threads=self.n_threads)
@@ -466,6 +479,9 @@ class MAML:
             params["theta"], batch, inner_lr=lr, inner_steps=K, l2=l2,
             first_order=self.algorithm == "fomaml", n_threads=self.n_threads,
         )
+        return res.loss, self._grads_from(res, params, l2)
+
+    def _grads_from(self, res, params, l2):
         grads = {}
         if self.learn_init:
             grads["theta"] = np.asarray(res.grad, dtype=np.float64)
@@ -473,7 +489,7 @@ class MAML:
             grads["log_inner_lr"] = np.asarray(res.grad_inner_lr, dtype=np.float64) * np.exp(params["log_inner_lr"])
         if "log_l2" in params:
             grads["log_l2"] = np.asarray(res.grad_l2 * l2)
-        return res.loss, grads
+        return grads
 
     def _make_bar(self, total, initial):
         show = self.progress
@@ -555,6 +571,8 @@ class MAML:
 
     def _warn_step_size(self, tasks, n_probe=8, n_power=30):
         """Warn when inner_lr * lambda_max(H) > 2 on a few tasks (power iteration on HVPs)."""
+        if _is_gradient_source(tasks):
+            return  # its data lives elsewhere; the source may warn itself
         if isinstance(tasks, Tasks):
             probe = tasks
         else:
@@ -787,10 +805,16 @@ class MAML:
         )
 
 
+def _is_gradient_source(obj) -> bool:
+    return not isinstance(obj, Tasks) and callable(getattr(obj, "meta_value_and_grad", None))
+
+
 def _n_classes(source) -> int:
     """Classes of a Tasks or sampler: 2 means the binary (sigmoid) model."""
     if hasattr(source, "n_way"):
         return int(source.n_way)
+    if hasattr(source, "n_classes"):
+        return int(source.n_classes)
     if isinstance(source, Tasks):
         tasks = source
     else:

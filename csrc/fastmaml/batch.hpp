@@ -68,7 +68,8 @@ inline bool built_with_openmp() {
 // Returns the error of the lowest-numbered failing task, if any.
 template <class MakeWorker>
 TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
-                     MakeWorker&& make_worker, double* total, double work_per_task = 1e9) {
+                     MakeWorker&& make_worker, double* total, double work_per_task = 1e9,
+                     double* blocks_out = nullptr) {
   TaskStatus status;
   int threads = resolve_threads(n_threads);
   const double useful = static_cast<double>(n_tasks) * work_per_task / kMinWorkPerThread;
@@ -156,6 +157,12 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
           for (index_t k = 0; k < slot_len; ++k) block_sum[k] += s[k];
         }
         for (index_t k = 0; k < slot_len; ++k) total[k] += block_sum[k];
+        if (blocks_out) {
+          // Block partials, for a caller that combines shards itself (Dask):
+          // summing them in order from 0.0 reproduces `total` bitwise.
+          const index_t b = (start + b0) / kReduceBlock;
+          std::copy(block_sum.begin(), block_sum.end(), blocks_out + b * slot_len);
+        }
       }
     }
   }

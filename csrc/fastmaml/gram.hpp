@@ -246,7 +246,7 @@ template <class T, class Link>
 TaskStatus meta_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta, const T* alpha,
                                const Preconditioner<T>& pre, index_t K, LrLayout lr, double lam, Mode mode,
                                int n_threads, double* loss, T* grad, T* hyper, double* grad_l2,
-                               Sweep sweep = Sweep::automatic) {
+                               Sweep sweep = Sweep::automatic, double* blocks_out = nullptr) {
   Model<T, Link> model(&ts, link);
   const index_t H = pre.active() ? model.D * (1 + pre.rank) : lr.size();
   const double rows = rows_per_task(ts.support, ts.n_tasks);
@@ -258,11 +258,13 @@ TaskStatus meta_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta, 
       GramMetaWorker<T, Link> w{model, theta, alpha, K, lr, lam, mode, {}};
       return w;
     };
-    return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2);
+    return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2,
+                                    blocks_out);
   }
   const double work = (4.0 * K + 2.0) * (rows + qrows) * static_cast<double>(model.P);
   auto make = [&]() { return MetaWorker<T, Link>{model, theta, alpha, pre, K, lr, lam, mode, {}}; };
-  return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2);
+  return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2,
+                                  blocks_out);
 }
 
 }  // namespace fastmaml

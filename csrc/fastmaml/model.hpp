@@ -275,13 +275,18 @@ double rows_per_task(const SideView<T>& side, index_t n_tasks) {
 // loss, grad (P), hyper (step-size gradient in layout lr, or d/dlog_scale
 // then d/dU), grad_l2. In Reptile mode grad = mean(theta - phi_K) and the
 // hypergradients are zero.
+// Length of one task's result slot: [loss, grad (P), hyper (H), grad_l2].
+inline index_t meta_slot_len(index_t P, index_t H, Mode mode) {
+  return mode == Mode::reptile ? 1 + P : 1 + P + H + 1;
+}
+
 template <class T, class Link, class MakeWorker>
 TaskStatus meta_value_and_grad_with(const TaskSet<T>& ts, const Model<T, Link>& model, index_t H, Mode mode,
                                     int n_threads, double work, MakeWorker&& make, double* loss, T* grad,
-                                    T* hyper, double* grad_l2) {
-  const index_t slot_len = mode == Mode::reptile ? 1 + model.P : 1 + model.P + H + 1;
+                                    T* hyper, double* grad_l2, double* blocks_out) {
+  const index_t slot_len = meta_slot_len(model.P, H, mode);
   std::vector<double> total(static_cast<size_t>(slot_len));
-  TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data(), work);
+  TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data(), work, blocks_out);
   if (!st.ok()) return st;
   const double inv_T = 1.0 / static_cast<double>(ts.n_tasks);
   *loss = total[0] * inv_T;

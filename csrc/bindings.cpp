@@ -376,6 +376,34 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("openmp_enabled", &fastmaml::built_with_openmp);
   m.def("multiversioned", []() { return FASTMAML_MULTIVERSIONED == 1; });
+  m.def("simd_level", []() -> std::string {
+#if FASTMAML_MULTIVERSIONED
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      return "x86-64-v4 (AVX-512)";
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "x86-64-v3 (AVX2+FMA)";
+    return "x86-64 baseline (SSE2)";
+#else
+    return "baseline (no run-time dispatch in this build)";
+#endif
+  });
+  m.attr("build_type") =
+#ifdef NDEBUG
+      "release";
+#else
+      "debug";
+#endif
+  m.attr("compiler") =
+#if defined(__clang__)
+      "clang " __clang_version__;
+#elif defined(__GNUC__)
+      "gcc " __VERSION__;
+#elif defined(_MSC_VER)
+      "msvc";
+#else
+      "unknown";
+#endif
   m.def(
       "uses_gram",
       [](index_t n, index_t d, index_t C, index_t K) {

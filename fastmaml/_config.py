@@ -26,6 +26,9 @@ def config() -> dict:
         "platform": platform.platform(),
         "numpy": np.__version__,
         "openmp": bool(_core.openmp_enabled()),
+        "simd": _core.simd_level(),
+        "build_type": _core.build_type,
+        "compiler": _core.compiler,
         "max_threads": int(_core.max_threads()),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "reduce_block": int(_core.reduce_block),
@@ -33,7 +36,7 @@ def config() -> dict:
 
 
 def show_config() -> None:
-    """Print version, OpenMP support, thread count and platform."""
+    """Print version, OpenMP support, threads, SIMD level, build type and platform (for bug reports)."""
     for key, value in config().items():
         print(f"{key:>16}: {value}")
 

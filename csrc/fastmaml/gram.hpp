@@ -37,9 +37,12 @@ struct GramMetaWorker {
   LrLayout lr;
   double lam;
   Mode mode;
-  Scratch<T> sc;
+  Scratch<T> sc{};
   std::vector<double> gram, U, B, Z, R, curv, Cc, KC, a, work, V, Gam, XG, Q, H, gb, z0w, colR;
   std::vector<T> wvec;
+
+  GramMetaWorker(const Model<T, Link>& m, const T* th, const T* al, index_t k, LrLayout l, double lm, Mode md)
+      : model(m), theta(th), alpha(al), K(k), lr(l), lam(lm), mode(md) {}
 
   // out (n x C) = Kmat in (n x C)
   void kmul(index_t n, index_t C, const double* in, double* out) const {
@@ -255,8 +258,7 @@ TaskStatus meta_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta, 
     const index_t ni = static_cast<index_t>(std::ceil(rows));
     const double work = gram_cost(ni, ts.d, model.C, K) + 2.0 * qrows * model.P;
     auto make = [&]() {
-      GramMetaWorker<T, Link> w{model, theta, alpha, K, lr, lam, mode, {}};
-      return w;
+      return GramMetaWorker<T, Link>(model, theta, alpha, K, lr, lam, mode);
     };
     return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2,
                                     blocks_out);

@@ -53,6 +53,9 @@ struct ImamlWorker {
   std::vector<double> grad, p, r, z, hp, x;
   std::vector<double> curv;
 
+  ImamlWorker(const Model<T, Link>& m, const T* th, ImamlSettings c, ImamlReport r)
+      : model(m), theta(th), cfg(c), rep(r) {}
+
   // Proximal objective at v (double), with curvature into curv when asked.
   double objective(index_t t, const T* v, T* grad_out, double* curv_out) {
     const index_t d = model.d, C = model.C, P = model.P;
@@ -211,7 +214,7 @@ TaskStatus imaml_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta,
   Model<T, Link> model(&ts, link);
   const index_t slot_len = 1 + model.P;
   std::vector<double> total(static_cast<size_t>(slot_len));
-  auto make = [&]() { return ImamlWorker<T, Link>{model, theta, cfg, rep, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}}; };
+  auto make = [&]() { return ImamlWorker<T, Link>(model, theta, cfg, rep); };
   const double work = 40.0 * (rows_per_task(ts.support, ts.n_tasks) + 1.0) * model.P;
   TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data(), work);
   if (!st.ok()) return st;

@@ -14,7 +14,15 @@ import numpy as np
 
 from . import _core
 from ._tasks import Tasks
-from ._validation import as_feature_array, as_labels, check_float, check_int, check_threads, shape_str
+from ._validation import (
+    as_feature_array,
+    as_labels,
+    check_float,
+    check_int,
+    check_memory,
+    check_threads,
+    shape_str,
+)
 
 __all__ = [
     "MetaGradient",
@@ -303,6 +311,8 @@ def adapt(theta, X, y=None, *, inner_lr, inner_steps: int, l2: float = 0.0, retu
     if not isinstance(X, Tasks):
         _check_labels_in_range(side.y, _n_classes(theta_c), "y")
     table = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)[0]
+    if return_path:
+        check_memory(T * (K + 1) * theta_c.size * theta_c.itemsize, "return_path", f"the path of {T} tasks")
     out = _core.adapt(theta_c, False, table, None, None, K, lam, bool(return_path), nt, _n_classes(theta_c),
                       *side.core_args())
     out = out.reshape(out.shape[:-1] + theta_c.shape)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numbers
 import operator
+import os
 
 import numpy as np
 
@@ -23,6 +24,31 @@ def shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+def available_memory() -> int:
+    """Bytes of memory available now (Linux: MemAvailable), or a large number when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_memory(nbytes: int, name: str, what: str) -> None:
+    """Fail before allocating when a request cannot fit in memory."""
+    avail = available_memory()
+    if nbytes > avail:
+        raise MemoryError(
+            f"{name}: {what} needs {nbytes / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB of memory is "
+            "available; pass C-contiguous float32/float64 data (used in place), or smaller batches"
+        )
+
+
 def as_feature_array(X, name: str, *, ndim=None, check_finite: bool = True) -> np.ndarray:
     """Return X as a C-contiguous float32/float64 array (no copy when it already is one).
 
@@ -34,8 +60,10 @@ def as_feature_array(X, name: str, *, ndim=None, check_finite: bool = True) -> n
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
     if arr.dtype not in FLOAT_DTYPES:
+        check_memory(arr.size * 8, name, "converting to float64")
         arr = arr.astype(np.float64)
     if not arr.flags.c_contiguous:
+        check_memory(arr.size * arr.itemsize, name, "a C-contiguous copy")
         arr = np.ascontiguousarray(arr)
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)

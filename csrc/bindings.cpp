@@ -133,6 +133,7 @@ struct Sides {
   py::object idx;
   py::array ptr;
   py::array y;
+  py::object kernel = py::none();
 };
 
 template <class T>
@@ -143,6 +144,15 @@ fastmaml::TaskSet<T> make_taskset(index_t n_tasks, index_t d, index_t C, const S
   ts.d = d;
   ts.support = make_side<T>(s.X, s.idx, s.ptr, s.y, n_tasks, d, "support");
   check_labels(ts.support, s.y.size(), C, "support");
+  if (!s.kernel.is_none()) {
+    py::array k = s.kernel.cast<py::array>();
+    const index_t rows = d > 0 ? s.X.size() / d : 0;
+    if (k.ndim() != 2 || k.shape(0) != rows || k.shape(1) != rows)
+      value_error("kernel: expected shape (" + std::to_string(rows) + ", " + std::to_string(rows) +
+                  ") = (n_samples, n_samples) of the dataset, got " + shape_str(k));
+    ts.kernel = checked<T>(k, "kernel");
+    ts.kernel_rows = rows;
+  }
   if (q) {
     if (q->ptr.size() - 1 != n_tasks)
       value_error("query: expected " + std::to_string(n_tasks) + " tasks like the support sets, got " +
@@ -325,8 +335,9 @@ PYBIND11_MODULE(_core, m) {
       "meta_value_and_grad",
       [](py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale, py::object U,
          index_t K, double l2, int mode, int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr,
-         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy, int sweep, bool blocks) {
-        Sides s{sX, sidx, sptr, sy}, q{qX, qidx, qptr, qy};
+         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy, int sweep, bool blocks,
+         py::object kernel) {
+        Sides s{sX, sidx, sptr, sy, kernel}, q{qX, qidx, qptr, qy};
         if (is_f32(sX))
           return meta_impl<float>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep, blocks);
         return meta_impl<double>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep, blocks);
@@ -335,7 +346,7 @@ PYBIND11_MODULE(_core, m) {
       py::arg("log_scale"), py::arg("U"), py::arg("inner_steps"), py::arg("l2"), py::arg("mode"),
       py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"), py::arg("support_idx"),
       py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"), py::arg("query_idx"), py::arg("query_ptr"),
-      py::arg("query_y"), py::arg("sweep") = 0, py::arg("block_sums") = false);
+      py::arg("query_y"), py::arg("sweep") = 0, py::arg("block_sums") = false, py::arg("kernel") = py::none());
 
   m.def(
       "adapt",
@@ -406,10 +417,10 @@ PYBIND11_MODULE(_core, m) {
 #endif
   m.def(
       "uses_gram",
-      [](index_t n, index_t d, index_t C, index_t K) {
-        return fastmaml::gram_cost(n, d, C, K) < fastmaml::plain_cost(n, d, C, K);
+      [](index_t n, index_t d, index_t C, index_t K, bool kernel) {
+        return fastmaml::gram_cost(n, d, C, K, kernel) < fastmaml::plain_cost(n, d, C, K);
       },
-      py::arg("n"), py::arg("d"), py::arg("n_classes"), py::arg("inner_steps"));
+      py::arg("n"), py::arg("d"), py::arg("n_classes"), py::arg("inner_steps"), py::arg("kernel") = false);
   m.def("max_threads", []() { return fastmaml::resolve_threads(0); });
   m.attr("reduce_block") = fastmaml::kReduceBlock;
 #ifdef FASTMAML_VERSION

@@ -255,7 +255,7 @@ def meta_value_and_grad(
         raise ValueError(f"sweep: expected one of {tuple(sweeps)}, got {sweep!r}")
     loss, grad, grad_lr, grad_l2 = _core.meta_value_and_grad(
         theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep]
+        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep], False, ts.kernel
     )
     return MetaGradient(
         loss=float(loss),
@@ -728,7 +728,7 @@ def meta_block_sums(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0
         raise ValueError(f"sweep: expected one of {tuple(sweeps)}, got {sweep!r}")
     *_, blocks = _core.meta_value_and_grad(
         theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep], True
+        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep], True, ts.kernel
     )
     return BlockSums(blocks=blocks, n_tasks=ts.n_tasks, theta_shape=theta_c.shape, dtype=theta_c.dtype,
                      lr_shape=lr_shape, scalar_in=scalar_in)

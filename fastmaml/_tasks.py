@@ -59,7 +59,7 @@ class Tasks:
         Reject NaN or infinite features.
     """
 
-    __slots__ = ("support", "query", "n_tasks", "n_features", "dtype", "is_indexed")
+    __slots__ = ("support", "query", "n_tasks", "n_features", "dtype", "is_indexed", "kernel")
 
     def __init__(self, support_X, support_y, query_X, query_y, *, check_finite: bool = True):
         sX = as_feature_array(support_X, "support_X", ndim=3, check_finite=check_finite)
@@ -84,6 +84,7 @@ class Tasks:
         self.n_features = d
         self.dtype = sX.dtype
         self.is_indexed = False
+        self.kernel = None
 
     @classmethod
     def from_index(
@@ -97,6 +98,7 @@ class Tasks:
         support_ptr=None,
         query_ptr=None,
         check_finite: bool = True,
+        kernel=None,
     ) -> "Tasks":
         """Tasks given by row indices into one dataset X (no rows are copied).
 
@@ -115,6 +117,9 @@ class Tasks:
             positions ``ptr[t]:ptr[t+1]`` of the flat index and label arrays.
         check_finite : bool, default=True
             Check X for NaN/infinity. A sampler that checked X once passes False.
+        kernel : ndarray of shape (n_samples, n_samples), optional
+            X X^T in X's dtype (see :func:`fastmaml.samplers.dataset_kernel`):
+            the Gram path then gathers each episode's Gram matrix from it.
         """
         self = cls.__new__(cls)
         Xa = as_feature_array(X, "X", ndim=2, check_finite=check_finite)
@@ -155,6 +160,15 @@ class Tasks:
         self.n_features = Xa.shape[1]
         self.dtype = Xa.dtype
         self.is_indexed = True
+        self.kernel = None
+        if kernel is not None:
+            K = np.asarray(kernel)
+            N = Xa.shape[0]
+            if K.shape != (N, N):
+                raise ValueError(f"kernel: expected shape ({N}, {N}) = (n_samples, n_samples), got {shape_str(K.shape)}")
+            if K.dtype != Xa.dtype or not K.flags.c_contiguous:
+                K = np.ascontiguousarray(K, dtype=Xa.dtype)
+            self.kernel = K
         return self
 
     @property

@@ -390,8 +390,12 @@ class EpisodeSampler:
         rows=None,
         random_labels: bool = True,
         random_state: RandomState = None,
+        kernel_budget: Optional[int] = None,
     ):
         self.X = as_feature_array(X, "X", ndim=2, check_finite=True)
+        # X X^T of the dataset, computed once when it fits the budget: episodes
+        # then gather their Gram matrices instead of computing them.
+        self.kernel = dataset_kernel(self.X, memory_budget=kernel_budget) if kernel_budget else None
         N = self.X.shape[0]
         self.y = _as_class_ids(y, "y", N)
         self.n_way = check_int(n_way, "n_way", minimum=2)
@@ -513,7 +517,8 @@ class EpisodeSampler:
         support_y = np.broadcast_to(self._sy_row, (T, W * k))
         query_y = np.broadcast_to(self._qy_row, (T, W * q))
         self.episode_classes = self.classes[ci]
-        return Tasks.from_index(self.X, support_idx, support_y, query_idx, query_y, check_finite=False)
+        return Tasks.from_index(self.X, support_idx, support_y, query_idx, query_y, check_finite=False,
+                                kernel=self.kernel)
 
     def get_state(self) -> dict:
         """The Generator's bit generator state, as a JSON-serialisable dict."""
@@ -815,6 +820,28 @@ class GroupedSampler:
 # --------------------------------------------------------------------------
 # splits
 # --------------------------------------------------------------------------
+
+
+def dataset_kernel(X, *, memory_budget: int = 2**30) -> Optional[np.ndarray]:
+    """The kernel matrix X X^T of a dataset, or None when it exceeds the memory budget.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    memory_budget : int, default=1 GiB
+        Bytes the (n_samples, n_samples) matrix may take (in X's dtype). For
+        n_samples = 60,000 in float64 it would need 29 GB: then None.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_samples) or None
+    """
+    Xa = as_feature_array(X, "X", ndim=2)
+    budget = int(memory_budget)
+    need = Xa.shape[0] ** 2 * Xa.itemsize
+    if need > budget:
+        return None
+    return np.ascontiguousarray(Xa @ Xa.T)
 
 
 def split_groups(groups, *, fractions: Sequence[float] = (0.6, 0.2, 0.2), random_state: RandomState = None):

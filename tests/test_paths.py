@@ -80,3 +80,31 @@ def test_cost_model_depends_on_shapes_only():
     assert _core.uses_gram(20, 784, 1, 5)
     assert not _core.uses_gram(100, 784, 1, 10)
     assert not _core.uses_gram(200, 20, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_dataset_kernel_gathers_the_same_gram_matrices(dtype):
+    rng = np.random.default_rng(5)
+    X = rng.random((200, 30)).astype(dtype)
+    y = rng.integers(0, 4, 200)
+    plain = fastmaml.EpisodeSampler(X, y, n_way=2, k_shot=3, n_query=4, random_state=0)
+    cached = fastmaml.EpisodeSampler(X, y, n_way=2, k_shot=3, n_query=4, random_state=0, kernel_budget=10**7)
+    assert cached.kernel is not None and cached.kernel.shape == (200, 200)
+    a, b = plain.sample(20), cached.sample(20)
+    theta = np.zeros(31)
+    ref = fastmaml.meta_value_and_grad(theta, a, inner_lr=0.2, inner_steps=4, l2=0.1, sweep="plain")
+    got = fastmaml.meta_value_and_grad(theta, b, inner_lr=0.2, inner_steps=4, l2=0.1, sweep="gram")
+    tol = RTOL_F64 if dtype == np.float64 else RTOL_F32
+    assert_rel(got.grad, ref.grad, tol)
+    assert_rel(got.grad_inner_lr, ref.grad_inner_lr, tol)
+
+
+def test_dataset_kernel_respects_the_memory_budget_and_shape():
+    from fastmaml.samplers import dataset_kernel
+
+    X = np.random.default_rng(0).random((100, 5))
+    assert dataset_kernel(X, memory_budget=100 * 100 * 8 - 1) is None
+    np.testing.assert_allclose(dataset_kernel(X, memory_budget=10**6), X @ X.T)
+    assert _core.uses_gram(10, 784, 1, 1, kernel=True)
+    with pytest.raises(ValueError, match="kernel"):
+        fastmaml.Tasks.from_index(X, [[0, 1]], [[0, 1]], [[2]], [[1]], kernel=np.zeros((5, 5)))

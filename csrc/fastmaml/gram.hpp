@@ -24,8 +24,9 @@ namespace fastmaml {
 inline double plain_cost(index_t n, index_t d, index_t C, index_t K) {
   return 4.0 * static_cast<double>(K) * n * d * C;
 }
-inline double gram_cost(index_t n, index_t d, index_t C, index_t K) {
-  return 0.5 * static_cast<double>(n) * n * d + 4.0 * n * d * C + 4.0 * K * static_cast<double>(n) * n * C;
+inline double gram_cost(index_t n, index_t d, index_t C, index_t K, bool have_kernel = false) {
+  const double gram = have_kernel ? static_cast<double>(n) * n : 0.5 * static_cast<double>(n) * n * d;
+  return gram + 4.0 * n * d * C + 4.0 * K * static_cast<double>(n) * n * C;
 }
 
 template <class T, class Link>
@@ -92,11 +93,20 @@ struct GramMetaWorker {
     const index_t nC = n * C;
     // Gram matrix of the support rows (weights only; the bias is tracked apart).
     gram.resize(static_cast<size_t>(n * n));
-    for (index_t i = 0; i < n; ++i) {
-      for (index_t k = 0; k <= i; ++k) {
-        const double g = dot_kernel(sc.rows[i], sc.rows[k], d);
-        gram[i * n + k] = g;
-        gram[k * n + i] = g;
+    const auto* ts = model.ts;
+    if (ts->kernel && sup.idx) {
+      const index_t* idx = sup.idx + sup.begin(t);
+      for (index_t i = 0; i < n; ++i) {
+        const T* krow = ts->kernel + idx[i] * ts->kernel_rows;
+        for (index_t k = 0; k < n; ++k) gram[i * n + k] = static_cast<double>(krow[idx[k]]);
+      }
+    } else {
+      for (index_t i = 0; i < n; ++i) {
+        for (index_t k = 0; k <= i; ++k) {
+          const double g = dot_kernel(sc.rows[i], sc.rows[k], d);
+          gram[i * n + k] = g;
+          gram[k * n + i] = g;
+        }
       }
     }
     const double inv_n = 1.0 / static_cast<double>(n);
@@ -242,7 +252,8 @@ bool use_gram(const TaskSet<T>& ts, index_t C, index_t K, Sweep sweep, bool appl
   if (sweep == Sweep::gram) return true;
   const double n = rows_per_task(ts.support, ts.n_tasks);
   const index_t ni = static_cast<index_t>(std::ceil(n));
-  return gram_cost(ni, ts.d, C, K) < plain_cost(ni, ts.d, C, K);
+  const bool kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
+  return gram_cost(ni, ts.d, C, K, kernel) < plain_cost(ni, ts.d, C, K);
 }
 
 template <class T, class Link>
@@ -256,7 +267,7 @@ TaskStatus meta_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta, 
   const double qrows = rows_per_task(ts.query, ts.n_tasks);
   if (use_gram(ts, model.C, K, sweep, gram_applies(pre.active(), lr, mode, K))) {
     const index_t ni = static_cast<index_t>(std::ceil(rows));
-    const double work = gram_cost(ni, ts.d, model.C, K) + 2.0 * qrows * model.P;
+    const double work = gram_cost(ni, ts.d, model.C, K, ts.kernel != nullptr) + 2.0 * qrows * model.P;
     auto make = [&]() {
       return GramMetaWorker<T, Link>(model, theta, alpha, K, lr, lam, mode);
     };

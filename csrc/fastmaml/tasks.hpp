@@ -43,6 +43,11 @@ struct TaskSet {
   index_t d = 0;  // features; parameters are d + 1 (bias last)
   SideView<T> support;
   SideView<T> query;
+  // Optional kernel matrix of the shared dataset, X X^T (n_rows x n_rows, the
+  // weight columns only): an index-form episode's Gram matrix is then
+  // gathered from it instead of computed (DESIGN.md section 3).
+  const T* kernel = nullptr;
+  index_t kernel_rows = 0;
 };
 
 }  // namespace fastmaml

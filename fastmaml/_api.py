@@ -243,19 +243,8 @@ def meta_value_and_grad(
     DivergenceError
         If the inner loop produces non-finite parameters (names task and step).
     """
-    ts = _as_tasks(tasks)
-    K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = _check_l2(l2, ts.dtype)
-    nt = check_threads(n_threads)
-    dtype = ts.dtype
-    theta_c = _prepare_theta(theta, ts.n_features, dtype)
-    table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)
-    sweeps = {"auto": 0, "plain": 1, "gram": 2}
-    if sweep not in sweeps:
-        raise ValueError(f"sweep: expected one of {tuple(sweeps)}, got {sweep!r}")
-    loss, grad, grad_lr, grad_l2 = _core.meta_value_and_grad(
-        theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep], False, ts.kernel
+    _, theta_c, lr_shape, scalar_in, (loss, grad, grad_lr, grad_l2) = _meta_call(
+        theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, sweep
     )
     return MetaGradient(
         loss=float(loss),
@@ -263,6 +252,26 @@ def meta_value_and_grad(
         grad_inner_lr=_unreduce_lr_grad(grad_lr, lr_shape, scalar_in),
         grad_l2=float(grad_l2),
     )
+
+
+_SWEEPS = {"auto": 0, "plain": 1, "gram": 2}
+
+
+def _meta_call(theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, sweep, block_sums=False):
+    """Validate once and make the one call into the core shared by the MAML entry points."""
+    ts = _as_tasks(tasks)
+    K = check_int(inner_steps, "inner_steps", minimum=0)
+    lam = _check_l2(l2, ts.dtype)
+    nt = check_threads(n_threads)
+    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
+    table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
+    if sweep not in _SWEEPS:
+        raise ValueError(f"sweep: expected one of {tuple(_SWEEPS)}, got {sweep!r}")
+    out = _core.meta_value_and_grad(
+        theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
+        *ts.support.core_args(), *ts.query.core_args(), _SWEEPS[sweep], block_sums, ts.kernel
+    )
+    return ts, theta_c, lr_shape, scalar_in, out
 
 
 def _support_side(X, y):
@@ -717,20 +726,10 @@ REDUCE_BLOCK = int(_core.reduce_block)
 def meta_block_sums(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0, first_order: bool = False,
                     n_threads=None, sweep: str = "auto") -> BlockSums:
     """Like :func:`meta_value_and_grad`, but return the per-block sums (see :class:`BlockSums`)."""
-    ts = _as_tasks(tasks)
-    K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = _check_l2(l2, ts.dtype)
-    nt = check_threads(n_threads)
-    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
-    table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
-    sweeps = {"auto": 0, "plain": 1, "gram": 2}
-    if sweep not in sweeps:
-        raise ValueError(f"sweep: expected one of {tuple(sweeps)}, got {sweep!r}")
-    *_, blocks = _core.meta_value_and_grad(
-        theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args(), sweeps[sweep], True, ts.kernel
+    ts, theta_c, lr_shape, scalar_in, out = _meta_call(
+        theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, sweep, block_sums=True
     )
-    return BlockSums(blocks=blocks, n_tasks=ts.n_tasks, theta_shape=theta_c.shape, dtype=theta_c.dtype,
+    return BlockSums(blocks=out[-1], n_tasks=ts.n_tasks, theta_shape=theta_c.shape, dtype=theta_c.dtype,
                      lr_shape=lr_shape, scalar_in=scalar_in)
 
 

@@ -108,3 +108,24 @@ def test_dataset_kernel_respects_the_memory_budget_and_shape():
     assert _core.uses_gram(10, 784, 1, 2, kernel=True) and not _core.uses_gram(10, 784, 1, 2)
     with pytest.raises(ValueError, match="kernel"):
         fastmaml.Tasks.from_index(X, [[0, 1]], [[0, 1]], [[2]], [[1]], kernel=np.zeros((5, 5)))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("lr", [0.3, "per_parameter", "per_step"])
+def test_block_sums_of_aligned_shards_reproduce_the_whole_batch_bitwise(dtype, lr):
+    T = 150
+    Xs, ys, Xq, yq = batch(T=T, seed=6, dtype=dtype)
+    inner_lr = {"per_parameter": np.linspace(0.1, 0.3, 10), "per_step": np.full((3, 1), 0.2)}.get(lr, lr)
+    theta = np.linspace(-0.2, 0.2, 10)
+    full = fastmaml.meta_value_and_grad(theta, (Xs, ys, Xq, yq), inner_lr=inner_lr, inner_steps=3, l2=0.1)
+    B = fastmaml.REDUCE_BLOCK if hasattr(fastmaml, "REDUCE_BLOCK") else 64
+    cuts = [0, B, 2 * B, T]
+    parts = [fastmaml.meta_block_sums(theta, (Xs[a:b], ys[a:b], Xq[a:b], yq[a:b]), inner_lr=inner_lr,
+                                      inner_steps=3, l2=0.1, n_threads=1 + i % 2)
+             for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    got = fastmaml.combine_block_sums(parts)
+    assert got.loss == full.loss and got.grad_l2 == full.grad_l2
+    assert np.array_equal(got.grad, full.grad) and np.array_equal(got.grad_inner_lr, full.grad_inner_lr)
+    assert got.grad.dtype == dtype
+    with pytest.raises(ValueError, match="multiple of"):
+        fastmaml.combine_block_sums([parts[2], parts[0]])

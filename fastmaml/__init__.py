@@ -14,6 +14,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from ._api import (
+    REDUCE_BLOCK,
     BlockSums,
     combine_block_sums,
     meta_block_sums,
@@ -44,6 +45,7 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = getattr(_core, "__version__", "0+unknown")
 
 __all__ = [
+    "REDUCE_BLOCK",
     "BlockSums",
     "combine_block_sums",
     "meta_block_sums",

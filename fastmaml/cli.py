@@ -76,10 +76,11 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--inner-steps", type=_positive, default=5)
     train.add_argument("--inner-lr", type=float, default=0.1)
     train.add_argument("--learn-inner-lr", choices=("none", "scalar", "per_step", "per_parameter",
-                                                    "per_step_parameter"), default="scalar")
+                                                    "per_step_parameter", "preconditioner"), default="scalar")
     train.add_argument("--l2", type=float, default=1e-3)
     train.add_argument("--learn-l2", action="store_true")
-    train.add_argument("--algorithm", choices=("maml", "fomaml", "reptile"), default="maml")
+    train.add_argument("--algorithm", choices=("maml", "fomaml", "reptile", "imaml"), default="maml")
+    train.add_argument("--imaml-mu", type=float, default=1.0, help="proximal strength of iMAML")
     train.add_argument("--iterations", type=_positive, default=500)
     train.add_argument("--meta-batch-size", type=_positive, default=32)
     train.add_argument("--meta-lr", type=float, default=0.01)
@@ -208,8 +209,9 @@ def _cmd_train(args) -> int:
                          random_state=args.seed + 1).tasks_for()
     learn = None if args.learn_inner_lr == "none" else args.learn_inner_lr
     model = MAML(algorithm=args.algorithm, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
-                 learn_inner_lr=None if args.algorithm == "reptile" else learn, l2=args.l2,
-                 learn_l2=args.learn_l2 and args.algorithm != "reptile", meta_lr=args.meta_lr,
+                 learn_inner_lr=None if args.algorithm in ("reptile", "imaml") else learn, l2=args.l2,
+                 learn_l2=args.learn_l2 and args.algorithm not in ("reptile", "imaml"), meta_lr=args.meta_lr,
+                 imaml_mu=args.imaml_mu,
                  meta_batch_size=min(args.meta_batch_size, len(train_g)), n_iterations=args.iterations,
                  validate_every=max(1, args.iterations // 20), select="best_loss",
                  checkpoint_path=args.checkpoint, n_threads=args.threads, random_state=args.seed,

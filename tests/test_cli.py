@@ -97,6 +97,15 @@ def test_train_then_evaluate_on_npz_and_csv(table_file, tmp_path, capsys):
     assert json.loads(out_json.read_text())["n_groups"] == 60
 
 
+@pytest.mark.parametrize("extra", [["--algorithm", "imaml"], ["--algorithm", "reptile"],
+                                   ["--learn-inner-lr", "preconditioner"], ["--algorithm", "fomaml"]])
+def test_train_runs_every_algorithm_from_the_cli(table_file, tmp_path, capsys, extra):
+    npz, _ = table_file
+    assert cli.main(["train", str(npz), "--out", str(tmp_path / "m.npz"), "--iterations", "10", "--no-progress"]
+                    + extra) == 0
+    assert "model saved" in capsys.readouterr().out
+
+
 def test_train_resumes_from_a_checkpoint(table_file, tmp_path, capsys):
     npz, _ = table_file
     ckpt = tmp_path / "ckpt.npz"

@@ -78,8 +78,8 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        base = dict(shots=(1, 5), test_episodes=100, val_episodes=60, n_iterations=100, validate_every=25,
-                    val_folds=1, random_configs_cap=60, c_grid=(0.01, 0.1, 1.0, 10.0))
+        base = dict(shots=(1, 5), test_episodes=100, val_episodes=40, n_iterations=100, validate_every=25,
+                    val_folds=1, random_configs_cap=30, c_grid=(0.01, 0.1, 1.0, 10.0))
         base.update(overrides)
         return cls(**base)
 

@@ -90,6 +90,11 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive, default=None)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-progress", action="store_true")
+    train.add_argument("--scheduler", metavar="ADDRESS", default=None,
+                       help="meta-train on a Dask cluster, e.g. tcp://host:8786 (pip install \"fastmaml[distributed]\"): "
+                            "the training groups become one fixed pool of tasks, sharded over the workers")
+    train.add_argument("--shard-size", type=_positive, default=None,
+                       help="tasks per shard with --scheduler, a multiple of 64 (default: one shard per worker)")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved model on held-out groups")
     ev.add_argument("model")
@@ -216,13 +221,56 @@ def _cmd_train(args) -> int:
                  validate_every=max(1, args.iterations // 20), select="best_loss",
                  checkpoint_path=args.checkpoint, n_threads=args.threads, random_state=args.seed,
                  progress=not args.no_progress and sys.stderr.isatty())
-    model.fit(sampler, validation=val, resume=args.resume)
+    if args.scheduler:
+        source = _dask_source(args, sampler)
+        try:
+            model.fit(source, validation=val, resume=args.resume)
+        finally:
+            source.close()
+            source.client.close()
+    else:
+        if args.shard_size:
+            raise CLIError("--shard-size: only with --scheduler")
+        model.fit(sampler, validation=val, resume=args.resume)
     model.save(args.out)
     last = [r for r in model.history_ if "val_accuracy" in r]
     print(f"trained {model.n_iter_} iterations on {len(train_g)} groups; meta-validation on {len(val_g)} groups: "
           f"accuracy {100 * last[-1]['val_accuracy']:.1f}% (best-loss iteration {getattr(model, 'best_iteration_', model.n_iter_)})")
     print(f"model saved to {args.out}")
     return 0
+
+
+def _dask_source(args, sampler):
+    """The training groups as a fixed pool of tasks on the Dask cluster at ``args.scheduler``."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise CLIError('--scheduler: needs Dask distributed: pip install "fastmaml[distributed]"') from None
+    from .distributed import REDUCE_BLOCK, DaskTaskSource, split_tasks
+
+    if args.shard_size and args.shard_size % REDUCE_BLOCK:
+        raise CLIError(f"--shard-size: expected a multiple of {REDUCE_BLOCK} tasks, got {args.shard_size}")
+    try:
+        client = Client(args.scheduler, timeout="10s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CLIError(f"--scheduler: cannot connect to {args.scheduler!r} ({exc})") from None
+    try:
+        # one support/query split per training group, fixed for the run (a sampler would redraw it)
+        pool = sampler.tasks_for(seed=args.seed)
+        n_workers = max(1, len(client.scheduler_info()["workers"]))
+        shards = (split_tasks(pool, shard_size=args.shard_size) if args.shard_size
+                  else split_tasks(pool, n_shards=n_workers))
+        whole = sum(s.n_tasks // REDUCE_BLOCK for s in shards) * REDUCE_BLOCK
+        mbs = args.meta_batch_size // REDUCE_BLOCK * REDUCE_BLOCK
+        batch = mbs if 0 < mbs < whole else None
+        print(f"Dask: {pool.n_tasks} tasks in {len(shards)} shards on {n_workers} workers; meta-batch "
+              f"{'all tasks' if batch is None else f'{batch} tasks (whole blocks of {REDUCE_BLOCK})'}",
+              file=sys.stderr)
+        return DaskTaskSource(client, shards, meta_batch_size=batch, random_state=args.seed,
+                              n_threads_per_worker=args.threads)
+    except BaseException:
+        client.close()
+        raise
 
 
 def _cmd_evaluate(args) -> int:

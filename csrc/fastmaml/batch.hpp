@@ -94,9 +94,13 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
 
   for (index_t start = 0; start < n_tasks; start += chunk) {
     const index_t count = std::min(chunk, n_tasks - start);
+    // Tasks handed out a few at a time: enough pieces to balance ragged
+    // tasks across threads, few enough that dispatch stays cheap. Only the
+    // work split depends on it, never a result.
+    const index_t grain = std::max<index_t>(1, count / (16 * static_cast<index_t>(threads)));
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) default(none) \
-    shared(make_worker, slots, task_status, start, count, slot_len)
+    shared(make_worker, slots, task_status, start, count, slot_len, grain)
 #endif
     {
       // No exception may leave an OpenMP region: everything is caught here
@@ -115,7 +119,7 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
         why = e.what();
       }
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, grain)
 #endif
       for (index_t i = 0; i < count; ++i) {
         TaskStatus& st = task_status[static_cast<size_t>(i)];

@@ -40,7 +40,7 @@ struct GramMetaWorker {
   Mode mode;
   Scratch<T> sc{};
   std::vector<double> gram, U, B, Z, R, curv, Cc, KC, a, work, V, Gam, XG, Q, H, gb, z0w, colR;
-  std::vector<T> wvec;
+  std::vector<T> wvec, gk;
 
   GramMetaWorker(const Model<T, Link>& m, const T* th, const T* al, index_t k, LrLayout l, double lm, Mode md)
       : model(m), theta(th), alpha(al), K(k), lr(l), lam(lm), mode(md) {}
@@ -131,7 +131,7 @@ struct GramMetaWorker {
       std::fill(col, col + C, 0.0);
       for (index_t i = 0; i < n; ++i) {
         for (index_t c = 0; c < C; ++c) Z[c] = U[i * C + c] + B[c];
-        model.link.row(Z.data(), y[i], Rj + i * C, cj + i * C);
+        model.link.row(Z.data(), y[i], Rj + i * C, cj + i * C, /*want_loss=*/false);
         for (index_t c = 0; c < C; ++c) {
           Rj[i * C + c] *= inv_n;
           col[c] += Rj[i * C + c];
@@ -225,7 +225,7 @@ struct GramMetaWorker {
       }
     }
     // dtheta = [beta gK_w - X^T Gam ; gb]  (one pass)
-    std::vector<T> gk(sc.gbar.begin(), sc.gbar.end());
+    gk.assign(sc.gbar.begin(), sc.gbar.end());
     xtmul_into(n, Gam.data(), beta, gk.data(), wvec.data());
     for (index_t q = 0; q < d * C; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
     for (index_t c = 0; c < C; ++c) slot[1 + d * C + c] = gb[c];

@@ -155,7 +155,7 @@ struct ImamlWorker {
       bool accepted = false;
       for (int ls = 0; ls < 40; ++ls) {
         for (index_t q = 0; q < P; ++q) trial[q] = static_cast<T>(static_cast<double>(phi[q]) - s * x[q]);
-        f_new = objective(t, trial.data(), ls == 0 ? trial_g.data() : nullptr, nullptr);
+        f_new = objective(t, trial.data(), ls == 0 ? trial_g.data() : nullptr, nullptr);  // needs the loss
         if (f_new <= f - 1e-4 * s * slope) {
           accepted = true;
           break;

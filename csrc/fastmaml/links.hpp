@@ -23,15 +23,18 @@ struct BinaryLink {
   // cancellation: for a confidently right row (y = 1, z = 40) p - y is
   // -sigmoid(-z), not 1 - 1, and the loss is softplus(-z), not
   // softplus(z) - z, so tiny residuals and losses keep their digits.
-  double row(const double* z, std::int32_t y, double* r, double* curv) const {
-    const double pz = sigmoid(z[0]), pm = sigmoid(-z[0]);
-    if (y == 1) {
-      r[0] = -pm;
-    } else {
-      r[0] = pz;
-    }
-    if (curv) curv[0] = pz * pm;
-    return y == 1 ? softplus(-z[0]) : softplus(z[0]);
+  double row(const double* z, std::int32_t y, double* r, double* curv, bool want_loss = true) const {
+    // One exp per row: e = exp(-|z|) gives both sigmoid(z) and sigmoid(-z).
+    const double e = std::exp(-std::fabs(z[0]));
+    const double big = 1.0 / (1.0 + e), small = e * big;  // sigmoid(|z|), sigmoid(-|z|)
+    const double pz = z[0] >= 0.0 ? big : small;            // sigmoid(z)
+    const double pm = z[0] >= 0.0 ? small : big;            // sigmoid(-z)
+    r[0] = y == 1 ? -pm : pz;
+    if (curv) curv[0] = big * small;
+    if (!want_loss) return 0.0;
+    // softplus(+-z) = max(+-z, 0) + log1p(exp(-|z|))
+    const double tail = std::log1p(e);
+    return y == 1 ? std::max(-z[0], 0.0) + tail : std::max(z[0], 0.0) + tail;
   }
   void hvp_row(const double* curv, const double* u, double* out) const { out[0] = curv[0] * u[0]; }
 };
@@ -40,7 +43,7 @@ struct SoftmaxLink {
   static constexpr bool kBinary = false;
   index_t C = 2;
   index_t cols() const { return C; }
-  double row(const double* z, std::int32_t y, double* r, double* curv) const {
+  double row(const double* z, std::int32_t y, double* r, double* curv, bool want_loss = true) const {
     index_t top = 0;
     for (index_t c = 1; c < C; ++c)
       if (z[c] > z[top]) top = c;
@@ -59,6 +62,7 @@ struct SoftmaxLink {
       if (c != y) others_of_y += p;
     }
     r[y] = -others_of_y;
+    if (!want_loss) return 0.0;
     // logsumexp(z) - z_y = (zmax - z_y) + log1p(rest)
     return (zmax - z[y]) + std::log1p(rest);
   }

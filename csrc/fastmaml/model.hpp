@@ -85,7 +85,8 @@ struct Model {
 
   // One pass over a set: loss (mean), gradient X~^T R / m (no penalty) into
   // grad when non-null, per-row curvature into curv when non-null.
-  double set_pass(const SideView<T>& side, index_t t, const T* phi, Scratch<T>& sc, T* grad, double* curv) const {
+  double set_pass(const SideView<T>& side, index_t t, const T* phi, Scratch<T>& sc, T* grad, double* curv,
+                  bool want_loss = true) const {
     const index_t m = side.gather(t, d, sc.rows);
     const std::int32_t* y = side.y + side.begin(t);
     sc.z.resize(static_cast<size_t>(C));
@@ -95,7 +96,7 @@ struct Model {
     for (index_t i = 0; i < m; ++i) {
       row_logits(sc.rows[i], phi, d, C, sc.z.data());
       double* ri = sc.coef.data() + i * C;
-      loss += link.row(sc.z.data(), y[i], ri, curv ? curv + i * C : nullptr);
+      loss += link.row(sc.z.data(), y[i], ri, curv ? curv + i * C : nullptr, want_loss);
       for (index_t c = 0; c < C; ++c) ri[c] *= inv_m;
     }
     if (grad) xt_times_mat(sc.rows.data(), sc.coef.data(), m, d, C, grad);
@@ -133,7 +134,7 @@ struct Model {
       T* next = sc.phi_path.data() + (record ? j + 1 : (j + 1) % 2) * P;
       T* g = sc.g_path.data() + (record ? j * P : 0);
       double* curv = sc.curv_path.data() + (record ? j * n * C : 0);
-      set_pass(ts->support, t, phi, sc, g, curv);
+      set_pass(ts->support, t, phi, sc, g, curv, /*want_loss=*/false);
       if (lam != 0.0) axpy(g, phi, d * C, lam);
       if (pre.active()) {
         apply_precond(pre, g, next, sc);

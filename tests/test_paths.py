@@ -129,3 +129,59 @@ def test_block_sums_of_aligned_shards_reproduce_the_whole_batch_bitwise(dtype, l
     assert got.grad.dtype == dtype
     with pytest.raises(ValueError, match="multiple of"):
         fastmaml.combine_block_sums([parts[2], parts[0]])
+
+
+# --------------------------------------------------------------- properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def layouts(draw):
+    T, n, m, d = (draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 5)))
+    K = draw(st.integers(0, 4))
+    C = draw(st.sampled_from([1, 2, 3]))
+    dtype = draw(st.sampled_from([np.float64, np.float32]))
+    layout = draw(st.sampled_from(["c", "fortran", "strided", "index", "int_features"]))
+    lr_kind = draw(st.sampled_from(["scalar", "per_step", "per_parameter", "per_class"]))
+    scale = draw(st.sampled_from([0.1, 1.0, 10.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return T, n, m, d, K, C, dtype, layout, lr_kind, scale, seed
+
+
+@settings(max_examples=40, deadline=None, database=None, derandomize=True)
+@given(layouts())
+def test_property_any_layout_dtype_and_step_shape_matches_reference(case):
+    T, n, m, d, K, C, dtype, layout, lr_kind, scale, seed = case
+    rng = np.random.default_rng(seed)
+    hi = 2 if C == 1 else C
+    Xs = rng.uniform(-1, 1, (T, n, d)) * scale
+    Xq = rng.uniform(-1, 1, (T, m, d)) * scale
+    ys, yq = rng.integers(0, hi, (T, n)), rng.integers(0, hi, (T, m))
+    theta = rng.uniform(-1, 1, (d + 1,) if C == 1 else (d + 1, C))
+    if layout == "int_features":
+        Xs, Xq = np.round(Xs * 3).astype(np.int16), np.round(Xq * 3).astype(np.int16)
+    ref = R.meta_value_and_grad
+    step = 0.5 / (1.0 + scale**2 * d * (9 if layout == "int_features" else 1))  # a stable step size
+    lr = {"scalar": step, "per_step": np.full((K, 1) if C == 1 else (K, 1, 1), step),
+          "per_parameter": np.full(theta.shape, step),
+          "per_class": np.full((1, C) if C > 1 else (1,), step)}[lr_kind]
+    want = ref(theta, (Xs.astype(np.float64), ys, Xq.astype(np.float64), yq), lr, K, 0.1)
+    Xs_c, Xq_c = (Xs.astype(dtype), Xq.astype(dtype)) if layout != "int_features" else (Xs, Xq)
+    if layout == "fortran":
+        tasks = (np.asfortranarray(Xs_c), ys, np.asfortranarray(Xq_c), yq)
+    elif layout == "strided":
+        tasks = (np.repeat(Xs_c, 2, axis=2)[:, :, ::2], ys, np.repeat(Xq_c, 2, axis=2)[:, :, ::2], yq)
+    elif layout == "index":
+        X = np.concatenate([Xs_c.reshape(-1, d), Xq_c.reshape(-1, d)])
+        s_idx = np.arange(T * n).reshape(T, n)
+        tasks = fastmaml.Tasks.from_index(X, s_idx, ys, T * n + np.arange(T * m).reshape(T, m), yq)
+    else:
+        tasks = (Xs_c, ys, Xq_c, yq)
+    one = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=lr, inner_steps=K, l2=0.1, n_threads=1)
+    two = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=lr, inner_steps=K, l2=0.1, n_threads=2)
+    assert np.array_equal(one.grad, two.grad) and one.loss == two.loss
+    assert np.isfinite(one.grad).all() and np.isfinite(one.loss)
+    tol = RTOL_F32 if (dtype == np.float32 and layout != "int_features") else RTOL_F64
+    assert_rel(one.grad, want.grad, tol)
+    assert_rel(one.grad_inner_lr, want.grad_inner_lr, tol)

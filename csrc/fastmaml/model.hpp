@@ -92,14 +92,16 @@ struct Model {
     sc.z.resize(static_cast<size_t>(C));
     sc.coef.resize(static_cast<size_t>(m * C));
     const double inv_m = 1.0 / static_cast<double>(m);
-    double loss = 0.0;
+    double loss = 0.0, bias = 0.0;
+    if (grad) std::fill(grad, grad + P, T(0));
     for (index_t i = 0; i < m; ++i) {
       row_logits(sc.rows[i], phi, d, C, sc.z.data());
       double* ri = sc.coef.data() + i * C;
       loss += link.row(sc.z.data(), y[i], ri, curv ? curv + i * C : nullptr, want_loss);
       for (index_t c = 0; c < C; ++c) ri[c] *= inv_m;
+      if (grad) accumulate_row(grad, sc.rows[i], ri, d, C, &bias);  // fused: the row is still in L1
     }
-    if (grad) xt_times_mat(sc.rows.data(), sc.coef.data(), m, d, C, grad);
+    if (grad && C == 1) grad[d] = static_cast<T>(bias);
     return loss * inv_m;
   }
 
@@ -109,13 +111,16 @@ struct Model {
     sc.z.resize(static_cast<size_t>(C));
     sc.coef.resize(static_cast<size_t>(n * C));
     const double inv_n = 1.0 / static_cast<double>(n);
+    double bias = 0.0;
+    std::fill(out, out + P, T(0));
     for (index_t i = 0; i < n; ++i) {
       row_logits(sc.rows[i], v, d, C, sc.z.data());
       double* ci = sc.coef.data() + i * C;
       link.hvp_row(curv + i * C, sc.z.data(), ci);
       for (index_t c = 0; c < C; ++c) ci[c] *= inv_n;
+      accumulate_row(out, sc.rows[i], ci, d, C, &bias);
     }
-    xt_times_mat(sc.rows.data(), sc.coef.data(), n, d, C, out);
+    if (C == 1) out[d] = static_cast<T>(bias);
     if (lam != 0.0) axpy(out, v, d * C, lam);
   }
 

@@ -443,7 +443,8 @@ def test_without_dask_the_error_says_what_to_install(tmp_path):
             print(exc)
         """
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # cwd outside the checkout: the installed package, never the source tree, is imported
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert 'pip install "fastmaml[distributed]"' in out.stdout
 

@@ -119,17 +119,8 @@ inline void xt_times_mat(const T* const* rows, const double* coef, index_t n, in
     return;
   }
   std::fill(out, out + (d + 1) * C, T(0));
-  for (index_t i = 0; i < n; ++i) {
-    const T* x = rows[i];
-    const double* ci = coef + i * C;
-    for (index_t k = 0; k < d; ++k) {
-      const double xk = static_cast<double>(x[k]);
-      T* o = out + k * C;
-      for (index_t c = 0; c < C; ++c) o[c] += static_cast<T>(xk * ci[c]);
-    }
-    T* o = out + d * C;
-    for (index_t c = 0; c < C; ++c) o[c] += static_cast<T>(ci[c]);
-  }
+  double unused_bias = 0.0;  // multinomial bias rows accumulate in place
+  for (index_t i = 0; i < n; ++i) accumulate_row(out, rows[i], coef + i * C, d, C, &unused_bias);
 }
 
 }  // namespace fastmaml

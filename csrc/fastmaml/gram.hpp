@@ -64,12 +64,8 @@ struct GramMetaWorker {
       if (C == 1) {
         out[i] = dot_kernel(sc.rows[i], v, d);
       } else {
-        for (index_t c = 0; c < C; ++c) out[i * C + c] = 0.0;
-        const T* x = sc.rows[i];
-        for (index_t k = 0; k < d; ++k) {
-          const double xk = static_cast<double>(x[k]);
-          for (index_t c = 0; c < C; ++c) out[i * C + c] += xk * static_cast<double>(v[k * C + c]);
-        }
+        if (i == 0) sc.cm.load(v, d, C);
+        sc.cm.logits(sc.rows[i], nullptr, d, C, out + i * C);
       }
     }
   }
@@ -79,8 +75,14 @@ struct GramMetaWorker {
     const index_t d = model.d, C = model.C;
     sc.coef.assign(coef, coef + n * C);
     for (index_t q = 0; q < n * C; ++q) sc.coef[q] = -sc.coef[q];
-    // xt_times_mat writes D x C (with a bias row we overwrite after)
-    xt_times_mat(sc.rows.data(), sc.coef.data(), n, d, C, wout);
+    // writes D x C (the bias row is overwritten by the caller)
+    if (C == 1) {
+      xt_times_mat(sc.rows.data(), sc.coef.data(), n, d, C, wout);
+    } else {
+      sc.cm.zero(d, C);
+      for (index_t i = 0; i < n; ++i) sc.cm.add(sc.rows[i], sc.coef.data() + i * C, d, C);
+      sc.cm.store(wout, d, C);
+    }
     for (index_t q = 0; q < d * C; ++q)
       wout[q] = static_cast<T>(static_cast<double>(wout[q]) + base_scale * static_cast<double>(base[q]));
   }

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "kernels.hpp"
 
@@ -122,5 +123,42 @@ inline void xt_times_mat(const T* const* rows, const double* coef, index_t n, in
   double unused_bias = 0.0;  // multinomial bias rows accumulate in place
   for (index_t i = 0; i < n; ++i) accumulate_row(out, rows[i], coef + i * C, d, C, &unused_bias);
 }
+
+// Multinomial passes run class-major: the (d+1) x C parameters are
+// transposed once per pass into C contiguous columns, so each logit is one
+// SIMD dot product and each gradient column one SIMD axpy (a row-major inner
+// loop over 2-10 classes does not vectorise).
+template <class T>
+struct ClassMajor {
+  std::vector<T> cols;  // C x d
+  std::vector<T> acc;   // C x d
+  std::vector<double> bias;
+
+  void load(const T* phi, index_t d, index_t C) {
+    cols.resize(static_cast<size_t>(C * d));
+    for (index_t k = 0; k < d; ++k)
+      for (index_t c = 0; c < C; ++c) cols[c * d + k] = phi[k * C + c];
+  }
+  // z[c] = <x, phi[:, c]> (+ the bias row when phi is given)
+  void logits(const T* x, const T* phi, index_t d, index_t C, double* z) const {
+    for (index_t c = 0; c < C; ++c)
+      z[c] = dot_kernel(x, cols.data() + c * d, d) + (phi ? static_cast<double>(phi[d * C + c]) : 0.0);
+  }
+  void zero(index_t d, index_t C) {
+    acc.assign(static_cast<size_t>(C * d), T(0));
+    bias.assign(static_cast<size_t>(C), 0.0);
+  }
+  void add(const T* x, const double* ci, index_t d, index_t C) {
+    for (index_t c = 0; c < C; ++c) {
+      axpy_kernel(acc.data() + c * d, x, d, ci[c]);
+      bias[c] += ci[c];
+    }
+  }
+  void store(T* out, index_t d, index_t C) const {
+    for (index_t k = 0; k < d; ++k)
+      for (index_t c = 0; c < C; ++c) out[k * C + c] = acc[c * d + k];
+    for (index_t c = 0; c < C; ++c) out[d * C + c] = static_cast<T>(bias[c]);
+  }
+};
 
 }  // namespace fastmaml

@@ -51,6 +51,7 @@ struct Scratch {
   std::vector<double> curv_path;
   std::vector<T> gbar, u, hu;
   std::vector<double> proj, proj2, scale;
+  ClassMajor<T> cm;
 };
 
 template <class T, class Link>
@@ -93,6 +94,19 @@ struct Model {
     sc.coef.resize(static_cast<size_t>(m * C));
     const double inv_m = 1.0 / static_cast<double>(m);
     double loss = 0.0, bias = 0.0;
+    if (C > 1) {
+      sc.cm.load(phi, d, C);
+      if (grad) sc.cm.zero(d, C);
+      for (index_t i = 0; i < m; ++i) {
+        sc.cm.logits(sc.rows[i], phi, d, C, sc.z.data());
+        double* ri = sc.coef.data() + i * C;
+        loss += link.row(sc.z.data(), y[i], ri, curv ? curv + i * C : nullptr, want_loss);
+        for (index_t c = 0; c < C; ++c) ri[c] *= inv_m;
+        if (grad) sc.cm.add(sc.rows[i], ri, d, C);  // fused: the row is still in L1
+      }
+      if (grad) sc.cm.store(grad, d, C);
+      return loss * inv_m;
+    }
     if (grad) std::fill(grad, grad + P, T(0));
     for (index_t i = 0; i < m; ++i) {
       row_logits(sc.rows[i], phi, d, C, sc.z.data());
@@ -111,16 +125,29 @@ struct Model {
     sc.z.resize(static_cast<size_t>(C));
     sc.coef.resize(static_cast<size_t>(n * C));
     const double inv_n = 1.0 / static_cast<double>(n);
-    double bias = 0.0;
-    std::fill(out, out + P, T(0));
-    for (index_t i = 0; i < n; ++i) {
-      row_logits(sc.rows[i], v, d, C, sc.z.data());
-      double* ci = sc.coef.data() + i * C;
-      link.hvp_row(curv + i * C, sc.z.data(), ci);
-      for (index_t c = 0; c < C; ++c) ci[c] *= inv_n;
-      accumulate_row(out, sc.rows[i], ci, d, C, &bias);
+    if (C > 1) {
+      sc.cm.load(v, d, C);
+      sc.cm.zero(d, C);
+      for (index_t i = 0; i < n; ++i) {
+        sc.cm.logits(sc.rows[i], v, d, C, sc.z.data());
+        double* ci = sc.coef.data() + i * C;
+        link.hvp_row(curv + i * C, sc.z.data(), ci);
+        for (index_t c = 0; c < C; ++c) ci[c] *= inv_n;
+        sc.cm.add(sc.rows[i], ci, d, C);
+      }
+      sc.cm.store(out, d, C);
+    } else {
+      double bias = 0.0;
+      std::fill(out, out + P, T(0));
+      for (index_t i = 0; i < n; ++i) {
+        row_logits(sc.rows[i], v, d, C, sc.z.data());
+        double* ci = sc.coef.data() + i * C;
+        link.hvp_row(curv + i * C, sc.z.data(), ci);
+        for (index_t c = 0; c < C; ++c) ci[c] *= inv_n;
+        accumulate_row(out, sc.rows[i], ci, d, C, &bias);
+      }
+      out[d] = static_cast<T>(bias);
     }
-    if (C == 1) out[d] = static_cast<T>(bias);
     if (lam != 0.0) axpy(out, v, d * C, lam);
   }
 

@@ -21,25 +21,21 @@ import fastmaml
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import reference  # noqa: E402
 
-# W1 of the performance issue: T=32 tasks, n=20 support, m=30 query, d=784, K=5.
-W1 = dict(T=32, n=20, m=30, d=784, K=5, inner_lr=0.1)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
 
 
-def make_workload(T, n, m, d, K, inner_lr, dtype, seed=0):
-    rng = np.random.default_rng(seed)
-    Xs = rng.random((T, n, d)).astype(dtype)
-    Xq = rng.random((T, m, d)).astype(dtype)
-    ys = rng.integers(0, 2, (T, n))
-    yq = rng.integers(0, 2, (T, m))
-    theta = (0.01 * rng.standard_normal(d + 1)).astype(dtype)
-    return theta, (Xs, ys, Xq, yq), K, inner_lr
+def make_w1(dtype):
+    """W1 of the performance issue: T=32 tasks, n=20 support, m=30 query, d=784, K=5."""
+    w = peers.make_workload("W1", dtype)
+    return w.theta, (w.Xs, w.ys, w.Xq, w.yq), w.K, w.inner_lr
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("n_threads", [1, 2])
 def test_fastmaml_w1(benchmark, dtype, n_threads):
     benchmark.group = f"W1 {dtype}"
-    theta, tasks, K, lr = make_workload(**W1, dtype=dtype)
+    theta, tasks, K, lr = make_w1(dtype)
     tasks = fastmaml.Tasks(*tasks)
     result = benchmark(fastmaml.meta_value_and_grad, theta, tasks, inner_lr=lr, inner_steps=K, n_threads=n_threads)
     assert np.isfinite(result.loss)
@@ -48,7 +44,7 @@ def test_fastmaml_w1(benchmark, dtype, n_threads):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_numpy_reference_w1(benchmark, dtype):
     benchmark.group = f"W1 {dtype}"
-    theta, tasks, K, lr = make_workload(**W1, dtype=dtype)
+    theta, tasks, K, lr = make_w1(dtype)
     ours = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=lr, inner_steps=K)
     ref = benchmark(reference.meta_value_and_grad, theta, tasks, lr, K)
     tol = 1e-10 if dtype == "float64" else 2e-4

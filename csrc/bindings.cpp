@@ -15,6 +15,7 @@
 #include "fastmaml/gram.hpp"
 #include "fastmaml/imaml.hpp"
 #include "fastmaml/model.hpp"
+#include "fastmaml/sampling.hpp"
 #include "fastmaml/tasks.hpp"
 
 namespace py = pybind11;
@@ -384,6 +385,24 @@ PYBIND11_MODULE(_core, m) {
       py::arg("cg_max_iter"), py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"),
       py::arg("support_idx"), py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"),
       py::arg("query_idx"), py::arg("query_ptr"), py::arg("query_y"));
+
+  m.def(
+      "sample_without_replacement",
+      [](py::object capsule, py::array counts, index_t m) {
+        // The caller holds the bit generator's lock; the GIL stays held (a
+        // meta-batch takes microseconds).
+        void* ptr = PyCapsule_GetPointer(capsule.ptr(), "BitGenerator");
+        if (!ptr) throw py::error_already_set();
+        const index_t* c = checked<index_t>(counts, "counts");
+        const index_t R = counts.size();
+        if (m < 0) value_error("m: expected m >= 0");
+        for (index_t r = 0; r < R; ++r)
+          if (c[r] < m) value_error("counts: every population must hold at least m items");
+        py::array_t<index_t> out({R, m});
+        fastmaml::sample_without_replacement(static_cast<fastmaml::BitGen*>(ptr), c, R, m, out.mutable_data());
+        return out;
+      },
+      py::arg("bit_generator_capsule"), py::arg("counts"), py::arg("m"));
 
   m.def("openmp_enabled", &fastmaml::built_with_openmp);
   m.def("multiversioned", []() { return FASTMAML_MULTIVERSIONED == 1; });

@@ -171,6 +171,25 @@ class Tasks:
             self.kernel = K
         return self
 
+    @classmethod
+    def _from_sampler(cls, X, support_idx, support_y, support_ptr, query_idx, query_y, query_ptr, kernel=None):
+        """Index-form tasks from a sampler's own arrays, without re-validating them.
+
+        X was checked once by the sampler; the arrays are C-contiguous int64
+        (indices, offsets) and int32 (labels) made by it. The compiled core
+        still checks index bounds and labels on every call, so nothing unsafe
+        can reach the kernels.
+        """
+        self = cls.__new__(cls)
+        self.support = _Side(X, support_idx, support_ptr, support_y)
+        self.query = _Side(X, query_idx, query_ptr, query_y)
+        self.n_tasks = int(support_ptr.shape[0] - 1)
+        self.n_features = int(X.shape[1])
+        self.dtype = X.dtype
+        self.is_indexed = True
+        self.kernel = kernel
+        return self
+
     @property
     def is_ragged(self) -> bool:
         return bool(np.ptp(self.support.sizes()) or np.ptp(self.query.sizes()))

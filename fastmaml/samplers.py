@@ -38,6 +38,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import _core
+
 from ._tasks import Tasks
 from ._validation import as_feature_array, as_labels, check_float, check_int, shape_str
 
@@ -156,7 +158,11 @@ def _sample_without_replacement(
 
     Notes
     -----
-    Two exact methods, chosen by size only (so a seed gives one stream):
+    By default (``method=None``) the compiled core samples, driven by the
+    Generator's own bit generator (Floyd's algorithm then a Fisher-Yates
+    shuffle, unbiased bounded integers): microseconds for a meta-batch, and
+    the stream is a function of the Generator's state alone. Two NumPy
+    methods remain available (and tested) as ``method="keys"`` / ``"dedup"``:
 
     * small populations (``max(n)`` at most 3 times the draws the other method
       needs): sort random keys of shape (S, max n) (a random
@@ -167,14 +173,16 @@ def _sample_without_replacement(
       without replacement. Rows that (rarely) see fewer than m distinct values
       are redrawn.
     """
-    n = np.asarray(n, dtype=np.int64)
+    n = np.ascontiguousarray(n, dtype=np.int64)
     S = n.shape[0]
     if S == 0 or m == 0:
         return np.zeros((S, m), dtype=np.int64)
+    if method is None:
+        bitgen = rng.bit_generator
+        with bitgen.lock:
+            return _core.sample_without_replacement(bitgen.capsule, n, int(m))
     n_max = int(n.max())
     L = _draws_needed(int(n.min()), m)
-    if method is None:
-        method = "keys" if n_max <= _KEYS_FACTOR * L else "dedup"
     if method == "keys":
         keys = rng.random((S, n_max))
         if int(n.min()) < n_max:
@@ -512,13 +520,13 @@ class EpisodeSampler:
         slots = ci.reshape(-1)
         pos = _sample_without_replacement(self._rng, self.class_counts[slots], k + q)
         rows = self._flat[self._start[slots][:, None] + pos].reshape(T, W, k + q)
-        support_idx = rows[:, :, :k].reshape(T, W * k)
-        query_idx = rows[:, :, k:].reshape(T, W * q)
-        support_y = np.broadcast_to(self._sy_row, (T, W * k))
-        query_y = np.broadcast_to(self._qy_row, (T, W * q))
+        support_idx = np.ascontiguousarray(rows[:, :, :k]).reshape(-1)
+        query_idx = np.ascontiguousarray(rows[:, :, k:]).reshape(-1)
         self.episode_classes = self.classes[ci]
-        return Tasks.from_index(self.X, support_idx, support_y, query_idx, query_y, check_finite=False,
-                                kernel=self.kernel)
+        return Tasks._from_sampler(
+            self.X, support_idx, np.tile(self._sy_row, T), np.arange(T + 1, dtype=np.int64) * (W * k),
+            query_idx, np.tile(self._qy_row, T), np.arange(T + 1, dtype=np.int64) * (W * q), kernel=self.kernel,
+        )
 
     def get_state(self) -> dict:
         """The Generator's bit generator state, as a JSON-serialisable dict."""

@@ -252,11 +252,11 @@ def test_meta_gradient_on_sampled_episodes_matches_dense(data):
 
 
 # --------------------------------------------------------------------------
-# sampling without replacement (both internal methods are exact)
+# sampling without replacement (the core and both NumPy methods are exact)
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["keys", "dedup"])
+@pytest.mark.parametrize("method", [None, "keys", "dedup"])
 def test_sample_without_replacement_uniform(method):
     rng = np.random.default_rng(0)
     S, n, m = 24000, 5, 2
@@ -269,7 +269,7 @@ def test_sample_without_replacement_uniform(method):
     assert all(abs(c - expected) < 6 * np.sqrt(expected) for c in counts.values())
 
 
-@pytest.mark.parametrize("method", ["keys", "dedup"])
+@pytest.mark.parametrize("method", [None, "keys", "dedup"])
 def test_sample_without_replacement_mixed_sizes_and_full(method):
     rng = np.random.default_rng(1)
     n = np.array([7, 30, 7, 1000, 9])
@@ -497,3 +497,16 @@ def test_make_grouped_tasks():
         make_grouped_tasks(noise=-0.1)
     with pytest.raises(ValueError, match="n_groups"):
         make_grouped_tasks(0)
+
+
+def test_core_sampling_follows_the_generator_state():
+    """The compiled sampler draws from the Generator's own bit generator: same state, same stream."""
+    a = np.random.default_rng(7)
+    b = np.random.default_rng(7)
+    x = _sample_without_replacement(a, np.full(10, 50), 5)
+    y = _sample_without_replacement(b, np.full(10, 50), 5)
+    np.testing.assert_array_equal(x, y)
+    # it advanced the generator: the next draws differ from a fresh one's
+    assert a.integers(0, 2**62) != np.random.default_rng(7).integers(0, 2**62)
+    with pytest.raises(ValueError, match="counts"):
+        _sample_without_replacement(a, np.array([3, 10]), 5)

@@ -103,8 +103,18 @@ struct GramMetaWorker {
         for (index_t k = 0; k < n; ++k) gram[i * n + k] = static_cast<double>(krow[idx[k]]);
       }
     } else {
+      // Lower triangle, four columns at a time (dot4 shares the loads of row i).
+      double four[4];
       for (index_t i = 0; i < n; ++i) {
-        for (index_t k = 0; k <= i; ++k) {
+        index_t k = 0;
+        for (; k + 3 <= i; k += 4) {
+          dot4_kernel(sc.rows[k], sc.rows[k + 1], sc.rows[k + 2], sc.rows[k + 3], sc.rows[i], d, four);
+          for (index_t r = 0; r < 4; ++r) {
+            gram[i * n + k + r] = four[r];
+            gram[(k + r) * n + i] = four[r];
+          }
+        }
+        for (; k <= i; ++k) {
           const double g = dot_kernel(sc.rows[i], sc.rows[k], d);
           gram[i * n + k] = g;
           gram[k * n + i] = g;

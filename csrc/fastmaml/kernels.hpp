@@ -65,6 +65,49 @@ FASTMAML_CLONES inline double dot_kernel(const float* __restrict x, const float*
   return total;
 }
 
+// Four dot products <a_r, b> sharing each load of b (the Gram matrix of a
+// task's rows): about 1.6x fewer loads than four separate dots. Same
+// accumulation scheme as dot_kernel.
+FASTMAML_CLONES inline void dot4_kernel(const double* __restrict a0, const double* __restrict a1,
+                                        const double* __restrict a2, const double* __restrict a3,
+                                        const double* __restrict b, index_t d, double* out) {
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (index_t k = 0; k < d; ++k) {
+    const double bk = b[k];
+    s0 += a0[k] * bk;
+    s1 += a1[k] * bk;
+    s2 += a2[k] * bk;
+    s3 += a3[k] * bk;
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+FASTMAML_CLONES inline void dot4_kernel(const float* __restrict a0, const float* __restrict a1,
+                                        const float* __restrict a2, const float* __restrict a3,
+                                        const float* __restrict b, index_t d, double* out) {
+  out[0] = out[1] = out[2] = out[3] = 0.0;
+  for (index_t k0 = 0; k0 < d; k0 += 256) {
+    const index_t k1 = std::min(d, k0 + 256);
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (index_t k = k0; k < k1; ++k) {
+      const float bk = b[k];
+      s0 += a0[k] * bk;
+      s1 += a1[k] * bk;
+      s2 += a2[k] * bk;
+      s3 += a3[k] * bk;
+    }
+    out[0] += static_cast<double>(s0);
+    out[1] += static_cast<double>(s1);
+    out[2] += static_cast<double>(s2);
+    out[3] += static_cast<double>(s3);
+  }
+}
+
 FASTMAML_CLONES inline void axpy_kernel(double* __restrict y, const double* __restrict x, index_t d, double c) {
 #pragma omp simd
   for (index_t k = 0; k < d; ++k) y[k] += c * x[k];

@@ -183,6 +183,16 @@ fastmaml::Preconditioner<T> make_precond(const py::object& log_scale, const py::
   return pre;
 }
 
+// The (K, P) step-size table, or nullptr when a preconditioner replaces it.
+template <class T>
+const T* step_table(const py::object& alpha, const fastmaml::Preconditioner<T>& pre, index_t K, index_t P) {
+  if (pre.active()) return nullptr;
+  py::array a = alpha.cast<py::array>();
+  const T* al = checked<T>(a, "inner_lr");
+  if (a.size() != K * P) value_error("inner_lr: expected a broadcast table of K*(d+1)*C values");
+  return al;
+}
+
 // Runs `body` with the right scalar type and link.
 template <class T, class F>
 auto with_link(index_t C, F&& body) {
@@ -202,13 +212,8 @@ py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, i
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
   auto pre = make_precond<T>(log_scale, U, D);
-  const T* al = nullptr;
-  if (!pre.active()) {
-    py::array a = alpha.cast<py::array>();
-    al = checked<T>(a, "inner_lr");
-    if (a.size() != K * P) value_error("inner_lr: expected a broadcast table of K*(d+1)*C values");
-    if (!((ks == 1 || ks == K) && (pr == 1 || pr == D) && (pc == 1 || pc == C))) value_error("inner_lr: bad layout");
-  }
+  const T* al = step_table<T>(alpha, pre, K, P);
+  if (al && !((ks == 1 || ks == K) && (pr == 1 || pr == D) && (pc == 1 || pc == C))) value_error("inner_lr: bad layout");
   auto ts = make_taskset<T>(n_tasks, d, C, s, &q);
   fastmaml::LrLayout lr{ks, pr, pc};
   const index_t H = pre.active() ? D * (1 + pre.rank) : lr.size();
@@ -244,12 +249,7 @@ py::array adapt_impl(py::array theta, bool per_task, py::object alpha, py::objec
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != (per_task ? n_tasks * P : P)) value_error("theta: wrong number of values");
   auto pre = make_precond<T>(log_scale, U, D);
-  const T* al = nullptr;
-  if (!pre.active()) {
-    py::array a = alpha.cast<py::array>();
-    al = checked<T>(a, "inner_lr");
-    if (a.size() != K * P) value_error("inner_lr: expected a broadcast table of K*(d+1)*C values");
-  }
+  const T* al = step_table<T>(alpha, pre, K, P);
   auto ts = make_taskset<T>(n_tasks, d, C, s, nullptr);
   py::array_t<T> out = keep_path ? py::array_t<T>({n_tasks, K + 1, P}) : py::array_t<T>({n_tasks, P});
   fastmaml::TaskStatus st;

@@ -255,10 +255,14 @@ def meta_value_and_grad(
 
 
 _SWEEPS = {"auto": 0, "plain": 1, "gram": 2}
+_REPTILE = "reptile"  # passed as first_order: the core's third mode
 
 
 def _meta_call(theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, sweep, block_sums=False):
-    """Validate once and make the one call into the core shared by the MAML entry points."""
+    """Validate once and make the one call into the core shared by the MAML entry points.
+
+    ``first_order`` is a bool (MAML / first-order MAML) or ``_REPTILE``.
+    """
     ts = _as_tasks(tasks)
     K = check_int(inner_steps, "inner_steps", minimum=0)
     lam = _check_l2(l2, ts.dtype)
@@ -267,8 +271,9 @@ def _meta_call(theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, 
     table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
     if sweep not in _SWEEPS:
         raise ValueError(f"sweep: expected one of {tuple(_SWEEPS)}, got {sweep!r}")
+    mode = 2 if first_order is _REPTILE else (1 if first_order else 0)
     out = _core.meta_value_and_grad(
-        theta_c, table, *layout, None, None, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
+        theta_c, table, *layout, None, None, K, lam, mode, nt, _n_classes(theta_c),
         *ts.support.core_args(), *ts.query.core_args(), _SWEEPS[sweep], block_sums, ts.kernel
     )
     return ts, theta_c, lr_shape, scalar_in, out
@@ -484,15 +489,8 @@ def reptile_grad(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0, n
 
     Parameters are as in :func:`meta_value_and_grad`; binary or multinomial theta.
     """
-    ts = _as_tasks(tasks)
-    K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = _check_l2(l2, ts.dtype)
-    nt = check_threads(n_threads)
-    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
-    table, layout, _, _ = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
-    loss, grad, _, _ = _core.meta_value_and_grad(
-        theta_c, table, *layout, None, None, K, lam, 2, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args()
+    _, theta_c, _, _, (loss, grad, _, _) = _meta_call(
+        theta, tasks, inner_lr, inner_steps, l2, _REPTILE, n_threads, "auto"
     )
     return ReptileStep(loss=float(loss), grad=grad.reshape(theta_c.shape))
 

@@ -77,7 +77,7 @@ struct GramMetaWorker {
     for (index_t q = 0; q < n * C; ++q) sc.coef[q] = -sc.coef[q];
     // writes D x C (the bias row is overwritten by the caller)
     if (C == 1) {
-      xt_times_mat(sc.rows.data(), sc.coef.data(), n, d, C, wout);
+      xt_times(sc.rows.data(), sc.coef.data(), n, d, wout);
     } else {
       sc.cm.zero(d, C);
       for (index_t i = 0; i < n; ++i) sc.cm.add(sc.rows[i], sc.coef.data() + i * C, d, C);

@@ -74,56 +74,6 @@ struct SoftmaxLink {
   }
 };
 
-// z[c] = phi[d, c] + sum_k x[k] phi[k, c]  (phi is (d+1) x C, row-major),
-// accumulated in double.
-template <class T>
-inline void row_logits(const T* __restrict x, const T* __restrict phi, index_t d, index_t C, double* z) {
-  if (C == 1) {
-    z[0] = dot_bias(x, phi, d, static_cast<double>(phi[d]));
-    return;
-  }
-  for (index_t c = 0; c < C; ++c) z[c] = static_cast<double>(phi[d * C + c]);
-  for (index_t k = 0; k < d; ++k) {
-    const double xk = static_cast<double>(x[k]);
-    const T* row = phi + k * C;
-    for (index_t c = 0; c < C; ++c) z[c] += xk * static_cast<double>(row[c]);
-  }
-}
-
-// One row's share of X~^T coef, accumulated in the same order and precision
-// as xt_times_mat, so a pass can fuse it with the row's logits while the row
-// is still in L1 (one read of X instead of two). The bias of a binary model
-// is summed in double in *bias and written by the caller.
-template <class T>
-inline void accumulate_row(T* __restrict out, const T* __restrict x, const double* ci, index_t d, index_t C,
-                           double* bias) {
-  if (C == 1) {
-    axpy(out, x, d, ci[0]);
-    *bias += ci[0];
-    return;
-  }
-  for (index_t k = 0; k < d; ++k) {
-    const double xk = static_cast<double>(x[k]);
-    T* o = out + k * C;
-    for (index_t c = 0; c < C; ++c) o[c] += static_cast<T>(xk * ci[c]);
-  }
-  T* o = out + d * C;
-  for (index_t c = 0; c < C; ++c) o[c] += static_cast<T>(ci[c]);
-}
-
-// out[(d+1) x C] = sum_i x~_i coef_i^T over the rows (coef is n x C).
-template <class T>
-inline void xt_times_mat(const T* const* rows, const double* coef, index_t n, index_t d, index_t C,
-                         T* __restrict out) {
-  if (C == 1) {
-    xt_times(rows, coef, n, d, out);
-    return;
-  }
-  std::fill(out, out + (d + 1) * C, T(0));
-  double unused_bias = 0.0;  // multinomial bias rows accumulate in place
-  for (index_t i = 0; i < n; ++i) accumulate_row(out, rows[i], coef + i * C, d, C, &unused_bias);
-}
-
 // Multinomial passes run class-major: the (d+1) x C parameters are
 // transposed once per pass into C contiguous columns, so each logit is one
 // SIMD dot product and each gradient column one SIMD axpy (a row-major inner

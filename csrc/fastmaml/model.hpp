@@ -46,7 +46,7 @@ enum class Mode : int { maml = 0, first_order = 1, reptile = 2 };
 template <class T>
 struct Scratch {
   std::vector<const T*> rows;
-  std::vector<double> z, r, coef, curv_row;
+  std::vector<double> z, coef;
   std::vector<T> phi_path, g_path;
   std::vector<double> curv_path;
   std::vector<T> gbar, u, hu;
@@ -84,70 +84,72 @@ struct Model {
     }
   }
 
+  // exp(log_scale) of a learned preconditioner, once per task, into sc.scale.
+  void prepare(const Preconditioner<T>& pre, Scratch<T>& sc) const {
+    if (!pre.active()) return;
+    sc.scale.resize(static_cast<size_t>(D));
+    for (index_t k = 0; k < D; ++k) sc.scale[k] = std::exp(static_cast<double>(pre.log_scale[k]));
+  }
+
+  // One fused pass over the n gathered rows: the logits z = X~ w of a row,
+  // then row_fn(i, z, coef_i) writes that row's coefficients (C numbers),
+  // then, while the row is still in L1, out += x~_i coef_i^T (when out is
+  // non-null). X is read once per pass. The binary model runs row-major (one
+  // SIMD dot and axpy per row, the bias summed in double); the multinomial
+  // one class-major (see ClassMajor).
+  template <class RowFn>
+  void fused_pass(index_t n, const T* w, Scratch<T>& sc, T* out, RowFn&& row_fn) const {
+    sc.z.resize(static_cast<size_t>(C));
+    sc.coef.resize(static_cast<size_t>(n * C));
+    if (C > 1) {
+      sc.cm.load(w, d, C);
+      if (out) sc.cm.zero(d, C);
+      for (index_t i = 0; i < n; ++i) {
+        sc.cm.logits(sc.rows[i], w, d, C, sc.z.data());
+        double* ci = sc.coef.data() + i * C;
+        row_fn(i, sc.z.data(), ci);
+        if (out) sc.cm.add(sc.rows[i], ci, d, C);
+      }
+      if (out) sc.cm.store(out, d, C);
+      return;
+    }
+    double bias = 0.0;
+    if (out) std::fill(out, out + P, T(0));
+    for (index_t i = 0; i < n; ++i) {
+      sc.z[0] = dot_bias(sc.rows[i], w, d, static_cast<double>(w[d]));
+      double* ci = sc.coef.data() + i;
+      row_fn(i, sc.z.data(), ci);
+      if (out) {
+        axpy(out, sc.rows[i], d, ci[0]);
+        bias += ci[0];
+      }
+    }
+    if (out) out[d] = static_cast<T>(bias);
+  }
+
   // One pass over a set: loss (mean), gradient X~^T R / m (no penalty) into
   // grad when non-null, per-row curvature into curv when non-null.
   double set_pass(const SideView<T>& side, index_t t, const T* phi, Scratch<T>& sc, T* grad, double* curv,
                   bool want_loss = true) const {
     const index_t m = side.gather(t, d, sc.rows);
     const std::int32_t* y = side.y + side.begin(t);
-    sc.z.resize(static_cast<size_t>(C));
-    sc.coef.resize(static_cast<size_t>(m * C));
     const double inv_m = 1.0 / static_cast<double>(m);
-    double loss = 0.0, bias = 0.0;
-    if (C > 1) {
-      sc.cm.load(phi, d, C);
-      if (grad) sc.cm.zero(d, C);
-      for (index_t i = 0; i < m; ++i) {
-        sc.cm.logits(sc.rows[i], phi, d, C, sc.z.data());
-        double* ri = sc.coef.data() + i * C;
-        loss += link.row(sc.z.data(), y[i], ri, curv ? curv + i * C : nullptr, want_loss);
-        for (index_t c = 0; c < C; ++c) ri[c] *= inv_m;
-        if (grad) sc.cm.add(sc.rows[i], ri, d, C);  // fused: the row is still in L1
-      }
-      if (grad) sc.cm.store(grad, d, C);
-      return loss * inv_m;
-    }
-    if (grad) std::fill(grad, grad + P, T(0));
-    for (index_t i = 0; i < m; ++i) {
-      row_logits(sc.rows[i], phi, d, C, sc.z.data());
-      double* ri = sc.coef.data() + i * C;
-      loss += link.row(sc.z.data(), y[i], ri, curv ? curv + i * C : nullptr, want_loss);
+    double loss = 0.0;
+    fused_pass(m, phi, sc, grad, [&](index_t i, const double* z, double* ri) {
+      loss += link.row(z, y[i], ri, curv ? curv + i * C : nullptr, want_loss);
       for (index_t c = 0; c < C; ++c) ri[c] *= inv_m;
-      if (grad) accumulate_row(grad, sc.rows[i], ri, d, C, &bias);  // fused: the row is still in L1
-    }
-    if (grad && C == 1) grad[d] = static_cast<T>(bias);
+    });
     return loss * inv_m;
   }
 
   // H v for the support set of task t, given the curvature of its rows.
   void hvp(index_t t, const double* curv, const T* v, double lam, Scratch<T>& sc, T* out) const {
     const index_t n = ts->support.gather(t, d, sc.rows);
-    sc.z.resize(static_cast<size_t>(C));
-    sc.coef.resize(static_cast<size_t>(n * C));
     const double inv_n = 1.0 / static_cast<double>(n);
-    if (C > 1) {
-      sc.cm.load(v, d, C);
-      sc.cm.zero(d, C);
-      for (index_t i = 0; i < n; ++i) {
-        sc.cm.logits(sc.rows[i], v, d, C, sc.z.data());
-        double* ci = sc.coef.data() + i * C;
-        link.hvp_row(curv + i * C, sc.z.data(), ci);
-        for (index_t c = 0; c < C; ++c) ci[c] *= inv_n;
-        sc.cm.add(sc.rows[i], ci, d, C);
-      }
-      sc.cm.store(out, d, C);
-    } else {
-      double bias = 0.0;
-      std::fill(out, out + P, T(0));
-      for (index_t i = 0; i < n; ++i) {
-        row_logits(sc.rows[i], v, d, C, sc.z.data());
-        double* ci = sc.coef.data() + i * C;
-        link.hvp_row(curv + i * C, sc.z.data(), ci);
-        for (index_t c = 0; c < C; ++c) ci[c] *= inv_n;
-        accumulate_row(out, sc.rows[i], ci, d, C, &bias);
-      }
-      out[d] = static_cast<T>(bias);
-    }
+    fused_pass(n, v, sc, out, [&](index_t i, const double* z, double* ci) {
+      link.hvp_row(curv + i * C, z, ci);
+      for (index_t c = 0; c < C; ++c) ci[c] *= inv_n;
+    });
     if (lam != 0.0) axpy(out, v, d * C, lam);
   }
 
@@ -209,10 +211,7 @@ struct MetaWorker {
   ErrorCode operator()(index_t t, double* slot, index_t* step) {
     const index_t P = model.P, D = model.D, C = model.C, d = model.d;
     const bool record = mode != Mode::reptile;
-    if (pre.active()) {
-      sc.scale.resize(static_cast<size_t>(D));
-      for (index_t k = 0; k < D; ++k) sc.scale[k] = std::exp(static_cast<double>(pre.log_scale[k]));
-    }
+    model.prepare(pre, sc);
     ErrorCode code = model.forward(t, theta, alpha, pre, K, lam, sc, record, step, nullptr);
     if (code != ErrorCode::ok) return code;
     sc.gbar.resize(static_cast<size_t>(P));
@@ -353,10 +352,7 @@ TaskStatus adapt(const TaskSet<T>& ts, Link link, const T* theta, bool per_task_
     Scratch<T> sc;
     ErrorCode operator()(index_t t, double*, index_t* step) {
       const index_t P = model.P;
-      if (pre.active()) {
-        sc.scale.resize(static_cast<size_t>(model.D));
-        for (index_t k = 0; k < model.D; ++k) sc.scale[k] = std::exp(static_cast<double>(pre.log_scale[k]));
-      }
+      model.prepare(pre, sc);
       const T* th = theta + (per_task ? t * P : 0);
       T* path = keep_path ? out + t * (K + 1) * P : nullptr;
       ErrorCode code = model.forward(t, th, alpha, pre, K, lam, sc, false, step, path);

@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from ._api import (
+from .functional import (
     REDUCE_BLOCK,
     BlockSums,
     combine_block_sums,

@@ -30,8 +30,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ._api import DivergenceError
-from ._api import adapt as _adapt
+from .functional import DivergenceError
+from .functional import adapt as _adapt
 from ._scoring import mean_ci, query_scores
 from ._tasks import Tasks
 from .estimator import MAML

@@ -310,17 +310,18 @@ class _Call(NamedTuple):
 
 
 _FROM_TASKS = object()  # the prologue's `y` when `data` is a Tasks / 4-tuple with its query sets
+_NO_INNER_LOOP = object()  # the prologue's `inner_steps` for calls without an inner loop
 
 
-def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=None, inner_lr=None,
+def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNER_LOOP, inner_lr=None,
               log_scale=None, U=None, preconditioned=False) -> _Call:
     """Validate and convert every argument of a call once; the one prologue of every entry point.
 
     ``data`` is a Tasks or a 4-tuple (meta-gradients: support and query), or
     with ``y`` given, the ``X`` of :func:`adapt` and the primitives (support
     only: (n, d), (T, n, d) or a Tasks). ``theta`` None skips the parameters
-    (the primitives check their own ``params``). ``inner_steps`` None means
-    no inner loop (iMAML, primitives); otherwise either ``inner_lr`` or, with
+    (the primitives check their own ``params``). Without ``inner_steps`` there
+    is no inner loop (iMAML, primitives); otherwise either ``inner_lr`` or, with
     ``preconditioned``, ``log_scale`` and ``U`` describe the step.
     """
     if y is _FROM_TASKS:
@@ -330,7 +331,8 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=None, in
     else:
         side, single, dtype, d, T = _support_side(data, y)
         query, kernel, user_labels = None, None, not isinstance(data, Tasks)
-    K = 0 if inner_steps is None else check_int(inner_steps, "inner_steps", minimum=0)
+    inner_loop = inner_steps is not _NO_INNER_LOOP
+    K = check_int(inner_steps, "inner_steps", minimum=0) if inner_loop else 0
     lam = _check_l2(l2, dtype)
     nt = check_threads(n_threads)
     theta_c, C = None, 1
@@ -340,7 +342,7 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=None, in
         if user_labels:
             _check_labels_in_range(side.y, C, "y")
     step = {}
-    if inner_steps is not None and theta_c is not None:
+    if inner_loop and theta_c is not None:
         if preconditioned:
             step["log_scale"], step["U"] = _prepare_precond(log_scale, U, d + 1, dtype)
         else:

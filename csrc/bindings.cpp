@@ -348,16 +348,19 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "fastmaml compiled core (private; use the fastmaml package)";
   py::register_exception<DivergenceError>(m, "DivergenceError", PyExc_FloatingPointError);
 
-  py::enum_<Mode>(m, "Mode", "What the reverse sweep computes: exact MAML, first-order MAML or Reptile.")
+  // Plain `type` as metaclass: the classes behave like ordinary Python
+  // classes (and their .pyi stub says so, checked by mypy.stubtest).
+  const auto plain_type = py::metaclass(reinterpret_cast<PyObject*>(&PyType_Type));
+  py::enum_<Mode>(m, "Mode", plain_type, "What the reverse sweep computes: exact MAML, first-order MAML or Reptile.")
       .value("maml", Mode::maml)
       .value("first_order", Mode::first_order)
       .value("reptile", Mode::reptile);
-  py::enum_<Sweep>(m, "Sweep", "Which exact path computes a meta-gradient (auto: the cost model decides).")
+  py::enum_<Sweep>(m, "Sweep", plain_type, "Which exact path computes a meta-gradient (auto: the cost model decides).")
       .value("auto", Sweep::automatic)
       .value("plain", Sweep::plain)
       .value("gram", Sweep::gram);
 
-  py::class_<Side>(m, "Side", "One side (support or query) of a meta-batch: rows, indices, offsets, labels.")
+  py::class_<Side>(m, "Side", plain_type, "One side (support or query) of a meta-batch: rows, indices, offsets, labels.")
       .def(py::init<py::array, py::object, py::array, py::array>(), py::arg("X"), py::arg("idx"), py::arg("ptr"),
            py::arg("y"))
       .def_readonly("X", &Side::X)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Portability of the C++ core (issue 10): builds and runs csrc/tests/core_test.cpp
-#   a. with clang++, warning-free (-Wall -Wextra -Werror);
+#   a. with clang++, warning-free (-Wall -Wextra -Werror), with OpenMP and without
+#      (the serial build);
 #   b. cross-compiled for aarch64 (aarch64-linux-gnu-g++, static) and run under
 #      qemu-aarch64: the non-x86 build, where the SIMD dispatch is the baseline path;
 #   c. with g++ and -DFASTMAML_PORTABLE_FALLBACKS=1 (every compiler-specific
@@ -51,6 +52,10 @@ echo "== cross a. clang++ $(clang++ -dumpversion): -Wall -Wextra -Werror, run"
 run clang++ "${WARN[@]}" -O2 -fopenmp "${SRC[@]}" -o "$WORK/core_test_clang"
 OMP_NUM_THREADS=2 run "$WORK/core_test_clang" >"$WORK/clang.out"
 tail -n 3 "$WORK/clang.out"
+echo "-- clang++ without OpenMP (the serial build, e.g. Apple clang without libomp)"
+run clang++ "${WARN[@]}" -O2 "${SRC[@]}" -o "$WORK/core_test_serial"
+run "$WORK/core_test_serial" >"$WORK/serial.out"
+tail -n 2 "$WORK/serial.out"
 
 echo "== cross b. aarch64-linux-gnu-g++ $(aarch64-linux-gnu-g++ -dumpversion) (static) under qemu-aarch64"
 run aarch64-linux-gnu-g++ "${WARN[@]}" -O2 -fopenmp -static "${SRC[@]}" -o "$WORK/core_test_aarch64"

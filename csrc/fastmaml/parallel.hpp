@@ -99,8 +99,8 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
     // Tasks handed out a few at a time: enough pieces to balance ragged
     // tasks across threads, few enough that dispatch stays cheap. Only the
     // work split depends on it, never a result.
-    const index_t grain = std::max<index_t>(1, count / (16 * static_cast<index_t>(threads)));
 #ifdef _OPENMP
+    const index_t grain = std::max<index_t>(1, count / (16 * static_cast<index_t>(threads)));
 #pragma omp parallel num_threads(threads) default(none) \
     shared(make_worker, slots, task_status, start, count, slot_len, grain)
 #endif

@@ -994,3 +994,36 @@ def test_property_core_matches_reference_is_finite_and_thread_independent(proble
     assert_bitwise_equal(one, two)
     want = reference.meta_value_and_grad(theta, tasks, inner_lr, K, l2, first_order)
     assert_matches_reference(one, want, inner_lr, RTOL_F64)
+
+
+def test_the_core_guards_memory_on_its_own_without_the_python_checks():
+    # The Python layer validates and names each argument; the bindings keep the
+    # checks that protect memory, so a direct call with bad offsets, indices or
+    # labels raises instead of reading out of bounds.
+    from fastmaml import _core
+
+    rng = np.random.default_rng(0)
+    X = rng.random((10, 3))
+    ptr = np.array([0, 2, 4], dtype=np.int64)
+    idx = np.array([0, 1, 2, 3], dtype=np.int64)
+    y = np.array([0, 1, 1, 0], dtype=np.int32)
+    good = _core.Side(X, idx, ptr, y)
+    kw = dict(n_classes=1, inner_steps=2, l2=0.0, mode=_core.Mode.maml, sweep=_core.Sweep.auto, n_threads=1,
+              inner_lr=np.full((2, 4), 0.1), lr_layout=(1, 1, 1))
+    theta = np.zeros(4)
+    loss, grad, _, _ = _core.meta_value_and_grad(theta, good, good, **kw)
+    assert np.isfinite(loss) and grad.shape == (4,)
+    bad_sides = {
+        "support_idx": _core.Side(X, np.array([0, 1, 2, 10], dtype=np.int64), ptr, y),
+        "support_y": _core.Side(X, idx, ptr, np.array([0, 1, 2, 0], dtype=np.int32)),
+        "support_ptr": _core.Side(X, idx, np.array([0, 2, 5], dtype=np.int64), y),
+    }
+    for name, side in bad_sides.items():
+        with pytest.raises(ValueError, match=name):
+            _core.meta_value_and_grad(theta, side, good, **kw)
+    with pytest.raises(ValueError, match="theta"):
+        _core.meta_value_and_grad(np.zeros(3), good, good, **kw)
+    with pytest.raises(ValueError, match="inner_lr"):
+        _core.meta_value_and_grad(theta, good, good, **{**kw, "inner_lr": np.full((1, 4), 0.1)})
+    with pytest.raises(TypeError):
+        _core.meta_value_and_grad(theta, good, good, **{**kw, "mode": 2})  # enums, not magic integers

@@ -18,7 +18,8 @@ loss, the mean over tasks of the query loss at phi_K, and its exact
 It is written the way a careful NumPy user would write it: no Python loop over
 tasks, every product a batched matrix-vector product over the task axis
 (``np.matmul`` on stacks, which NumPy hands to BLAS one task at a time, or
-``np.einsum``, whichever is faster for the shape: :func:`make_runner`), the
+``np.einsum``, whichever is faster for the shape and thread count:
+:func:`make_runner`), the
 bias kept apart from the features (so X is never copied to append a column of
 ones), the forward pass storing only what the reverse sweep needs (the logit
 curvature s_j = p_j (1 - p_j), n numbers per task and step), and the first
@@ -34,6 +35,7 @@ is the correctness oracle it is checked against
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from types import SimpleNamespace
@@ -145,15 +147,19 @@ def meta_value_and_grad(theta, tasks, inner_lr: float, inner_steps: int, kernel:
 
 
 def make_runner(theta, tasks, inner_lr: float, inner_steps: int, trials: int = 3):
-    """A zero-argument callable returning (loss, grad), using the faster kernel for the CPUs it may use.
+    """A zero-argument callable returning (loss, grad), using the fastest variant for the CPUs it may use.
 
-    The first call under a given number of usable CPUs (the process's CPU
-    affinity, which ``peers.limit_threads`` narrows) times both kernels,
-    best of ``trials`` calls each, and keeps the faster for that CPU count;
-    later calls run it directly. The timing happens in warm-up calls, never
-    inside a measurement (report.py and the benchmarks warm up every
-    implementation under the row's thread limit first). ``runner.plan``
-    maps CPU count -> chosen kernel.
+    Variants: each kernel of :data:`KERNELS` with the BLAS threads the caller
+    allows, and, when more than one CPU is usable, np.matmul with BLAS held to
+    one thread (OpenBLAS splits even a 20 x 784 matrix-vector product across
+    threads; with one small product per task, the synchronisation can cost
+    more than it saves). The first call under a given number of usable CPUs
+    (the process's CPU affinity, which ``peers.limit_threads`` narrows) times
+    every variant, best of ``trials`` calls each, and keeps the fastest for
+    that CPU count; later calls run it directly. The timing happens in warm-up
+    calls, never inside a measurement (report.py and the benchmarks warm up
+    every implementation under the row's thread limit first).
+    ``runner.plan`` maps CPU count -> chosen variant.
     """
     args = (theta, tasks, inner_lr, inner_steps)
     plan: dict = {}
@@ -161,18 +167,39 @@ def make_runner(theta, tasks, inner_lr: float, inner_steps: int, trials: int = 3
     def usable_cpus() -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+    def variant(name: str):
+        if name == "matmul, 1 BLAS thread":
+            import threadpoolctl
+
+            blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+
+            def call():
+                with blas.limit(limits=1):
+                    return meta_value_and_grad(*args, kernel="matmul")
+
+            return call
+        return lambda: meta_value_and_grad(*args, kernel=name)
+
+    def candidates(cpus: int):
+        one_thread = cpus > 1 and importlib.util.find_spec("threadpoolctl") is not None
+        return list(KERNELS) + (["matmul, 1 BLAS thread"] if one_thread else [])
+
+    chosen: dict = {}
+
     def run():
         cpus = usable_cpus()
-        kernel = plan.get(cpus)
-        if kernel is None:
+        call = chosen.get(cpus)
+        if call is None:
             best = {}
-            for candidate in KERNELS:
+            calls = {name: variant(name) for name in candidates(cpus)}
+            for name, candidate in calls.items():
                 for _ in range(trials):
                     t0 = time.perf_counter()
-                    meta_value_and_grad(*args, kernel=candidate)
-                    best[candidate] = min(best.get(candidate, np.inf), time.perf_counter() - t0)
-            plan[cpus] = kernel = min(best, key=best.get)
-        r = meta_value_and_grad(*args, kernel=kernel)
+                    candidate()
+                    best[name] = min(best.get(name, np.inf), time.perf_counter() - t0)
+            plan[cpus] = min(best, key=best.get)
+            chosen[cpus] = call = calls[plan[cpus]]
+        r = call()
         return r.loss, r.grad
 
     run.plan = plan

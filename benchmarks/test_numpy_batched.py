@@ -97,6 +97,7 @@ def test_runner_plans_once_per_cpu_count_and_returns_the_peer_result():
     loss, grad = run()
     ref = reference.meta_value_and_grad(w.theta, w.tasks, w.inner_lr, w.K)
     assert_rel(grad, ref.grad, RTOL_F64, "runner")
-    assert len(run.plan) == 1 and set(run.plan.values()) <= set(numpy_batched.KERNELS)
-    run()
+    assert len(run.plan) == 1 and set(run.plan.values()) <= {*numpy_batched.KERNELS, "matmul, 1 BLAS thread"}
+    loss2, grad2 = run()
     assert len(run.plan) == 1
+    assert_rel(grad2, ref.grad, RTOL_F64, "runner, second call")

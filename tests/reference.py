@@ -638,7 +638,8 @@ def task_descriptor(Xs, ys, n_classes=None):
       [0] log(n): natural log of the number of support rows n;
       [1] class balance: binary (n_classes=None) the fraction of labels equal
           to 1, in [0, 1]; multinomial (n_classes=C) the largest class
-          fraction max_c #{y_i = c}/n, in [1/C, 1] (1/C when balanced);
+          fraction max_c #{y_i = c}/n, in [1/C, 1] (1/C when balanced; so a
+          C = 2 multinomial task reads max(f, 1 - f), not the binary f);
       [2] trace(X~ X~^T)/n = (1/n) sum_i ||x~_i||^2 = 1 + (1/n) sum_i ||x_i||^2,
           the mean squared row norm including the bias column of ones;
       [3] the largest eigenvalue of X~^T X~ / n (numpy.linalg.eigvalsh of the

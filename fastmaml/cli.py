@@ -201,7 +201,8 @@ def _cmd_demo(args) -> int:
 
 def _cmd_train(args) -> int:
     from .estimator import MAML
-    from .samplers import GroupedSampler, split_groups
+    from .samplers import GroupedSampler
+    from .splits import split_groups
 
     X, y, groups = load_table(args.data, args.label_col, args.group_col)
     if not 0 < args.val_fraction < 1:
@@ -309,7 +310,7 @@ def _cmd_evaluate(args) -> int:
 def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from ._checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
 
     try:
         if args.command == "demo":

@@ -17,11 +17,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import _checkpoint
+from . import checkpoint as _checkpoint
 from ._api import ConvergenceWarning, adapt_preconditioned, hessian_vector_product, imaml_value_and_grad
 from ._api import adapt as _adapt
 from ._api import meta_value_and_grad, precond_value_and_grad, reptile_grad
-from ._optim import SGD, Adam
+from .optim import SGD, Adam
 from ._scoring import mean_ci, query_scores
 from ._tasks import Tasks
 from ._validation import as_feature_array, check_float, check_int, check_threads

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fastmaml import cli, experiment
-from fastmaml.samplers import make_grouped_tasks
+from fastmaml.datasets import make_grouped_tasks
 
 pytest.importorskip("sklearn")
 

@@ -10,8 +10,10 @@ import pytest
 
 import fastmaml
 from fastmaml import MAML, LogisticModel, StepSizeWarning
-from fastmaml._checkpoint import CheckpointError
-from fastmaml.samplers import GroupedSampler, make_grouped_tasks, split_groups
+from fastmaml.checkpoint import CheckpointError
+from fastmaml.datasets import make_grouped_tasks
+from fastmaml.samplers import GroupedSampler
+from fastmaml.splits import split_groups
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +211,7 @@ def test_loading_a_foreign_npz_or_a_newer_format_is_refused(tmp_path, family):
     model = small_model(n_iterations=2).fit(sampler(family, "train", 1))
     path = tmp_path / "m.npz"
     model.save(path)
-    from fastmaml import _checkpoint
+    from fastmaml import checkpoint as _checkpoint
 
     arrays, meta = _checkpoint.read(path)
     meta["format_version"] = _checkpoint.FORMAT_VERSION + 1

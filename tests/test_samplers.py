@@ -1,4 +1,4 @@
-"""Tests for fastmaml.samplers: episode and grouped task samplers, splits, synthetic tasks."""
+"""Tests for fastmaml.samplers, fastmaml.splits, fastmaml._random and the synthetic tasks of fastmaml.datasets."""
 
 import json
 from collections import Counter
@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 
 import fastmaml
-from fastmaml.samplers import (
-    EpisodeSampler,
-    GroupedSampler,
-    _sample_without_replacement,
-    make_grouped_tasks,
-    split_groups,
-    split_rows,
-)
+from fastmaml._random import sample_without_replacement
+from fastmaml.datasets import make_grouped_tasks
+from fastmaml.samplers import EpisodeSampler, GroupedSampler
+from fastmaml.splits import split_groups, split_rows
 
 
 @pytest.fixture(scope="module")
@@ -252,15 +248,14 @@ def test_meta_gradient_on_sampled_episodes_matches_dense(data):
 
 
 # --------------------------------------------------------------------------
-# sampling without replacement (the core and both NumPy methods are exact)
+# sampling without replacement (the compiled core is exact)
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", [None, "keys", "dedup"])
-def test_sample_without_replacement_uniform(method):
+def test_sample_without_replacement_uniform():
     rng = np.random.default_rng(0)
     S, n, m = 24000, 5, 2
-    out = _sample_without_replacement(rng, np.full(S, n), m, method=method)
+    out = sample_without_replacement(rng, np.full(S, n), m)
     assert out.shape == (S, m) and (out[:, 0] != out[:, 1]).all()
     assert out.min() == 0 and out.max() == n - 1
     counts = Counter(map(tuple, out.tolist()))
@@ -269,15 +264,14 @@ def test_sample_without_replacement_uniform(method):
     assert all(abs(c - expected) < 6 * np.sqrt(expected) for c in counts.values())
 
 
-@pytest.mark.parametrize("method", [None, "keys", "dedup"])
-def test_sample_without_replacement_mixed_sizes_and_full(method):
+def test_sample_without_replacement_mixed_sizes_and_full():
     rng = np.random.default_rng(1)
     n = np.array([7, 30, 7, 1000, 9])
-    out = _sample_without_replacement(rng, n, 7, method=method)
+    out = sample_without_replacement(rng, n, 7)
     assert (out >= 0).all() and (out < n[:, None]).all()
     assert all(np.unique(r).size == 7 for r in out)
-    # m == n: a full permutation of every row (the redraw path for "dedup")
-    full = _sample_without_replacement(rng, np.full(50, 12), 12, method=method)
+    # m == n: a full permutation of every row
+    full = sample_without_replacement(rng, np.full(50, 12), 12)
     assert (np.sort(full, axis=1) == np.arange(12)).all()
 
 
@@ -503,10 +497,10 @@ def test_core_sampling_follows_the_generator_state():
     """The compiled sampler draws from the Generator's own bit generator: same state, same stream."""
     a = np.random.default_rng(7)
     b = np.random.default_rng(7)
-    x = _sample_without_replacement(a, np.full(10, 50), 5)
-    y = _sample_without_replacement(b, np.full(10, 50), 5)
+    x = sample_without_replacement(a, np.full(10, 50), 5)
+    y = sample_without_replacement(b, np.full(10, 50), 5)
     np.testing.assert_array_equal(x, y)
     # it advanced the generator: the next draws differ from a fresh one's
     assert a.integers(0, 2**62) != np.random.default_rng(7).integers(0, 2**62)
     with pytest.raises(ValueError, match="counts"):
-        _sample_without_replacement(a, np.array([3, 10]), 5)
+        sample_without_replacement(a, np.array([3, 10]), 5)

@@ -155,7 +155,7 @@ def _support(value: float):
 
 
 def _cmd_demo(args) -> int:
-    from . import experiment
+    from . import demo, plots
 
     overrides = {"seed": args.seed, "data": args.data, "n_threads": args.threads,
                  "progress": not args.no_progress and sys.stderr.isatty()}
@@ -167,14 +167,14 @@ def _cmd_demo(args) -> int:
         overrides["test_episodes"] = args.test_episodes
     if args.inner_steps:
         overrides["inner_steps"] = args.inner_steps
-    make = experiment.DemoConfig.quick if args.quick else experiment.DemoConfig
+    make = demo.DemoConfig.quick if args.quick else demo.DemoConfig
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.family == "grouped":
-        results = experiment.run_grouped(make(**overrides), log=log)
-        print(experiment.format_table(results))
+        results = demo.run_grouped(make(**overrides), log=log)
+        print(demo.format_table(results))
     elif args.all_pairs:
-        results = experiment.run_all_pairs(make(**overrides), log=log)
-        print(experiment.format_all_pairs(results))
+        results = demo.run_all_pairs(make(**overrides), log=log)
+        print(demo.format_all_pairs(results))
     else:
         default_holdout = (2, 3, 5, 8, 9, 0, 1, 4, 6, 7)[: args.ways]
         holdout = args.holdout or default_holdout
@@ -184,17 +184,17 @@ def _cmd_demo(args) -> int:
             raise CLIError("--ways: expected at least 2")
         overrides["holdout"] = holdout
         overrides["n_way"] = args.ways
-        results = experiment.run_digit_pairs(make(**overrides), log=log)
-        print(experiment.format_table(results))
+        results = demo.run_digit_pairs(make(**overrides), log=log)
+        print(demo.format_table(results))
     if args.plot and not args.all_pairs:
         try:
-            experiment.plot_results(results, args.plot)
+            plots.plot_results(results, args.plot)
             print(f"plot written to {args.plot}")
         except ImportError as exc:
             print(f"no plot: {exc}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            fh.write(experiment.to_json(results))
+            fh.write(demo.to_json(results))
         print(f"results written to {args.json}")
     return 0
 
@@ -275,7 +275,7 @@ def _dask_source(args, sampler):
 
 
 def _cmd_evaluate(args) -> int:
-    from ._scoring import mean_ci
+    from .evaluation import mean_ci
     from .estimator import MAML
     from .samplers import GroupedSampler
 

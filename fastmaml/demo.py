@@ -13,6 +13,9 @@ class and compare, on the same test episodes, with:
   meta-validation with the same compute budget as meta-training;
 * the grid search with C chosen on the query set: an *oracle* upper bound, not a method.
 
+The baselines and statistics come from :mod:`fastmaml.evaluation`, the plots
+from :mod:`fastmaml.plots`; ``fastmaml demo`` runs this module.
+
 Every choice (step size, when to stop, which meta-learner, C at K = 1) is made
 on meta-validation episodes built from digits the meta-training of that fold
 never saw (leave-digits-out folds over the meta-training digits, then a refit
@@ -22,19 +25,28 @@ on all of them); the test pair is used only for the final numbers.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import time
 import warnings
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from ._api import DivergenceError
-from ._api import adapt as _adapt
-from ._scoring import mean_ci, query_scores
-from ._tasks import Tasks
-from .estimator import MAML
+# The demo is a client of the public API: everything it uses, a user can use.
+from . import MAML, DivergenceError, EpisodeSampler, GroupedSampler, Tasks, adapt, make_grouped_tasks, split_groups
+from .datasets import load_digits_dataset
+from .evaluation import (
+    adaptation_accuracy,
+    choose_C_on_validation,
+    choose_inner_lr,
+    grid_search_logistic_regression,
+    mean_ci,
+    paired_difference,
+    pretrained_start,
+    random_search,
+)
 
 LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
@@ -112,35 +124,8 @@ class _Log:
             self.bar.close()
 
 
-def _path_accuracy(theta, inner_lr, l2, steps, tasks: Tasks, n_threads=None) -> np.ndarray:
-    """Query accuracy after 0..steps inner steps, shape (steps + 1, n_tasks).
-
-    A diverging inner loop scores 0 (a step size that blows up is a bad choice).
-    """
-    try:
-        path = _adapt(theta, tasks, inner_lr=inner_lr, inner_steps=steps, l2=l2, return_path=True,
-                      n_threads=n_threads)
-    except DivergenceError:
-        return np.zeros((steps + 1, tasks.n_tasks))
-    return np.stack([query_scores(path[:, j], tasks)["accuracy"] for j in range(steps + 1)])
-
-
-def _model_path_accuracy(model: MAML, tasks: Tasks, n_threads=None) -> np.ndarray:
-    """Like _path_accuracy for a fitted meta-learner (any inner-update kind)."""
-    K = int(model.inner_steps)
-    try:
-        path = model._adapt_batch(tasks, None, K, return_path=True, n_threads=n_threads)
-    except DivergenceError:
-        return np.zeros((K + 1, tasks.n_tasks))
-    return np.stack([query_scores(path[:, j], tasks)["accuracy"] for j in range(K + 1)])
-
-
-def _final_accuracy(theta, inner_lr, l2, steps, tasks, n_threads=None) -> np.ndarray:
-    try:
-        phi = _adapt(theta, tasks, inner_lr=inner_lr, inner_steps=steps, l2=l2, n_threads=n_threads)
-    except DivergenceError:
-        return np.zeros(tasks.n_tasks)
-    return query_scores(phi, tasks)["accuracy"]
+def _have_sklearn() -> bool:
+    return importlib.util.find_spec("sklearn") is not None
 
 
 def _time_adaptation(method: dict, tasks: Tasks, n_threads=None, repeats=3) -> float:
@@ -150,104 +135,207 @@ def _time_adaptation(method: dict, tasks: Tasks, n_threads=None, repeats=3) -> f
         t0 = time.perf_counter()
         try:
             if "model" in method:
-                method["model"]._adapt_batch(tasks, None, method["steps"], n_threads=n_threads)
+                method["model"].adapt_tasks(tasks, inner_steps=method["steps"])
             else:
-                _adapt(method["theta"], tasks, inner_lr=method["inner_lr"], inner_steps=method["steps"],
-                       l2=method["l2"], n_threads=n_threads)
+                adapt(method["theta"], tasks, inner_lr=method["inner_lr"], inner_steps=method["steps"],
+                      l2=method["l2"], n_threads=n_threads)
         except DivergenceError:
             pass
         best = min(best, time.perf_counter() - t0)
     return best / tasks.n_tasks
 
 
-def _concat_acc(fn, val_sets) -> float:
-    return float(np.mean(np.concatenate([fn(v) for v in val_sets])))
+def _train(config, K_inner, sampler, n_iterations, validation=None, **kw):
+    model = MAML(inner_steps=K_inner, meta_lr=config.meta_lr, meta_batch_size=config.meta_batch_size,
+                 n_iterations=n_iterations, validate_every=config.validate_every, n_threads=config.n_threads,
+                 progress=False, **kw)
+    with warnings.catch_warnings():
+        # the step-size warning is for interactive users; the demo chose the step on validation
+        warnings.simplefilter("ignore")
+        model.fit(sampler, validation=validation)
+    return model
 
 
-def _sklearn_lr():
-    try:
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.linear_model import LogisticRegression
-    except ImportError:
-        return None, None
-    return LogisticRegression, ConvergenceWarning
+def _pretrain(config, sampler, inner_lr):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pretrained_start(sampler, n_iterations=config.n_iterations, meta_lr=config.meta_lr,
+                                meta_batch_size=config.meta_batch_size, n_threads=config.n_threads,
+                                inner_lr=inner_lr)
 
 
-def _c_path_accuracy(Xs, ys, Xe, ye, c_grid, LogisticRegression) -> np.ndarray:
-    """Accuracy on (Xe, ye) of LogisticRegression fitted on (Xs, ys) for every C (warm-started path)."""
-    out = np.empty(len(c_grid))
-    if np.unique(ys).size < 2:
-        majority = ys[0]
-        out[:] = np.mean(ye == majority)
-        return out
-    clf = LogisticRegression(C=c_grid[0], warm_start=True, max_iter=300)
-    for i, C in enumerate(c_grid):
-        clf.set_params(C=C)
-        clf.fit(Xs, ys)
-        out[i] = np.mean(clf.predict(Xe) == ye)
-    return out
+# ------------------------------------------------------- one K, step by step
+@dataclasses.dataclass
+class _Shot:
+    """Everything one K of the protocol works with (the same for every method)."""
+
+    K: int  # support examples per class
+    K_inner: int  # adaptation steps
+    config: DemoConfig
+    test_tasks: Tasks
+    folds: list  # (meta-training sampler, validation Tasks) per fold
+    val_sets: list  # the validation Tasks of the folds
+    refit_sampler: object  # all meta-training classes/groups
+    seeds: list
+    log: _Log
+
+    @property
+    def n_threads(self):
+        return self.config.n_threads
+
+    def zero(self) -> np.ndarray:
+        D = self.test_tasks.n_features + 1
+        n_way = int(self.config.n_way)
+        return np.zeros(D) if n_way == 2 else np.zeros((D, n_way))
 
 
-def grid_search_baseline(tasks: Tasks, c_grid, *, fixed_C=None, cv_folds=5, seed=0, fallback_C=None):
-    """Per-task LogisticRegression: C by stratified CV on the support set (or fixed_C).
+def _zero_start(shot: _Shot) -> dict:
+    """1. Zero start: only the step size, chosen on meta-validation."""
+    shot.log(f"K={shot.K}: zero start, choosing the step size on meta-validation")
+    lr0, val_lr = choose_inner_lr(shot.zero(), shot.val_sets, shot.config.lr_grid, inner_steps=shot.K_inner,
+                                  n_threads=shot.n_threads)
+    shot.log.step()
+    return {"theta": shot.zero(), "inner_lr": lr0, "l2": 0.0, "steps": shot.K_inner,
+            "val_accuracy": val_lr[lr0], "choice": {"inner_lr": lr0}}
 
-    Returns (accuracy per task, oracle accuracy per task, chosen C per task, seconds per task).
-    """
-    LogisticRegression, ConvergenceWarning = _sklearn_lr()
-    if LogisticRegression is None:
-        return None
-    from sklearn.model_selection import StratifiedKFold
 
-    c_grid = tuple(sorted(c_grid))
-    acc = np.empty(tasks.n_tasks)
-    oracle = np.empty(tasks.n_tasks)
-    chosen = np.empty(tasks.n_tasks)
+def _pretrained_start(shot: _Shot, lr0: float) -> dict:
+    """2. Jointly pre-trained start: the step size chosen on meta-validation, per fold; then a refit."""
+    shot.log(f"K={shot.K}: jointly pre-trained start")
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for t in range(tasks.n_tasks):
-            Xs, ys, Xq, yq = tasks.task(t)
-            on_query = _c_path_accuracy(Xs, ys, Xq, yq, c_grid, LogisticRegression)
-            oracle[t] = on_query.max()
-            if fixed_C is not None:
-                best = c_grid.index(fixed_C)
-            else:
-                k = int(min(cv_folds, np.bincount(ys, minlength=int(ys.max()) + 1).min()))
-                if k < 2:  # a class with one example: no stratified split exists
-                    best = c_grid.index(fallback_C) if fallback_C in c_grid else len(c_grid) // 2
-                    chosen[t] = c_grid[best]
-                    acc[t] = on_query[best]
-                    continue
-                cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed + t)
-                scores = np.zeros(len(c_grid))
-                for tr, te in cv.split(Xs, ys):
-                    scores += _c_path_accuracy(Xs[tr], ys[tr], Xs[te], ys[te], c_grid, LogisticRegression)
-                best = int(np.argmax(scores))  # ties: the smallest C (most regularised)
-            chosen[t] = c_grid[best]
-            acc[t] = on_query[best]
-    seconds = (time.perf_counter() - t0) / tasks.n_tasks
-    return acc, oracle, chosen, seconds
+    per_fold = [_pretrain(shot.config, sampler, lr0) for sampler, _ in shot.folds]
+    lr_pre, val_pre = choose_inner_lr(per_fold, shot.val_sets, shot.config.lr_grid, inner_steps=shot.K_inner,
+                                      n_threads=shot.n_threads)
+    theta = _pretrain(shot.config, shot.refit_sampler, lr0)
+    shot.log.step()
+    return {"theta": theta, "inner_lr": lr_pre, "l2": 0.0, "steps": shot.K_inner,
+            "val_accuracy": val_pre[lr_pre], "choice": {"inner_lr": lr_pre},
+            "meta_train_seconds": time.perf_counter() - t0}
 
 
-def _choose_c_on_validation(val_sets, c_grid):
-    LogisticRegression, ConvergenceWarning = _sklearn_lr()
-    c_grid = tuple(sorted(c_grid))
-    total = np.zeros(len(c_grid))
-    count = 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        for tasks in val_sets:
-            for t in range(tasks.n_tasks):
-                Xs, ys, Xq, yq = tasks.task(t)
-                total += _c_path_accuracy(Xs, ys, Xq, yq, c_grid, LogisticRegression)
-                count += 1
-    return c_grid[int(np.argmax(total))], total / max(count, 1)
+def _meta_learner(shot: _Shot, name: str, params: dict) -> Tuple[dict, dict]:
+    """3. One meta-learner: trained per fold with validation, stopped at the best mean validation
+    iteration, then refit on all meta-training classes for that many iterations."""
+    config, K = shot.config, shot.K
+    t0 = time.perf_counter()
+    per_fold = []
+    for f, (sampler, val) in enumerate(shot.folds):
+        shot.log(f"K={K}: {name}, fold {f + 1}/{len(shot.folds)}")
+        model = _train(config, shot.K_inner, sampler, config.n_iterations, validation=val, **params)
+        per_fold.append([(r["iteration"], r["val_accuracy"]) for r in model.history_ if "val_accuracy" in r])
+        shot.log.step()
+    its = [it for it, _ in per_fold[0]]
+    mean_val = np.mean([[acc for _, acc in fold] for fold in per_fold], axis=0)
+    best = int(np.argmax(mean_val))
+    n_best = its[best]
+    curve = {"iterations": its, "val_accuracy": mean_val.tolist()}
+    shot.log(f"K={K}: {name}, refit for {n_best} iterations")
+    model = _train(config, shot.K_inner, shot.refit_sampler, n_best, **params)
+    curve["refit_loss"] = [r["loss"] for r in model.history_]
+    lr = model.inner_lr_for(shot.K_inner)
+    shot.log.step()
+    method = {"model": model, "theta": model.theta_, "inner_lr": lr, "l2": model.l2_, "steps": shot.K_inner,
+              "val_accuracy": float(mean_val[best]),
+              "choice": {"iterations": n_best, "inner_lr": float(np.mean(lr)), "l2": model.l2_},
+              "meta_train_seconds": time.perf_counter() - t0}
+    return method, curve
 
 
-def _paired(a, b) -> dict:
-    diff = np.asarray(a) - np.asarray(b)
-    mean, ci = mean_ci(diff)
-    return {"mean": mean, "ci95": ci}
+def _meta_learner_variants(shot: _Shot, lr0: float) -> dict:
+    return {
+        MAML_FIXED: dict(inner_lr=lr0),
+        MAML_LEARNED: dict(inner_lr=lr0, learn_inner_lr="scalar", l2=1e-3, learn_l2=True),
+        METASGD: dict(inner_lr=lr0, learn_inner_lr="per_parameter"),
+        PRECOND: dict(inner_lr=lr0, learn_inner_lr="preconditioner", precond_rank=4, random_state=shot.seeds[3]),
+    }
+
+
+def _random_search(shot: _Shot, budget_units: int) -> dict:
+    """4. Random search over (inner_lr, l2, steps) from a zero start, with meta-training's budget."""
+    shot.log(f"K={shot.K}: random search over inner hyperparameters")
+    t0 = time.perf_counter()
+    found = random_search(shot.zero(), shot.val_sets, budget=budget_units, max_configs=shot.config.random_configs_cap,
+                          inner_steps_range=(1, 2 * shot.K_inner), random_state=shot.seeds[2],
+                          n_threads=shot.n_threads)
+    shot.log.step()
+    return {"theta": shot.zero(), "inner_lr": found.inner_lr, "l2": found.l2, "steps": found.inner_steps,
+            "val_accuracy": found.accuracy,
+            "choice": {"inner_lr": found.inner_lr, "l2": found.l2, "steps": found.inner_steps,
+                       "configs_tried": found.configs_tried, "budget_units": budget_units,
+                       "spent_units": found.spent},
+            "meta_train_seconds": time.perf_counter() - t0}
+
+
+def _test_rows(shot: _Shot, methods: dict) -> Tuple[dict, dict]:
+    """Every gradient-based method on the same test episodes: accuracy after each step."""
+    table, steps_curves = {}, {}
+    for name, m in methods.items():
+        if "model" in m:
+            path = adaptation_accuracy(m["model"], shot.test_tasks, return_path=True)
+        else:
+            path = adaptation_accuracy(m["theta"], shot.test_tasks, inner_lr=m["inner_lr"], inner_steps=m["steps"],
+                                       l2=m["l2"], return_path=True, n_threads=shot.n_threads)
+        seconds = _time_adaptation(m, shot.test_tasks, shot.n_threads)
+        acc = path[-1]
+        mean, ci = mean_ci(acc)
+        steps_curves[name] = path.mean(axis=1).tolist()
+        table[name] = {"accuracy": mean, "ci95": ci, "per_task": acc, "val_accuracy": m["val_accuracy"],
+                       "choice": m["choice"], "seconds_per_task": seconds,
+                       "meta_train_seconds": m.get("meta_train_seconds", 0.0)}
+    return table, steps_curves
+
+
+def _grid_search_rows(shot: _Shot) -> Tuple[Optional[str], dict]:
+    """5. Per-task grid search of scikit-learn's LogisticRegression, and the oracle (C chosen on the query)."""
+    shot.log(f"K={shot.K}: per-task grid search of LogisticRegression")
+    rows = {}
+    name = None
+    if _have_sklearn():
+        c_grid = shot.config.c_grid
+        C_val, _ = choose_C_on_validation(shot.val_sets, c_grid)
+        if shot.K >= 2:
+            gs = grid_search_logistic_regression(shot.test_tasks, c_grid, cv_folds=5, random_state=shot.seeds[3],
+                                                 fallback_C=C_val)
+            name = GRID
+            choice = {"C": "per task, by stratified CV on the support set"}
+        else:
+            gs = grid_search_logistic_regression(shot.test_tasks, c_grid, fixed_C=C_val)
+            name = GRID_K1
+            choice = {"C": C_val, "note": "K=1: no split holds both classes, C chosen on meta-validation"}
+        mean, ci = mean_ci(gs.accuracy)
+        rows[name] = {"accuracy": mean, "ci95": ci, "per_task": gs.accuracy, "val_accuracy": None,
+                      "choice": choice, "seconds_per_task": gs.seconds_per_task, "meta_train_seconds": 0.0}
+        mean, ci = mean_ci(gs.oracle_accuracy)
+        rows[ORACLE] = {"accuracy": mean, "ci95": ci, "per_task": gs.oracle_accuracy, "val_accuracy": None,
+                        "choice": {"C": "best on each query set (oracle)"}, "seconds_per_task": gs.seconds_per_task,
+                        "meta_train_seconds": 0.0, "oracle": True}
+    shot.log.step()
+    return name, rows
+
+
+def _run_shot(shot: _Shot) -> dict:
+    """The whole protocol for one K; every choice on meta-validation, the test episodes scored last."""
+    methods = {ZERO: _zero_start(shot)}
+    lr0 = methods[ZERO]["inner_lr"]
+    methods[PRETRAINED] = _pretrained_start(shot, lr0)
+    curves = {}
+    budget_units = 0
+    for name, params in _meta_learner_variants(shot, lr0).items():
+        methods[name], curves[name] = _meta_learner(shot, name, params)
+        budget_units += shot.config.n_iterations * shot.config.meta_batch_size * 2 * shot.K_inner * len(shot.folds)
+    selected = max(META_LEARNERS, key=lambda n: methods[n]["val_accuracy"])
+    methods[RANDOM] = _random_search(shot, budget_units)
+
+    table, steps_curves = _test_rows(shot, methods)
+    grid_name, grid_rows = _grid_search_rows(shot)
+    table.update(grid_rows)
+    for row in table.values():
+        row["vs_zero"] = paired_difference(row["per_task"], table[ZERO]["per_task"])
+        row["vs_grid"] = paired_difference(row["per_task"], table[grid_name]["per_task"]) if grid_name else None
+        row["per_task"] = np.asarray(row["per_task"]).tolist()
+    return {"table": table, "steps_curves": steps_curves, "training_curves": curves,
+            "selected_meta_learner": selected, "grid_method": grid_name,
+            "n_test_episodes": shot.test_tasks.n_tasks}
 
 
 # --------------------------------------------------------------- the run
@@ -260,9 +348,6 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
     log : callable or None
         Receives progress messages when no tqdm bar is shown.
     """
-    from .datasets import load_digits_dataset
-    from .samplers import EpisodeSampler
-
     t_start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -319,167 +404,14 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
             for f, vd in enumerate(fold_digits):
                 tr = [c for c in train_digits if c not in vd]
                 folds.append((mk(tr, seeds[4 + 2 * f]), mk(vd, seeds[5 + 2 * f]).sample(config.val_episodes)))
-            val_sets = [v for _, v in folds]
-            refit_sampler = mk(train_digits, seeds[1])
-            res = _run_shot(K, K_inner, config, test_tasks, folds, val_sets, refit_sampler, seeds, logger)
-            results["shots"][str(K)] = res
+            shot = _Shot(K, K_inner, config, test_tasks, folds, [v for _, v in folds], mk(train_digits, seeds[1]),
+                         seeds, logger)
+            results["shots"][str(K)] = _run_shot(shot)
     finally:
         logger.close()
     results["total_seconds"] = time.perf_counter() - t_start
     results["summary"] = summarize(results)
     return results
-
-
-def _train(config, K_inner, sampler, n_iterations, validation=None, **kw):
-    model = MAML(inner_steps=K_inner, meta_lr=config.meta_lr, meta_batch_size=config.meta_batch_size,
-                 n_iterations=n_iterations, validate_every=config.validate_every, n_threads=config.n_threads,
-                 progress=False, **kw)
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        # the step-size warning is for interactive users; the demo chose the step on validation
-        warnings.simplefilter("ignore")
-        model.fit(sampler, validation=validation)
-    return model, time.perf_counter() - t0
-
-
-def _run_shot(K, K_inner, config, test_tasks, folds, val_sets, refit_sampler, seeds, logger):
-    methods = {}
-    timing = {}
-    nt = config.n_threads
-
-    # 1. Zero start: step size on meta-validation.
-    logger(f"K={K}: zero start, choosing the step size on meta-validation")
-    D = test_tasks.n_features + 1
-    n_way = int(config.n_way)
-    zero = np.zeros(D) if n_way == 2 else np.zeros((D, n_way))
-    val_lr = {lr: _concat_acc(lambda v: _final_accuracy(zero, lr, 0.0, K_inner, v, nt), val_sets)
-              for lr in config.lr_grid}
-    lr0 = max(val_lr, key=val_lr.get)
-    methods[ZERO] = {"theta": zero, "inner_lr": lr0, "l2": 0.0, "steps": K_inner,
-                     "val_accuracy": val_lr[lr0], "choice": {"inner_lr": lr0}}
-    logger.step()
-
-    # 2. Jointly pre-trained start (inner_steps=0 training = one model on all episodes).
-    logger(f"K={K}: jointly pre-trained start")
-    t0 = time.perf_counter()
-    val_pre = {lr: [] for lr in config.lr_grid}
-    for sampler, val in folds:
-        pre, _ = _train(config, 0, sampler, config.n_iterations, inner_lr=lr0)
-        for lr in config.lr_grid:
-            val_pre[lr].append(_final_accuracy(pre.theta_, lr, 0.0, K_inner, val, nt))
-    val_pre = {lr: float(np.mean(np.concatenate(v))) for lr, v in val_pre.items()}
-    lr_pre = max(val_pre, key=val_pre.get)
-    pre, _ = _train(config, 0, refit_sampler, config.n_iterations, inner_lr=lr0)
-    timing[PRETRAINED] = time.perf_counter() - t0
-    methods[PRETRAINED] = {"theta": pre.theta_, "inner_lr": lr_pre, "l2": 0.0, "steps": K_inner,
-                           "val_accuracy": val_pre[lr_pre], "choice": {"inner_lr": lr_pre}}
-    logger.step()
-
-    # 3. Meta-learners: per fold, train with validation; choose the stopping
-    #    iteration on validation; refit on all meta-training digits.
-    variants = {
-        MAML_FIXED: dict(inner_lr=lr0),
-        MAML_LEARNED: dict(inner_lr=lr0, learn_inner_lr="scalar", l2=1e-3, learn_l2=True),
-        METASGD: dict(inner_lr=lr0, learn_inner_lr="per_parameter"),
-        PRECOND: dict(inner_lr=lr0, learn_inner_lr="preconditioner", precond_rank=4, random_state=seeds[3]),
-    }
-    curves = {}
-    budget_units = 0
-    for name, kw in variants.items():
-        t0 = time.perf_counter()
-        per_fold = []
-        for f, (sampler, val) in enumerate(folds):
-            logger(f"K={K}: {name}, fold {f + 1}/{len(folds)}")
-            model, _ = _train(config, K_inner, sampler, config.n_iterations, validation=val, **kw)
-            per_fold.append([(r["iteration"], r["val_accuracy"]) for r in model.history_ if "val_accuracy" in r])
-            budget_units += config.n_iterations * config.meta_batch_size * 2 * K_inner
-            logger.step()
-        its = [it for it, _ in per_fold[0]]
-        mean_val = np.mean([[acc for _, acc in fold] for fold in per_fold], axis=0)
-        best = int(np.argmax(mean_val))
-        n_best = its[best]
-        curves[name] = {"iterations": its, "val_accuracy": mean_val.tolist()}
-        logger(f"K={K}: {name}, refit for {n_best} iterations")
-        model, _ = _train(config, K_inner, refit_sampler, n_best, **kw)
-        timing[name] = time.perf_counter() - t0
-        curves[name]["refit_loss"] = [r["loss"] for r in model.history_]
-        lr = model._lr_for_steps(K_inner)
-        methods[name] = {"model": model, "theta": model.theta_, "inner_lr": lr, "l2": model.l2_, "steps": K_inner,
-                         "val_accuracy": float(mean_val[best]),
-                         "choice": {"iterations": n_best,
-                                    "inner_lr": float(np.mean(lr)), "l2": model.l2_}}
-        logger.step()
-    selected = max(META_LEARNERS, key=lambda n: methods[n]["val_accuracy"])
-
-    # 4. Random search over (inner_lr, l2, steps) from a zero start, same budget.
-    logger(f"K={K}: random search over inner hyperparameters")
-    rs_rng = np.random.default_rng(seeds[2])
-    t0 = time.perf_counter()
-    n_val = sum(v.n_tasks for v in val_sets)
-    best_rs, spent, tried = None, 0, 0
-    while spent < budget_units and tried < config.random_configs_cap:
-        lr = float(10 ** rs_rng.uniform(-3, 1))
-        l2 = float(10 ** rs_rng.uniform(-5, 0)) if rs_rng.random() < 0.5 else 0.0
-        steps = int(rs_rng.integers(1, 2 * K_inner + 1))
-        acc = _concat_acc(lambda v: _final_accuracy(zero, lr, l2, steps, v, nt), val_sets)
-        spent += n_val * steps
-        tried += 1
-        if best_rs is None or acc > best_rs[0]:
-            best_rs = (acc, lr, l2, steps)
-    timing[RANDOM] = time.perf_counter() - t0
-    methods[RANDOM] = {"theta": zero, "inner_lr": best_rs[1], "l2": best_rs[2], "steps": best_rs[3],
-                       "val_accuracy": best_rs[0],
-                       "choice": {"inner_lr": best_rs[1], "l2": best_rs[2], "steps": best_rs[3],
-                                  "configs_tried": tried, "budget_units": budget_units, "spent_units": spent}}
-    logger.step()
-
-    # Evaluate the gradient-based methods on the test episodes (same for all).
-    table = {}
-    steps_curves = {}
-    for name, m in methods.items():
-        if "model" in m:
-            path = _model_path_accuracy(m["model"], test_tasks, nt)
-        else:
-            path = _path_accuracy(m["theta"], m["inner_lr"], m["l2"], m["steps"], test_tasks, nt)
-        seconds = _time_adaptation(m, test_tasks, nt)
-        acc = path[-1]
-        mean, ci = mean_ci(acc)
-        steps_curves[name] = path.mean(axis=1).tolist()
-        table[name] = {"accuracy": mean, "ci95": ci, "per_task": acc, "val_accuracy": m["val_accuracy"],
-                       "choice": m["choice"], "seconds_per_task": seconds,
-                       "meta_train_seconds": timing.get(name, 0.0)}
-
-    # 5. Grid search (and the oracle) with scikit-learn.
-    logger(f"K={K}: per-task grid search of LogisticRegression")
-    grid_name = None
-    if _sklearn_lr()[0] is not None:
-        if K >= 2:
-            C_val, _ = _choose_c_on_validation(val_sets, config.c_grid)
-            gs = grid_search_baseline(test_tasks, config.c_grid, cv_folds=5, seed=seeds[3], fallback_C=C_val)
-            grid_name = GRID
-            choice = {"C": "per task, by stratified CV on the support set"}
-        else:
-            C, _ = _choose_c_on_validation(val_sets, config.c_grid)
-            gs = grid_search_baseline(test_tasks, config.c_grid, fixed_C=C)
-            grid_name = GRID_K1
-            choice = {"C": C, "note": "K=1: no split holds both classes, C chosen on meta-validation"}
-        acc, oracle, chosen, seconds = gs
-        mean, ci = mean_ci(acc)
-        table[grid_name] = {"accuracy": mean, "ci95": ci, "per_task": acc, "val_accuracy": None,
-                            "choice": choice, "seconds_per_task": seconds, "meta_train_seconds": 0.0}
-        mean, ci = mean_ci(oracle)
-        table[ORACLE] = {"accuracy": mean, "ci95": ci, "per_task": oracle, "val_accuracy": None,
-                         "choice": {"C": "best on each query set (oracle)"}, "seconds_per_task": seconds,
-                         "meta_train_seconds": 0.0, "oracle": True}
-    logger.step()
-
-    for name, row in table.items():
-        row["vs_zero"] = _paired(row["per_task"], table[ZERO]["per_task"])
-        row["vs_grid"] = _paired(row["per_task"], table[grid_name]["per_task"]) if grid_name else None
-        row["per_task"] = np.asarray(row["per_task"]).tolist()
-    return {"table": table, "steps_curves": steps_curves, "training_curves": curves,
-            "selected_meta_learner": selected, "grid_method": grid_name,
-            "n_test_episodes": test_tasks.n_tasks}
 
 
 def summarize(results: dict) -> list:
@@ -546,45 +478,6 @@ def format_table(results: dict) -> str:
     return "\n".join(out)
 
 
-def plot_results(results: dict, path: str) -> None:
-    """Accuracy against adaptation steps per method (one panel per K) and meta-validation curves."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install 'fastmaml[demo]'") from exc
-    shots = list(results["shots"])
-    fig, axes = plt.subplots(2, len(shots), figsize=(5 * len(shots), 8), squeeze=False)
-    for i, K in enumerate(shots):
-        res = results["shots"][K]
-        ax = axes[0, i]
-        for name, curve in res["steps_curves"].items():
-            ax.plot(range(len(curve)), 100 * np.asarray(curve), marker="o", ms=3, label=name)
-        for name in (res["grid_method"], ORACLE):
-            if name and name in res["table"]:
-                ax.axhline(100 * res["table"][name]["accuracy"], ls="--" if name == ORACLE else ":", lw=1,
-                           color="gray" if name == ORACLE else "black", label=name)
-        held = " vs ".join(str(c) for c in results["holdout"])
-        ax.set_title(f"{held}, K={K}: test accuracy")
-        ax.set_xlabel("adaptation steps")
-        ax.set_ylabel("query accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax = axes[1, i]
-        for name, c in res["training_curves"].items():
-            ax.plot(c["iterations"], 100 * np.asarray(c["val_accuracy"]), marker=".", label=name)
-        ax.set_title(f"K={K}: meta-validation accuracy (held-out digits)")
-        ax.set_xlabel("meta-iteration")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    axes[1, 0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def to_json(results: dict) -> str:
     def default(o):
         if isinstance(o, np.ndarray):
@@ -601,13 +494,11 @@ def run_grouped(config: DemoConfig, *, n_groups=300, n_per_group=60, n_features=
                 log: Optional[Callable[[str], None]] = print) -> dict:
     """The other regime: groups whose labels mean the same thing in every group.
 
-    Tasks come from :func:`fastmaml.samplers.make_grouped_tasks` (a shared
+    Tasks come from :func:`fastmaml.datasets.make_grouped_tasks` (a shared
     teacher with per-group deviations). Groups are split into meta-train /
     meta-validation / test; K is the number of support rows per class on
     average (2K support rows per group). Same methods and table as the digits.
     """
-    from .samplers import GroupedSampler, make_grouped_tasks, split_groups
-
     t_start = time.perf_counter()
     X, y, groups = make_grouped_tasks(n_groups=n_groups, n_per_group=n_per_group, n_features=n_features,
                                       random_state=config.seed)
@@ -636,8 +527,8 @@ def run_grouped(config: DemoConfig, *, n_groups=300, n_per_group=60, n_features=
             val_tasks = mk(val_g, seeds[4]).sample(config.val_episodes)
             folds = [(mk(train_g, seeds[5]), val_tasks)]
             refit = mk(np.concatenate([train_g, val_g]), seeds[1])
-            results["shots"][str(K)] = _run_shot(K, int(config.inner_steps), config, test_tasks, folds,
-                                                 [val_tasks], refit, seeds, logger)
+            shot = _Shot(K, int(config.inner_steps), config, test_tasks, folds, [val_tasks], refit, seeds, logger)
+            results["shots"][str(K)] = _run_shot(shot)
     finally:
         logger.close()
     results["total_seconds"] = time.perf_counter() - t_start
@@ -647,8 +538,6 @@ def run_grouped(config: DemoConfig, *, n_groups=300, n_per_group=60, n_features=
 
 def run_all_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] = print) -> dict:
     """Leave-one-pair-out sweep: the digit-pair experiment with every pair held out in turn."""
-    from .datasets import load_digits_dataset
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         classes = sorted(int(c) for c in np.unique(load_digits_dataset(config.data).y))

@@ -338,6 +338,32 @@ def _run_shot(shot: _Shot) -> dict:
             "n_test_episodes": shot.test_tasks.n_tasks}
 
 
+def _class_split(y, holdout, n_way: int) -> Tuple[list, list]:
+    """The held-out classes (checked) and the meta-training classes (all others)."""
+    classes = sorted(int(c) for c in np.unique(y))
+    holdout = [int(c) for c in holdout]
+    if n_way < 2:
+        raise ValueError(f"n_way: expected at least 2 classes per task, got {n_way}")
+    if len(holdout) != n_way or len(set(holdout)) != n_way:
+        raise ValueError(f"holdout: expected {n_way} different classes for {n_way}-way tasks, got {holdout}")
+    for c in holdout:
+        if c not in classes:
+            raise ValueError(f"holdout: class {c} is not in the data (classes {classes})")
+    return holdout, [c for c in classes if c not in holdout]
+
+
+def _validation_folds(train_digits: list, n_way: int, n_folds: int, seed: int) -> list:
+    """Leave-digits-out folds: the validation digits of each fold (a third of them for one fold)."""
+    if n_folds < 1 or (n_folds > 1 and len(train_digits) // n_folds < n_way):
+        raise ValueError(f"val_folds: {n_folds} folds leave fewer than {n_way} validation digits each")
+    rng = np.random.default_rng(seed)
+    perm = [int(c) for c in rng.permutation(train_digits)]
+    if n_folds == 1:
+        n_val = max(n_way, len(perm) // 3)
+        return [sorted(perm[:n_val])]
+    return [sorted(perm[i::n_folds]) for i in range(n_folds)]
+
+
 # --------------------------------------------------------------- the run
 def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] = print) -> dict:
     """Run the experiment; return every number as a JSON-able dict.
@@ -354,27 +380,9 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
         data = load_digits_dataset(config.data)
     notes = [str(w.message) for w in caught]
     X, y = data.X, data.y
-    classes = sorted(int(c) for c in np.unique(y))
     n_way = int(config.n_way)
-    holdout = [int(c) for c in config.holdout]
-    if n_way < 2:
-        raise ValueError(f"n_way: expected at least 2 classes per task, got {n_way}")
-    if len(holdout) != n_way or len(set(holdout)) != n_way:
-        raise ValueError(f"holdout: expected {n_way} different classes for {n_way}-way tasks, got {holdout}")
-    for c in holdout:
-        if c not in classes:
-            raise ValueError(f"holdout: class {c} is not in the data (classes {classes})")
-    train_digits = [c for c in classes if c not in holdout]
-    n_folds = int(config.val_folds)
-    if n_folds < 1 or (n_folds > 1 and len(train_digits) // n_folds < n_way):
-        raise ValueError(f"val_folds: {n_folds} folds leave fewer than {n_way} validation digits each")
-    rng = np.random.default_rng(config.seed)
-    perm = [int(c) for c in rng.permutation(train_digits)]
-    if n_folds == 1:
-        n_val = max(n_way, len(perm) // 3)
-        fold_digits = [sorted(perm[:n_val])]
-    else:
-        fold_digits = [sorted(perm[i::n_folds]) for i in range(n_folds)]
+    holdout, train_digits = _class_split(y, config.holdout, n_way)
+    fold_digits = _validation_folds(train_digits, n_way, int(config.val_folds), config.seed)
 
     K_inner = int(config.inner_steps)
     stages = len(config.shots) * (4 + len(META_LEARNERS) * (len(fold_digits) + 1))

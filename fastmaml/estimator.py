@@ -90,7 +90,17 @@ class LogisticModel:
         return float(np.mean(self.predict(X) == np.asarray(y)))
 
     def to_sklearn(self):
-        """The same model as a fitted ``sklearn.linear_model.LogisticRegression``."""
+        """The same model as a fitted ``sklearn.linear_model.LogisticRegression``.
+
+        ``predict`` and ``decision_function`` agree exactly, and so do the
+        multinomial probabilities (both softmax). Binary probabilities agree to
+        the last bit or so: scikit-learn computes ``1 / (1 + exp(-z))``, this
+        model ``exp(-log(1 + exp(-z)))``.
+
+        Returns
+        -------
+        sklearn.linear_model.LogisticRegression
+        """
         try:
             from sklearn.linear_model import LogisticRegression
         except ImportError as exc:  # pragma: no cover

@@ -275,7 +275,7 @@ def _dask_source(args, sampler):
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import mean_ci
+    from .evaluation import paired_difference
     from .estimator import MAML
     from .samplers import GroupedSampler
 
@@ -293,16 +293,16 @@ def _cmd_evaluate(args) -> int:
         warnings.simplefilter("ignore")
         zero.fit(tasks)
     base = zero.evaluate(tasks)
-    diff = mean_ci(res["per_task_accuracy"] - base["per_task_accuracy"])
+    diff = paired_difference(res["per_task_accuracy"], base["per_task_accuracy"])
     print(f"{tasks.n_tasks} groups: meta-learned start {100 * res['accuracy']:.1f}% +/- {100 * res['accuracy_ci95']:.1f}; "
           f"zero start with the same steps {100 * base['accuracy']:.1f}% +/- {100 * base['accuracy_ci95']:.1f}; "
-          f"difference {100 * diff[0]:+.1f} +/- {100 * diff[1]:.1f} points")
+          f"difference {100 * diff['mean']:+.1f} +/- {100 * diff['ci95']:.1f} points")
     if args.json:
         import json
 
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"accuracy": res["accuracy"], "ci95": res["accuracy_ci95"], "loss": res["loss"],
-                       "zero_start_accuracy": base["accuracy"], "difference": diff[0], "difference_ci95": diff[1],
+                       "zero_start_accuracy": base["accuracy"], "difference": diff["mean"], "difference_ci95": diff["ci95"],
                        "n_groups": tasks.n_tasks}, fh, indent=1)
     return 0
 

@@ -37,7 +37,9 @@ from .functional import (
 from ._config import show_config
 from ._tasks import Tasks
 from .estimator import MAML, LogisticModel, StepSizeWarning
-from .samplers import EpisodeSampler, GroupedSampler, make_grouped_tasks, split_groups, split_rows
+from .datasets import make_grouped_tasks
+from .samplers import EpisodeSampler, GroupedSampler
+from .splits import split_groups, split_rows
 
 try:
     __version__ = _version("fastmaml")

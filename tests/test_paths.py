@@ -143,7 +143,7 @@ def test_dataset_kernel_gathers_the_same_gram_matrices(dtype):
 
 
 def test_dataset_kernel_respects_the_memory_budget_and_shape():
-    from fastmaml.samplers import dataset_kernel
+    from fastmaml.datasets import dataset_kernel
 
     X = np.random.default_rng(0).random((100, 5))
     assert dataset_kernel(X, memory_budget=100 * 100 * 8 - 1) is None

@@ -6,7 +6,7 @@ be tuned afterwards to flatter (or to handicap) anyone. Change it only to fix
 a wrong result, and say so in the commit.
 
 What it computes is exactly ``fastmaml.meta_value_and_grad`` for the
-benchmark workloads W1-W4 (DESIGN.md section 1): binary logistic regression,
+benchmark workloads W1-W4 (docs/design.md section 1): binary logistic regression,
 one scalar ``inner_lr``, ``l2 = 0``, K plain gradient steps on the support
 loss, the mean over tasks of the query loss at phi_K, and its exact
 (second-order) gradient with respect to theta by the reverse sweep
@@ -139,7 +139,7 @@ def meta_value_and_grad(theta, tasks, inner_lr: float, inner_steps: int, kernel:
         gbar_w = gbar_w - _rows_transpose_times(support_X, q, kernel)
         gbar_b = gbar_b - q.sum(axis=1)
 
-    # The sum over tasks accumulates in float64 (T may be thousands; DESIGN.md's float32 rule).
+    # The sum over tasks accumulates in float64 (T may be thousands; docs/design.md's float32 rule).
     grad = np.empty(n_features + 1, dtype=dtype)
     grad[:-1] = gbar_w.sum(axis=0, dtype=np.float64)
     grad[-1] = gbar_b.sum(dtype=np.float64)

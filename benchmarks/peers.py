@@ -1,7 +1,7 @@
 """Workloads and peer implementations for the fastmaml benchmarks.
 
 Everything here computes the same thing as ``fastmaml.meta_value_and_grad``
-for a binary logistic-regression model (DESIGN.md section 1, ``l2 = 0``, one
+for a binary logistic-regression model (docs/design.md section 1, ``l2 = 0``, one
 scalar ``inner_lr``): the mean over tasks of the query loss after ``K`` plain
 gradient steps on the support loss, and its exact (second-order) gradient with
 respect to the initialization ``theta``.
@@ -177,7 +177,7 @@ def make_workload(name: str, dtype="float64", T: int | None = None, seed: int = 
 
 
 def rel_error(a, b) -> float:
-    """max|a - b| / max|b| (DESIGN.md's relative error of an array)."""
+    """max|a - b| / max|b| (docs/design.md's relative error of an array)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())

@@ -609,7 +609,7 @@ def main(argv=None) -> int:
     print("\n== exact second-order meta-gradient, median time per call; peer:fm = peer time / fastmaml time ==")
     print("flop model F = T (d+1) (8 K n + 4 m); GEMM peak = numpy a @ b with the same BLAS thread count;")
     print("% peak above 100 means fastmaml does fewer flops than the model counts (the support-side")
-    print("recursion in the span of the support rows, DESIGN.md section 3: O(K n^2) per task for deep K);")
+    print("recursion in the span of the support rows, docs/design.md section 3: O(K n^2) per task for deep K);")
     print(f"bg = CPUs kept busy by other processes during the row (> {NOISY}: noisy, read with care)\n")
     print_table(rows, e1_rows, peaks)
     if rows:

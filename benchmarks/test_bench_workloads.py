@@ -115,7 +115,7 @@ def test_fastmaml(benchmark, name, dtype, n_threads):
     with peers.limit_threads(n_threads):
         loss, grad = benchmark(fn)
     assert np.isfinite(loss) and grad.shape == w.theta.shape
-    # deterministic whatever the thread count (DESIGN.md section 1)
+    # deterministic whatever the thread count (docs/design.md section 1)
     np.testing.assert_array_equal(grad, _fastmaml_grad(w, smoke))
 
 

@@ -1,7 +1,7 @@
 """The batched NumPy speed peer (numpy_batched.py) agrees with tests/reference.py.
 
 The peer is what fastmaml's speed is claimed against, so it must compute the
-same thing: the meta-loss and its exact second-order gradient, to DESIGN.md's
+same thing: the meta-loss and its exact second-order gradient, to docs/design.md's
 tolerances (float64: 1e-10 relative to the per-task float64 loop; float32
 inputs, computed in float32: 2e-4), on every benchmark workload's shape (T
 shrunk as in the smoke run) and on edge cases (K = 0, K = 1, one task, one

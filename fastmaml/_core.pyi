@@ -1,6 +1,6 @@
 """Type stub of the compiled core (checked against the extension by mypy.stubtest in CI)."""
 
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Dict, Tuple
 
 import numpy as np
 

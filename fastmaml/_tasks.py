@@ -120,7 +120,7 @@ class Tasks:
         check_finite : bool, default=True
             Check X for NaN/infinity. A sampler that checked X once passes False.
         kernel : ndarray of shape (n_samples, n_samples), optional
-            X X^T in X's dtype (see :func:`fastmaml.samplers.dataset_kernel`):
+            X X^T in X's dtype (see :func:`fastmaml.datasets.dataset_kernel`):
             the Gram path then gathers each episode's Gram matrix from it.
         """
         self = cls.__new__(cls)

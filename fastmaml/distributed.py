@@ -500,7 +500,7 @@ class DaskTaskSource:
     def __init__(self, client, shards, *, meta_batch_size=None, random_state=None, n_threads_per_worker=None,
                  max_retries: int = 5, timeout=None) -> None:
         distributed = _import_distributed()
-        from .samplers import _check_random_state
+        from ._random import check_random_state as _check_random_state
 
         for attr in ("submit", "scatter", "gather"):
             if not callable(getattr(client, attr, None)):
@@ -674,7 +674,7 @@ class DaskTaskSource:
         """JSON-serialisable state: the minibatch generator's (``{}`` in full-batch mode)."""
         if self._chunks is None:
             return {}
-        from .samplers import _get_rng_state
+        from ._random import get_rng_state as _get_rng_state
 
         return {"rng": _get_rng_state(self._rng)}
 
@@ -684,7 +684,7 @@ class DaskTaskSource:
             raise ValueError(f"state: expected a dict from get_state(), got {type(state).__name__}")
         if self._chunks is None or not state:
             return
-        from .samplers import _set_rng_state
+        from ._random import set_rng_state as _set_rng_state
 
         self._rng = _set_rng_state(self._rng, state["rng"])
 

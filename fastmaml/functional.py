@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, _links
 from ._tasks import Tasks, _Side
 from ._validation import (
     as_feature_array,
@@ -549,14 +549,8 @@ def predict_proba(params, X, *, per_task=None):
         z = Xa @ P[:-1] + P[-1]
     binary = (P.ndim == 1) or (per_task and P.ndim == 2)
     if binary:
-        return _stable_sigmoid(z)
-    z = z - z.max(axis=-1, keepdims=True)
-    ez = np.exp(z)
-    return ez / ez.sum(axis=-1, keepdims=True)
-
-
-def _stable_sigmoid(z: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -z))
+        return _links.sigmoid(z)
+    return _links.softmax(z)
 
 
 def _primitive(params, X, y, v, l2, n_threads):

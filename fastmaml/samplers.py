@@ -43,12 +43,6 @@ from ._tasks import Tasks
 from ._validation import as_feature_array, as_labels, check_int, shape_str
 from .datasets import dataset_kernel
 
-# distributed.py still imports the random-state helpers from here under their
-# old private names; they live in fastmaml._random (one implementation).
-_check_random_state = check_random_state
-_get_rng_state = get_rng_state
-_set_rng_state = set_rng_state
-
 __all__ = ["EpisodeSampler", "GroupedSampler"]
 
 
@@ -473,7 +467,7 @@ class GroupedSampler:
         tiny = n < 2
         if tiny.any():
             raise ValueError(
-                f"groups: every group needs at least 2 rows (one support, one query), but "
+                "groups: every group needs at least 2 rows (one support, one query), but "
                 + ", ".join(f"group {gid} has {c}" for gid, c in zip(self.groups[tiny][:8], n[tiny][:8]))
                 + (f" ({int(tiny.sum())} groups in all)" if tiny.sum() > 8 else "")
                 + "; leave them out with groups_subset"

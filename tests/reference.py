@@ -1,4 +1,4 @@
-"""Plain float64 NumPy reference for fastmaml (DESIGN.md section 1).
+"""Plain float64 NumPy reference for fastmaml (docs/design.md section 1).
 
 This module is the ground truth the C++ core is tested against. It favours
 clarity over speed: Python loops over tasks and inner steps, vectorised NumPy
@@ -366,13 +366,13 @@ def precond_value_and_grad(theta, tasks, log_scale, U, inner_steps, l2=0.0,
 # its defaults (task_axis=False, a scalar l2, grad_features=False) returns the
 # same numbers as ``meta_value_and_grad``.
 #
-# first_order=True, in both functions, differentiates DESIGN.md's surrogate
+# first_order=True, in both functions, differentiates docs/design.md's surrogate
 #     phi_{j+1} = phi_j - alpha_j (*) grad l_s(stopgrad(phi_j); X_s, lam):
 # phi_K = theta - sum_j alpha_j (*) g_j with every g_j a constant in phi but a
 # live function of alpha, lam and X_s. Its exact gradient is the reverse sweep
 # with gbar_j = gbar_K (no H term): dL/dtheta = gbar_K, dL/dalpha_j =
 # -gbar_K (*) g_j, dL/dlam = -sum_j <alpha_j (*) gbar_K, [w_j; 0]>, and the
-# support features get the DESIGN.md formulas with u_j = alpha_j (*) gbar_K.
+# support features get the docs/design.md formulas with u_j = alpha_j (*) gbar_K.
 # (The existing ``meta_value_and_grad`` already returns exactly this surrogate's
 # grad_inner_lr and grad_l2 for first_order=True.)
 

@@ -3,7 +3,7 @@
 Every public function of the functional API is checked against
 ``tests/reference.py`` (float64 to ``RTOL_F64``, float32 to ``RTOL_F32``), the
 meta-gradient also against central finite differences of the meta-loss, and
-the promises of DESIGN.md section 2 are checked directly: dtypes, no copy of
+the promises of docs/design.md section 2 are checked directly: dtypes, no copy of
 C-contiguous features, results independent of ``n_threads`` (bitwise), errors
 that name the argument at fault, and a ``DivergenceError`` instead of NaN.
 
@@ -31,7 +31,7 @@ from tolerances import FD_RTOL, FD_STEP, RTOL_F32, RTOL_F64, assert_rel
 # Builders
 # ---------------------------------------------------------------------------
 
-# Every inner_lr shape DESIGN.md names for a binary theta of shape (D,).
+# Every inner_lr shape docs/design.md names for a binary theta of shape (D,).
 LR_KINDS = ("python_float", "0d_array", "per_parameter", "per_step", "per_step_parameter", "one", "one_by_D")
 PER_STEP_KINDS = ("per_step", "per_step_parameter")
 
@@ -717,7 +717,7 @@ def test_divergence_error_names_the_step_that_overflowed():
     with pytest.raises(fastmaml.DivergenceError, match="task 0") as excinfo:
         fastmaml.meta_value_and_grad(theta, tasks, inner_lr=10.0, inner_steps=K, l2=1.0)
     step = int(re.search(r"step (\d+)", str(excinfo.value)).group(1))
-    # The core numbers steps j = 0..K-1 as DESIGN.md does (phi_{j+1} = phi_j - alpha_j g_j).
+    # The core numbers steps j = 0..K-1 as docs/design.md does (phi_{j+1} = phi_j - alpha_j g_j).
     assert step == ref_step - 1
 
 

@@ -10,7 +10,7 @@ reverse-sweep code:
   written directly from ``reference.adapt`` and ``reference.loss`` with each
   task's own hyperparameters, w.r.t. theta, every per-task l2, every inner_lr
   entry in each layout, and every support and query feature value.
-* First-order MAML: finite differences of DESIGN.md's surrogate
+* First-order MAML: finite differences of docs/design.md's surrogate
   phi_{j+1} = phi_j - alpha_j (*) grad l_s(stopgrad(phi_j); X_s, lam): the
   inner gradients are evaluated at the FROZEN phi_j of the unperturbed forward
   pass while theta, alpha, lam, X_s and X_q stay live. Its value equals the

@@ -13,11 +13,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "fastmaml/imaml.hpp"
 #include "fastmaml/kernels.hpp"
@@ -25,6 +27,10 @@
 #include "fastmaml/parallel.hpp"
 #include "fastmaml/sampling.hpp"
 #include "fastmaml/tasks.hpp"
+
+#ifndef _WIN32
+#include <pthread.h>
+#endif
 
 namespace py = pybind11;
 using fastmaml::index_t;
@@ -34,6 +40,26 @@ namespace {
 struct DivergenceError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
+
+// fastmaml.ForkWarning (a RuntimeWarning), created at import.
+PyObject* g_fork_warning = nullptr;
+
+// In a child forked after the parent's OpenMP pool started, every call runs
+// serially (parallel.hpp); say so once per process, with the GIL held, before
+// the first call that would have used threads. Under `-W error` the warning is
+// raised and the call does not run.
+void warn_if_serial_after_fork(int n_threads) {
+  static std::atomic<bool> warned{false};
+  if (!fastmaml::serial_after_fork().load() || fastmaml::requested_threads(n_threads) <= 1) return;
+  if (warned.exchange(true)) return;
+  if (PyErr_WarnEx(g_fork_warning,
+                   "fastmaml runs serially in this process: it was forked after fastmaml had used OpenMP "
+                   "threads, and the OpenMP runtime cannot start threads again after fork(). Results are "
+                   "unchanged (they do not depend on the thread count); use the 'spawn' or 'forkserver' "
+                   "start method to keep threads in child processes",
+                   1) < 0)
+    throw py::error_already_set();
+}
 
 [[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
 [[noreturn]] void type_error(const std::string& msg) { throw py::type_error(msg); }
@@ -57,19 +83,44 @@ const T* checked(const py::array& a, const char* name) {
   return static_cast<const T*>(a.data());
 }
 
+// Private copies of the arrays that guard memory (offsets, row indices,
+// labels). The checks run on these copies with the GIL held, and the core
+// reads the same copies after the GIL is released, so another Python thread
+// that rewrites the caller's arrays during a call cannot make the core read
+// out of bounds (it can only change values, never where they are read). The
+// copies are small beside the rows they address (8 + 8 + 4 bytes per row
+// against 4 or 8 per feature), and X, theta and the step table are read in
+// place.
+struct SideGuard {
+  std::vector<index_t> ptr, idx;
+  std::vector<std::int32_t> y;
+};
+
+struct TaskGuard {
+  SideGuard support, query;
+};
+
+template <class I>
+const I* copy_into(const py::array& a, const std::string& name, std::vector<I>& out) {
+  const I* src = checked<I>(a, name.c_str());
+  out.assign(src, src + a.size());
+  return out.data();
+}
+
 // Builds one side of a TaskSet from (X, idx or None, ptr, y) and checks every
 // invariant the core relies on, so that no input can make it read out of
 // bounds.
 template <class T>
 fastmaml::SideView<T> make_side(const py::array& X, const py::object& idx, const py::array& ptr,
-                                const py::array& y, index_t n_tasks, index_t d, const char* side) {
+                                const py::array& y, index_t n_tasks, index_t d, const char* side,
+                                SideGuard& guard) {
   const std::string s(side);
   fastmaml::SideView<T> v;
   v.base = checked<T>(X, (s + "_X").c_str());
-  v.ptr = checked<index_t>(ptr, (s + "_ptr").c_str());
-  v.y = checked<std::int32_t>(y, (s + "_y").c_str());
   if (ptr.ndim() != 1 || ptr.shape(0) != n_tasks + 1)
     value_error(s + "_ptr: expected shape (" + std::to_string(n_tasks + 1) + ",), got " + shape_str(ptr));
+  v.ptr = copy_into<index_t>(ptr, s + "_ptr", guard.ptr);
+  v.y = copy_into<std::int32_t>(y, s + "_y", guard.y);
   const index_t total = y.size();
   if (v.ptr[0] != 0) value_error(s + "_ptr: must start at 0");
   for (index_t t = 0; t < n_tasks; ++t) {
@@ -83,9 +134,10 @@ fastmaml::SideView<T> make_side(const py::array& X, const py::object& idx, const
   const index_t n_rows = d > 0 ? X.size() / d : 0;
   if (!idx.is_none()) {
     py::array ia = idx.cast<py::array>();
-    v.idx = checked<index_t>(ia, (s + "_idx").c_str());
+    checked<index_t>(ia, (s + "_idx").c_str());
     if (ia.size() != total)
       value_error(s + "_idx: expected " + std::to_string(total) + " indices, got " + std::to_string(ia.size()));
+    v.idx = copy_into<index_t>(ia, s + "_idx", guard.idx);
     for (index_t p = 0; p < total; ++p) {
       if (v.idx[p] < 0 || v.idx[p] >= n_rows)
         value_error(s + "_idx: index " + std::to_string(v.idx[p]) + " is out of range for a dataset of " +
@@ -158,14 +210,15 @@ index_t n_tasks_of(const Side& s) {
 }
 
 template <class T>
-fastmaml::TaskSet<T> make_taskset(index_t C, const Side& s, const Side* q, const py::object& kernel) {
+fastmaml::TaskSet<T> make_taskset(index_t C, const Side& s, const Side* q, const py::object& kernel,
+                                   TaskGuard& guard) {
   const index_t n_tasks = n_tasks_of(s);
   const index_t d = feature_count(s.X);
   if (n_tasks < 1) value_error("tasks: expected at least one task, got 0");
   fastmaml::TaskSet<T> ts;
   ts.n_tasks = n_tasks;
   ts.d = d;
-  ts.support = make_side<T>(s.X, s.idx, s.ptr, s.y, n_tasks, d, "support");
+  ts.support = make_side<T>(s.X, s.idx, s.ptr, s.y, n_tasks, d, "support", guard.support);
   check_labels(ts.support, s.y.size(), C, "support");
   if (!kernel.is_none()) {
     py::array k = kernel.cast<py::array>();
@@ -181,7 +234,7 @@ fastmaml::TaskSet<T> make_taskset(index_t C, const Side& s, const Side* q, const
     if (n_tasks_of(*q) != n_tasks)
       value_error("query: expected " + std::to_string(n_tasks) + " tasks like the support sets, got " +
                   std::to_string(n_tasks_of(*q)));
-    ts.query = make_side<T>(q->X, q->idx, q->ptr, q->y, n_tasks, d, "query");
+    ts.query = make_side<T>(q->X, q->idx, q->ptr, q->y, n_tasks, d, "query", guard.query);
     check_labels(ts.query, q->y.size(), C, "query");
   }
   return ts;
@@ -229,7 +282,8 @@ py::tuple meta_impl(const py::array& theta, const Side& s, const Side& q, index_
                     fastmaml::Mode mode, fastmaml::Sweep sweep, int n_threads, const py::object& alpha,
                     fastmaml::LrLayout lr, const py::object& log_scale, const py::object& U,
                     const py::object& kernel, bool want_blocks) {
-  auto ts = make_taskset<T>(C, s, &q, kernel);
+  TaskGuard guard;
+  auto ts = make_taskset<T>(C, s, &q, kernel, guard);
   const index_t d = ts.d, D = d + 1, P = D * C, n_tasks = ts.n_tasks;
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
@@ -244,6 +298,7 @@ py::tuple meta_impl(const py::array& theta, const Side& s, const Side& q, index_
   const index_t slot_len = fastmaml::meta_slot_len(P, H, mode);
   py::array_t<double> blocks = want_blocks ? py::array_t<double>({n_blocks, slot_len}) : py::array_t<double>(0);
   double loss = 0.0, grad_l2 = 0.0;
+  warn_if_serial_after_fork(n_threads);
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
@@ -261,13 +316,15 @@ py::tuple meta_impl(const py::array& theta, const Side& s, const Side& q, index_
 template <class T>
 py::array adapt_impl(const py::array& theta, const Side& s, index_t C, index_t K, double l2, bool keep_path,
                      int n_threads, const py::object& alpha, const py::object& log_scale, const py::object& U) {
-  auto ts = make_taskset<T>(C, s, nullptr, py::none());
+  TaskGuard guard;
+  auto ts = make_taskset<T>(C, s, nullptr, py::none(), guard);
   const index_t D = ts.d + 1, P = D * C, n_tasks = ts.n_tasks;
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
   auto pre = make_precond<T>(log_scale, U, D);
   const T* al = step_table<T>(alpha, pre, K, P);
   py::array_t<T> out = keep_path ? py::array_t<T>({n_tasks, K + 1, P}) : py::array_t<T>({n_tasks, P});
+  warn_if_serial_after_fork(n_threads);
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
@@ -282,7 +339,8 @@ py::array adapt_impl(const py::array& theta, const Side& s, index_t C, index_t K
 template <class T>
 py::tuple loss_grad_hvp_impl(const py::array& params, const Side& s, index_t C, double l2, int n_threads,
                              const py::object& v) {
-  auto ts = make_taskset<T>(C, s, nullptr, py::none());
+  TaskGuard guard;
+  auto ts = make_taskset<T>(C, s, nullptr, py::none(), guard);
   const index_t P = (ts.d + 1) * C, n_tasks = ts.n_tasks;
   const T* p = checked<T>(params, "params");
   if (params.size() != n_tasks * P) value_error("params: expected one parameter vector per task");
@@ -294,6 +352,7 @@ py::tuple loss_grad_hvp_impl(const py::array& params, const Side& s, index_t C, 
   }
   py::array_t<T> loss(n_tasks);
   py::array_t<T> out({n_tasks, P});
+  warn_if_serial_after_fork(n_threads);
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
@@ -308,7 +367,8 @@ py::tuple loss_grad_hvp_impl(const py::array& params, const Side& s, index_t C, 
 template <class T>
 py::tuple imaml_impl(const py::array& theta, const Side& s, const Side& q, index_t C,
                      const fastmaml::ImamlSettings& cfg, int n_threads) {
-  auto ts = make_taskset<T>(C, s, &q, py::none());
+  TaskGuard guard;
+  auto ts = make_taskset<T>(C, s, &q, py::none(), guard);
   const index_t P = (ts.d + 1) * C, n_tasks = ts.n_tasks;
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
@@ -319,6 +379,7 @@ py::tuple imaml_impl(const py::array& theta, const Side& s, const Side& q, index
   fastmaml::ImamlReport rep{inner_res.mutable_data(), inner_it.mutable_data(), inner_ok.mutable_data(),
                             cg_res.mutable_data(),    cg_it.mutable_data(),    cg_ok.mutable_data()};
   double loss = 0.0;
+  warn_if_serial_after_fork(n_threads);
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
@@ -347,6 +408,16 @@ PYBIND11_MODULE(_core, m) {
   using Layout = std::tuple<index_t, index_t, index_t>;
   m.doc() = "fastmaml compiled core (private; use the fastmaml package)";
   py::register_exception<DivergenceError>(m, "DivergenceError", PyExc_FloatingPointError);
+  g_fork_warning = PyErr_NewExceptionWithDoc(
+      "fastmaml.ForkWarning",
+      "Warned once in a process forked after fastmaml used OpenMP threads: calls there run serially, with "
+      "bitwise the same results.",
+      PyExc_RuntimeWarning, nullptr);
+  if (!g_fork_warning) throw py::error_already_set();
+  m.attr("ForkWarning") = py::handle(g_fork_warning);  // our own reference keeps it alive for good
+#ifndef _WIN32
+  pthread_atfork(nullptr, nullptr, [] { fastmaml::note_fork_child(); });
+#endif
 
   // Plain `type` as metaclass: the classes behave like ordinary Python
   // classes (and their .pyi stub says so, checked by mypy.stubtest).

@@ -10,6 +10,7 @@ compiler: str
 reduce_block: int
 
 class DivergenceError(FloatingPointError): ...
+class ForkWarning(RuntimeWarning): ...
 
 class Mode:
     """What the reverse sweep computes: exact MAML, first-order MAML or Reptile."""

@@ -24,28 +24,104 @@ def shape_str(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
+def _cgroup_headroom(root: str = "/sys/fs/cgroup", proc_cgroup: str = "/proc/self/cgroup") -> int | None:
+    """Bytes this process's cgroup may still allocate (limit minus usage), or None without a limit.
+
+    Containers and batch schedulers cap memory with a cgroup far below the
+    machine's MemAvailable; beyond the cap the kernel's OOM killer ends the
+    process without an exception. cgroup v2 exposes ``memory.max`` and
+    ``memory.current``, v1 ``memory.limit_in_bytes`` and ``memory.usage_in_bytes``.
+    """
+    paths = []
+    try:
+        with open(proc_cgroup, encoding="ascii") as fh:
+            for line in fh:
+                parts = line.rstrip("\n").split(":", 2)
+                if len(parts) != 3:
+                    continue
+                if parts[0] == "0" and parts[1] == "":
+                    paths.append((root + parts[2].rstrip("/"), "memory.max", "memory.current"))
+                elif "memory" in parts[1].split(","):
+                    paths.append((root + "/memory" + parts[2].rstrip("/"), "memory.limit_in_bytes",
+                                  "memory.usage_in_bytes"))
+    except OSError:
+        pass
+    # Inside a container the process's own cgroup is usually mounted as the root.
+    paths += [(root, "memory.max", "memory.current"),
+              (root + "/memory", "memory.limit_in_bytes", "memory.usage_in_bytes")]
+    best = None
+    for base, limit_name, usage_name in paths:
+        try:
+            with open(os.path.join(base, limit_name), encoding="ascii") as fh:
+                raw = fh.read().strip()
+        except OSError:
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:  # v1 writes ~2**63 for "no limit"
+            continue
+        try:
+            with open(os.path.join(base, usage_name), encoding="ascii") as fh:
+                used = int(fh.read().strip())
+        except (OSError, ValueError):
+            used = 0
+        room = max(int(raw) - used, 0)
+        best = room if best is None else min(best, room)
+    return best
+
+
 def available_memory() -> int:
-    """Bytes of memory available now (Linux: MemAvailable), or a large number when unknown."""
+    """Bytes of memory available now: MemAvailable (Linux), capped by the cgroup's limit and ``ulimit -v``.
+
+    A large number when nothing is known.
+    """
+    avail = None
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
+    if avail is None:
+        try:
+            avail = int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            avail = 1 << 62
+    for room in (_cgroup_headroom(), _address_space_headroom()):
+        if room is not None:
+            avail = min(avail, room)
+    return avail
+
+
+def _address_space_headroom() -> int | None:
+    """Address space left under ``ulimit -v`` (RLIMIT_AS), or None without a limit."""
     try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY:
+            return None
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            used = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        return max(soft - used, 0)
+    except (ImportError, OSError, ValueError, AttributeError):
+        return None
 
 
-def check_memory(nbytes: int, name: str, what: str) -> None:
-    """Fail before allocating when a request cannot fit in memory."""
+def check_memory(nbytes: int, name: str, what: str, hint: str | None = None) -> None:
+    """Fail before allocating when a request cannot fit in memory.
+
+    ``name`` is the argument that made the request large, ``what`` the
+    allocation, ``hint`` how to make it smaller (default: in-place data or
+    smaller batches).
+    """
     avail = available_memory()
     if nbytes > avail:
+        if hint is None:
+            hint = "pass C-contiguous float32/float64 data (used in place), or smaller batches"
         raise MemoryError(
             f"{name}: {what} needs {nbytes / 2**30:.2f} GiB but only {avail / 2**30:.2f} GiB of memory is "
-            "available; pass C-contiguous float32/float64 data (used in place), or smaller batches"
+            f"available; {hint}"
         )
 
 
@@ -56,7 +132,15 @@ def as_feature_array(X, name: str, *, ndim=None, check_finite: bool = True) -> n
     """
     if isinstance(X, (str, bytes)):
         raise TypeError(f"{name}: expected a numeric array, got {type(X).__name__}")
-    arr = np.asarray(X)
+    try:
+        arr = np.asarray(X)
+    except ValueError as exc:  # NumPy refuses nested lists of unequal lengths
+        raise ValueError(
+            f"{name}: expected a rectangular numeric array, got nested sequences of unequal lengths ({exc}); "
+            "for tasks with different numbers of rows, pass one dataset and flat row indices with offsets: "
+            "fastmaml.Tasks.from_index(X, support_idx, support_y, query_idx, query_y, support_ptr=..., "
+            "query_ptr=...)"
+        ) from None
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"{name}: expected a numeric array, got dtype {arr.dtype}")
     if arr.dtype not in FLOAT_DTYPES:
@@ -134,8 +218,14 @@ def check_float(value, name: str, *, minimum=None) -> float:
     return value
 
 
+MAX_THREADS = 2**31 - 1  # the core's thread count is a C int
+
+
 def check_threads(n_threads) -> int:
     """None -> 0 (OpenMP's default: OMP_NUM_THREADS, else all cores)."""
     if n_threads is None:
         return 0
-    return check_int(n_threads, "n_threads", minimum=1)
+    n_threads = check_int(n_threads, "n_threads", minimum=1)
+    if n_threads > MAX_THREADS:
+        raise ValueError(f"n_threads: expected an integer in [1, {MAX_THREADS}], got {n_threads}")
+    return n_threads

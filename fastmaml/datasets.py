@@ -157,27 +157,38 @@ class Dataset:
 # ---------------------------------------------------------------------------
 
 
-def _read_maybe_gzipped(path: str) -> Tuple[bytes, bool]:
-    """Return the (decompressed) bytes of ``path`` and whether it was gzipped.
+_IDX_CHUNK = 1 << 22  # bytes read per call: the peak stays the array plus one chunk
+
+
+def _open_maybe_gzipped(path: str):
+    """A binary stream of the (decompressed) content of ``path`` and whether it is gzipped.
 
     Gzip is detected from the magic bytes ``1f 8b``, not from the suffix.
     """
     if not os.path.exists(path):
         raise FileNotFoundError(2, "IDX file not found", path)
-    with open(path, "rb") as fh:
-        head = fh.read(2)
+    fh = open(path, "rb")
+    if fh.read(2) != _GZIP_MAGIC:
         fh.seek(0)
-        if head != _GZIP_MAGIC:
-            return fh.read(), False
-        try:
-            with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
-                return gz.read(), True
-        except (EOFError, OSError, zlib.error) as exc:
-            # EOFError: truncated stream; BadGzipFile (an OSError): bad header
-            # or CRC; zlib.error: corrupt deflate data.
-            raise ValueError(
-                f"{path}: corrupt or truncated gzip data ({exc})"
-            ) from exc
+        return fh, False
+    fh.close()
+    return gzip.open(path, "rb"), True  # owns (and closes) its file
+
+
+def _read_exactly(stream, path: str, view: memoryview) -> int:
+    """Fill ``view`` from ``stream`` in chunks; the number of bytes read (short only at the end of the stream)."""
+    got = 0
+    try:
+        while got < len(view):
+            n = stream.readinto(view[got : got + _IDX_CHUNK])
+            if not n:
+                break
+            got += n
+    except (EOFError, OSError, zlib.error) as exc:
+        # EOFError: truncated stream; BadGzipFile (an OSError): bad header
+        # or CRC; zlib.error: corrupt deflate data.
+        raise ValueError(f"{path}: corrupt or truncated gzip data ({exc})") from exc
+    return got
 
 
 def load_idx(path: PathLike) -> np.ndarray:
@@ -188,6 +199,12 @@ def load_idx(path: PathLike) -> np.ndarray:
     in row-major (C) order, big-endian.  Gzipped files are decompressed
     transparently; compression is detected from the gzip magic bytes
     (``1f 8b``), so the ``.gz`` suffix is neither needed nor trusted.
+
+    The file is streamed: the size the header declares is checked against
+    the memory available before anything is allocated, the data are read in
+    chunks straight into the result, and a stream that ends early or runs on
+    past the declared size is refused as soon as that is known (a small
+    gzip file that expands to gigabytes is never read whole).
 
     Parameters
     ----------
@@ -212,48 +229,73 @@ def load_idx(path: PathLike) -> np.ndarray:
         If the magic number is invalid (non-zero leading bytes, unknown type
         code, zero dimensions), the file is truncated, has trailing bytes, or
         the gzip stream is corrupt.  The message names the file.
+    MemoryError
+        If the header declares more data than the memory available.  The
+        message names the file.
     """
-    path = os.fspath(path)
-    data, compressed = _read_maybe_gzipped(path)
+    from ._validation import available_memory  # NumPy-only, like this module
 
-    if len(data) < 4:
-        raise ValueError(
-            f"{path}: truncated IDX file: {len(data)} bytes, the 4-byte magic "
-            "number is incomplete"
-        )
-    b0, b1, code, ndim = data[0], data[1], data[2], data[3]
-    if b0 != 0 or b1 != 0 or code not in _IDX_DTYPES or ndim == 0:
-        magic = int.from_bytes(data[:4], "big")
-        raise ValueError(
-            f"{path}: not an IDX file: bad magic number 0x{magic:08X} (expected "
-            "0x0000TTNN with type code TT in 08, 09, 0B, 0C, 0D, 0E and NN >= 1 "
-            "dimensions, e.g. 0x00000803 for MNIST images, 0x00000801 for labels)"
-        )
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise ValueError(
-            f"{path}: truncated IDX file: header declares {ndim} dimensions "
-            f"({header_len} header bytes) but the file has only {len(data)} bytes"
-        )
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)
-    )
-    dtype = _IDX_DTYPES[code]
-    count = 1
-    for s in shape:
-        count *= s
-    expected = header_len + count * dtype.itemsize
-    if len(data) != expected:
-        kind = "truncated IDX file" if len(data) < expected else "IDX size mismatch"
-        raise ValueError(
-            f"{path}: {kind}: header says shape {shape} of {dtype.name} "
-            f"({expected} bytes including the header) but the "
-            f"{'decompressed ' if compressed else ''}"
-            f"data have {len(data)} bytes"
-        )
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header_len)
-    # Native byte order, owned and writable (frombuffer on bytes is read-only).
-    return arr.astype(dtype.newbyteorder("="), copy=True).reshape(shape)
+    path = os.fspath(path)
+    stream, compressed = _open_maybe_gzipped(path)
+    with stream:
+        head = bytearray(4)
+        got = _read_exactly(stream, path, memoryview(head))
+        if got < 4:
+            raise ValueError(
+                f"{path}: truncated IDX file: {got} bytes, the 4-byte magic "
+                "number is incomplete"
+            )
+        b0, b1, code, ndim = head[0], head[1], head[2], head[3]
+        if b0 != 0 or b1 != 0 or code not in _IDX_DTYPES or ndim == 0:
+            magic = int.from_bytes(head, "big")
+            raise ValueError(
+                f"{path}: not an IDX file: bad magic number 0x{magic:08X} (expected "
+                "0x0000TTNN with type code TT in 08, 09, 0B, 0C, 0D, 0E and NN >= 1 "
+                "dimensions, e.g. 0x00000803 for MNIST images, 0x00000801 for labels)"
+            )
+        header_len = 4 + 4 * ndim
+        dims = bytearray(4 * ndim)
+        got = _read_exactly(stream, path, memoryview(dims))
+        if got < len(dims):
+            raise ValueError(
+                f"{path}: truncated IDX file: header declares {ndim} dimensions "
+                f"({header_len} header bytes) but the file has only {4 + got} bytes"
+            )
+        shape = tuple(int.from_bytes(dims[4 * i : 4 + 4 * i], "big") for i in range(ndim))
+        dtype = _IDX_DTYPES[code]
+        count = 1
+        for s in shape:
+            count *= s
+        expected = header_len + count * dtype.itemsize
+        what = f"header says shape {shape} of {dtype.name} ({expected} bytes including the header)"
+        if not compressed:
+            size = os.fstat(stream.fileno()).st_size
+            if size != expected:
+                kind = "truncated IDX file" if size < expected else "IDX size mismatch"
+                raise ValueError(f"{path}: {kind}: {what} but the data have {size} bytes")
+        avail = available_memory()
+        if count * dtype.itemsize > avail:
+            raise MemoryError(
+                f"{path}: {what}, more than the {avail / 2**30:.2f} GiB of memory available"
+            )
+        arr = np.empty(count, dtype=dtype)
+        got = _read_exactly(stream, path, memoryview(arr).cast("B"))
+        if got < count * dtype.itemsize:
+            raise ValueError(
+                f"{path}: truncated IDX file: {what} but the "
+                f"{'decompressed ' if compressed else ''}data have {header_len + got} bytes"
+            )
+        extra = _read_exactly(stream, path, memoryview(bytearray(1)))
+        if extra:
+            raise ValueError(
+                f"{path}: IDX size mismatch: {what} but the "
+                f"{'decompressed ' if compressed else ''}data run on past it"
+            )
+    # Native byte order, in place: the array read is the array returned.
+    native = dtype.newbyteorder("=")
+    if native != dtype:
+        arr = arr.byteswap(inplace=True).view(native)
+    return arr.reshape(shape)
 
 
 # ---------------------------------------------------------------------------
@@ -722,7 +764,9 @@ def dataset_kernel(X, *, memory_budget: int = 2**30) -> Optional[np.ndarray]:
     from ._validation import as_feature_array  # lazily: the readers above stay plain NumPy
 
     Xa = as_feature_array(X, "X", ndim=2)
-    budget = int(memory_budget)
+    from ._validation import check_int  # NumPy-only, like this module
+
+    budget = check_int(memory_budget, "memory_budget", minimum=0)
     need = Xa.shape[0] ** 2 * Xa.itemsize
     if need > budget:
         return None

@@ -26,6 +26,7 @@ from .functional import adapt as _adapt
 from .functional import meta_value_and_grad, precond_value_and_grad, reptile_grad
 from .optim import SGD, Adam
 from ._links import sigmoid, softmax
+from ._random import check_random_state
 from .evaluation import mean_ci, query_scores
 from ._tasks import Tasks
 from ._validation import as_feature_array, check_float, check_int, check_threads
@@ -435,7 +436,7 @@ class MAML:
         shape = (D,) if n_classes <= 2 else (D, n_classes)
         params = {"theta": np.zeros(shape)}
         if self.learn_inner_lr == "preconditioner":
-            rng = np.random.default_rng(self.random_state if isinstance(self.random_state, (int, np.integer)) else None)
+            rng = check_random_state(self.random_state)
             params["log_scale"] = np.full(D, math.log(float(self._fixed_lr.reshape(-1)[0])))
             # U = 0 is a stationary point of d/dU = (M + M^T) U: start slightly off it
             params["U"] = 1e-3 * rng.standard_normal((D, int(self.precond_rank)))

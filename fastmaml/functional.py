@@ -37,6 +37,7 @@ __all__ = [
     "loss_and_grad",
     "hessian_vector_product",
     "DivergenceError",
+    "ForkWarning",
     "ReptileStep",
     "reptile_grad",
     "PreconditionedGradient",
@@ -53,6 +54,9 @@ __all__ = [
 ]
 
 DivergenceError = _core.DivergenceError
+# Warned once in a process forked after the core used OpenMP threads: calls
+# there run serially, bitwise as before (docs/design.md section 4).
+ForkWarning = _core.ForkWarning
 
 ArrayOrFloat = Union[float, np.ndarray]
 
@@ -116,7 +120,7 @@ def _prepare_theta(theta, n_features: int, dtype, name: str = "theta") -> np.nda
 
 def _check_l2(l2, dtype) -> float:
     lam = check_float(l2, "l2", minimum=0.0)
-    if lam > np.finfo(dtype).max:
+    if lam > float(np.finfo(dtype).max):  # compared as Python floats: no cast, no overflow warning
         raise ValueError(f"l2: {lam} overflows the compute dtype {np.dtype(dtype)}")
     return lam
 
@@ -343,6 +347,11 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNE
             _check_labels_in_range(side.y, C, "y")
     step = {}
     if inner_loop and theta_c is not None:
+        if not preconditioned:
+            # The (K, *theta.shape) table is made in full below (the core reads one row per step).
+            check_memory(K * theta_c.size * np.dtype(dtype).itemsize, "inner_steps",
+                         f"the step-size table of {K} inner steps x {theta_c.size} parameters",
+                         hint="use fewer inner_steps")
         if preconditioned:
             step["log_scale"], step["U"] = _prepare_precond(log_scale, U, d + 1, dtype)
         else:
@@ -360,11 +369,32 @@ def _run_meta(call: _Call, mode, sweep="auto", block_sums: bool = False) -> tupl
     requested = _sweep_arg(sweep)
     if requested == _core.Sweep.gram and _choose(call, mode, requested) != _core.Sweep.gram:
         raise ValueError(_GRAM_NEEDS)
+    _check_path_memory(call)
     return _core.meta_value_and_grad(
         call.theta, call.support, call.query, n_classes=call.n_classes, inner_steps=call.inner_steps, l2=call.l2,
         mode=mode, sweep=requested, n_threads=call.n_threads, inner_lr=call.inner_lr, lr_layout=call.lr_layout,
         log_scale=call.log_scale, U=call.U, kernel=call.kernel, block_sums=block_sums,
     )
+
+
+def _check_path_memory(call: _Call) -> None:
+    """Fail before the core allocates the inner-loop path that the reverse sweep reads back.
+
+    Each worker thread keeps, for the task it runs, phi_0..phi_K and the K
+    support gradients (parameters in the compute dtype) and K rows of
+    curvature per support row and class (float64) on the plain path, or
+    about four (K + 1) x n x C float64 tables and the n x n Gram matrix on
+    the Gram path; both are bounded here, for as many workers as can run.
+    """
+    K, P, C = call.inner_steps, (call.n_features + 1) * call.n_classes, call.n_classes
+    n = int(np.diff(call.support.ptr).max())
+    itemsize = np.dtype(call.dtype).itemsize
+    plain = (2 * K + 1) * P * itemsize + K * n * C * 8
+    gram = 4 * (K + 1) * n * C * 8 + n * n * 8
+    workers = min(call.n_threads or int(_core.max_threads()), call.n_tasks)
+    check_memory(workers * max(plain, gram), "inner_steps",
+                 f"the inner-loop path kept for the reverse sweep ({K} steps, {workers} worker thread(s))",
+                 hint="use fewer inner_steps or n_threads")
 
 
 def _run_adapt(call: _Call, return_path: bool):
@@ -541,16 +571,16 @@ def predict_proba(params, X, *, per_task=None):
             f"params: expected shape ({d + 1},), ({d + 1}, C), (n_tasks, {d + 1}) or (n_tasks, {d + 1}, C), "
             f"got {shape_str(P.shape)}"
         )
-    P = P.astype(Xa.dtype, copy=False)
-    if per_task:
-        W, b = P[:, :-1], P[:, -1]
-        z = np.einsum("tnd,td...->tn...", Xa, W) + (b[:, None] if b.ndim == 2 else b[:, None])
-    else:
-        z = Xa @ P[:-1] + P[-1]
+    with np.errstate(over="ignore"):
+        P = P.astype(Xa.dtype, copy=False)
+    if not np.isfinite(P).all():
+        raise ValueError(f"params: values overflow the dtype of X ({Xa.dtype})")
+    W, b = (P[:, :-1], P[:, -1]) if per_task else (P[:-1], P[-1])
+    z, scale = _links.logits(Xa, W, b, per_task=per_task)
     binary = (P.ndim == 1) or (per_task and P.ndim == 2)
     if binary:
-        return _links.sigmoid(z)
-    return _links.softmax(z)
+        return _links.sigmoid(z, scale)
+    return _links.softmax(z, scale)
 
 
 def _primitive(params, X, y, v, l2, n_threads):

@@ -195,6 +195,8 @@ class EpisodeSampler:
         self.X = as_feature_array(X, "X", ndim=2, check_finite=True)
         # X X^T of the dataset, computed once when it fits the budget: episodes
         # then gather their Gram matrices instead of computing them.
+        if kernel_budget is not None:
+            kernel_budget = check_int(kernel_budget, "kernel_budget", minimum=0)
         self.kernel = dataset_kernel(self.X, memory_budget=kernel_budget) if kernel_budget else None
         N = self.X.shape[0]
         self.y = _as_class_ids(y, "y", N)

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <new>
@@ -45,9 +46,40 @@ struct TaskStatus {
   bool ok() const { return code == ErrorCode::ok; }
 };
 
-inline int resolve_threads(int n_threads) {
+// fork() and OpenMP: libgomp's thread pool does not survive a fork, and a
+// child that opens a parallel region after its parent ran one with two or
+// more threads waits forever for workers that do not exist. The bindings
+// register `note_fork_child` with pthread_atfork; a child forked after the
+// pool started then runs every call serially (one thread never touches the
+// pool). Results do not change: they are bitwise independent of the thread
+// count (docs/design.md section 4).
+inline std::atomic<bool>& pool_started() {
+  static std::atomic<bool> started{false};
+  return started;
+}
+inline std::atomic<bool>& serial_after_fork() {
+  static std::atomic<bool> serial{false};
+  return serial;
+}
+// Async-signal-safe (lock-free atomics only): it runs in the child of fork().
+inline void note_fork_child() {
+  if (pool_started().load(std::memory_order_relaxed)) serial_after_fork().store(true, std::memory_order_relaxed);
+}
+
+// The thread count a call asks for, before the fork rule.
+inline int requested_threads(int n_threads) {
 #ifdef _OPENMP
   return n_threads > 0 ? n_threads : omp_get_max_threads();
+#else
+  (void)n_threads;
+  return 1;
+#endif
+}
+
+inline int resolve_threads(int n_threads) {
+#ifdef _OPENMP
+  if (serial_after_fork().load(std::memory_order_relaxed)) return 1;
+  return requested_threads(n_threads);
 #else
   (void)n_threads;
   return 1;
@@ -76,6 +108,10 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
   int threads = resolve_threads(n_threads);
   const double useful = static_cast<double>(n_tasks) * work_per_task / kMinWorkPerThread;
   if (useful < threads) threads = std::max(1, static_cast<int>(useful));
+  // More threads than tasks only adds idle workers (and a huge n_threads
+  // would ask the OpenMP runtime for that many).
+  if (static_cast<index_t>(threads) > n_tasks) threads = static_cast<int>(std::max<index_t>(1, n_tasks));
+  if (threads > 1) pool_started().store(true, std::memory_order_relaxed);
   index_t chunk = n_tasks;
   if (slot_len > 0) {
     const index_t blocks = std::max<index_t>(1, kChunkDoubles / (slot_len * kReduceBlock));

@@ -108,6 +108,11 @@ def _address_space_headroom() -> int | None:
         return None
 
 
+# Requests below this size are not checked: reading /proc and the cgroup files
+# costs about half a millisecond, more than a small meta-batch's whole call.
+_ALWAYS_FITS = 64 * 2**20
+
+
 def check_memory(nbytes: int, name: str, what: str, hint: str | None = None) -> None:
     """Fail before allocating when a request cannot fit in memory.
 
@@ -115,6 +120,8 @@ def check_memory(nbytes: int, name: str, what: str, hint: str | None = None) -> 
     allocation, ``hint`` how to make it smaller (default: in-place data or
     smaller batches).
     """
+    if nbytes <= _ALWAYS_FITS:
+        return
     avail = available_memory()
     if nbytes > avail:
         if hint is None:

@@ -275,6 +275,7 @@ py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, in
   if (mode == fastmaml::Mode::reptile) value_error("mode: Reptile has no per-task hyperparameters or feature gradients");
   if (!((lr.ks == 1 || lr.ks == K) && (lr.pr == 1 || lr.pr == D) && (lr.pc == 1 || lr.pc == C)))
     value_error("lr_layout: each extent must be 1 or the full (inner_steps, n_features + 1, n_classes) size");
+  if (alpha.is_none()) value_error("inner_lr: required with per-task hyperparameters or feature gradients");
   py::array a = alpha.cast<py::array>();
   const T* al = checked<T>(a, "inner_lr");
   const index_t tables = task_lr ? n_tasks : 1;

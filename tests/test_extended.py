@@ -250,11 +250,18 @@ def test_accumulate_rejects_dense_tasks_and_wrong_shapes():
 
 @pytest.mark.parametrize("kind", ["binary", "softmax"])
 @pytest.mark.parametrize("first_order", [False, True], ids=["maml", "fomaml"])
-def test_float32_within_tolerance_of_float64_reference(kind, first_order):
-    theta, tasks = dense_problem(kind, seed=30)
+@pytest.mark.parametrize("form", ["dense", "ragged"])
+def test_float32_within_tolerance_of_float64_reference(kind, first_order, form):
     K = 3
+    if form == "dense":
+        theta, tasks = dense_problem(kind, seed=30)
+        ref_tasks = tasks
+    else:
+        theta, t64, ref_tasks, (X, _, _) = index_problem(kind, True, seed=31)
+        tasks = fastmaml.Tasks.from_index(X.astype(np.float32), t64.support.idx, t64.support.y, t64.query.idx,
+                                          t64.query.y, support_ptr=t64.support.ptr, query_ptr=t64.query.ptr)
     lr, l2 = step_sizes("task_step_param", K, theta), per_task_l2()
-    res, ref = both(theta, tasks, tasks, lr, K, l2, first_order, True, True, dtype=np.float32)
+    res, ref = both(theta, tasks, ref_tasks, lr, K, l2, first_order, True, True, dtype=np.float32)
     for name in ("grad", "grad_inner_lr", "grad_l2", "grad_support_X", "grad_query_X"):
         assert getattr(res, name).dtype == np.float32, name
     assert_matches(res, ref, RTOL_F32, features=True)

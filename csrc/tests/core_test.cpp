@@ -198,7 +198,8 @@ static void run_case(Link link, index_t C, const char* name) {
 // call when every task has the same values, and bitwise across threads.
 template <class Link>
 static void extended_case(Link link, index_t C, const char* name) {
-  const index_t d = 4, K = 3, T = 70;
+  // Enough tasks that the driver's work estimate hands two threads the batch.
+  const index_t d = 4, K = 3, T = 640;
   Data D = make(T, d, C, 21 + static_cast<unsigned>(C));
   auto ts = view(D);
   const index_t P = (d + 1) * C;

@@ -331,6 +331,9 @@ def test_wrong_leading_axis_is_named():
         fastmaml.meta_value_and_grad(theta, tasks, inner_lr=0.5, inner_steps=2, task_axis=True)
     with pytest.raises(ValueError, match=r"inner_lr\[t\] has shape \(3,\)"):
         fastmaml.meta_value_and_grad(theta, tasks, inner_lr=np.full((T, 3), 0.5), inner_steps=2, task_axis=True)
+    with pytest.raises(ValueError, match="inner_lr: contains NaN"):
+        fastmaml.meta_value_and_grad(theta, tasks, inner_lr=np.array([0.5, np.nan, 0.5, 0.5]), inner_steps=2,
+                                     task_axis=True)
 
 
 def test_without_task_axis_no_shape_is_read_per_task():

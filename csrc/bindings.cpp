@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "fastmaml/extended.hpp"
 #include "fastmaml/imaml.hpp"
 #include "fastmaml/kernels.hpp"
 #include "fastmaml/meta.hpp"
@@ -313,6 +314,68 @@ py::tuple meta_impl(const py::array& theta, const Side& s, const Side& q, index_
   return py::make_tuple(loss, grad, hyper, grad_l2);
 }
 
+// A meta-gradient with per-task hyperparameters (task_lr: inner_lr is one
+// (K, P) table per task; l2_per_task: float64 (n_tasks,)) and/or feature
+// gradients: always the plain sweep (extended.hpp). Returns (loss, grad,
+// grad_inner_lr: (n_tasks, H) or (H,), grad_l2: (n_tasks,) or float,
+// grad_support_X: (support rows, d) or None, grad_query_X likewise).
+template <class T>
+py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, index_t C, index_t K, double l2,
+                        fastmaml::Mode mode, int n_threads, const py::object& alpha, fastmaml::LrLayout lr,
+                        bool task_lr, const py::object& l2_per_task, bool grad_features) {
+  auto ts = make_taskset<T>(C, s, &q, py::none());
+  const index_t d = ts.d, D = d + 1, P = D * C, n_tasks = ts.n_tasks;
+  const T* th = checked<T>(theta, "theta");
+  if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
+  if (mode == fastmaml::Mode::reptile) value_error("mode: Reptile has no per-task hyperparameters or feature gradients");
+  if (!((lr.ks == 1 || lr.ks == K) && (lr.pr == 1 || lr.pr == D) && (lr.pc == 1 || lr.pc == C)))
+    value_error("lr_layout: each extent must be 1 or the full (inner_steps, n_features + 1, n_classes) size");
+  if (alpha.is_none()) value_error("inner_lr: required with per-task hyperparameters or feature gradients");
+  py::array a = alpha.cast<py::array>();
+  const T* al = checked<T>(a, "inner_lr");
+  const index_t tables = task_lr ? n_tasks : 1;
+  if (a.size() != tables * K * P)
+    value_error("inner_lr: expected a broadcast table of " + std::string(task_lr ? "n_tasks*" : "") +
+                "K*(d+1)*C values");
+  const index_t H = lr.size();
+  fastmaml::TaskExtras<T> ext;
+  ext.alpha_stride = task_lr ? K * P : 0;
+  py::array_t<T> grad(P);
+  py::array_t<T> hyper = task_lr ? py::array_t<T>({n_tasks, H}) : py::array_t<T>(H);
+  if (task_lr) ext.grad_alpha = hyper.mutable_data();
+  py::array_t<T> grad_lam(l2_per_task.is_none() ? 0 : n_tasks);
+  if (!l2_per_task.is_none()) {
+    py::array lam = l2_per_task.cast<py::array>();
+    ext.lam = checked<double>(lam, "l2");
+    if (lam.size() != n_tasks)
+      value_error("l2: expected " + std::to_string(n_tasks) + " values (one per task), got " +
+                  std::to_string(lam.size()));
+    ext.grad_lam = grad_lam.mutable_data();
+  }
+  const index_t s_rows = ts.support.ptr[n_tasks], q_rows = ts.query.ptr[n_tasks];
+  py::array_t<T> gsx = grad_features ? py::array_t<T>({s_rows, d}) : py::array_t<T>(0);
+  py::array_t<T> gqx = grad_features ? py::array_t<T>({q_rows, d}) : py::array_t<T>(0);
+  if (grad_features) {
+    ext.grad_support_X = gsx.mutable_data();
+    ext.grad_query_X = gqx.mutable_data();
+  }
+  double loss = 0.0, grad_l2 = 0.0;
+  fastmaml::TaskStatus st;
+  {
+    py::gil_scoped_release release;
+    st = with_link<T>(C, [&](auto link) {
+      return fastmaml::meta_value_and_grad_extended<T>(ts, link, th, al, K, lr, l2, mode, ext, n_threads, &loss,
+                                                       grad.mutable_data(), task_lr ? nullptr : hyper.mutable_data(),
+                                                       &grad_l2);
+    });
+  }
+  raise_status(st);
+  py::object gl2 = l2_per_task.is_none() ? py::object(py::float_(grad_l2)) : py::object(grad_lam);
+  py::object none = py::none();
+  return py::make_tuple(loss, grad, hyper, gl2, grad_features ? py::object(gsx) : none,
+                        grad_features ? py::object(gqx) : none);
+}
+
 template <class T>
 py::array adapt_impl(const py::array& theta, const Side& s, index_t C, index_t K, double l2, bool keep_path,
                      int n_threads, const py::object& alpha, const py::object& log_scale, const py::object& U) {
@@ -443,8 +506,19 @@ PYBIND11_MODULE(_core, m) {
       "meta_value_and_grad",
       [](py::array theta, const Side& support, const Side& query, index_t n_classes, index_t inner_steps, double l2,
          Mode mode, Sweep sweep, int n_threads, py::object inner_lr, Layout lr_layout, py::object log_scale,
-         py::object U, py::object kernel, bool block_sums) {
+         py::object U, py::object kernel, bool block_sums, bool task_lr, py::object l2_per_task,
+         bool grad_features) {
         const auto lr = lr_layout_of(lr_layout);
+        if (task_lr || !l2_per_task.is_none() || grad_features) {
+          if (!log_scale.is_none() || !kernel.is_none() || block_sums || sweep == Sweep::gram)
+            value_error("per-task hyperparameters and feature gradients run the plain sweep with inner_lr: "
+                        "not with a preconditioner, a kernel, block sums or sweep=gram");
+          if (is_f32(support.X))
+            return meta_ext_impl<float>(theta, support, query, n_classes, inner_steps, l2, mode, n_threads,
+                                        inner_lr, lr, task_lr, l2_per_task, grad_features);
+          return meta_ext_impl<double>(theta, support, query, n_classes, inner_steps, l2, mode, n_threads,
+                                       inner_lr, lr, task_lr, l2_per_task, grad_features);
+        }
         if (is_f32(support.X))
           return meta_impl<float>(theta, support, query, n_classes, inner_steps, l2, mode, sweep, n_threads,
                                   inner_lr, lr, log_scale, U, kernel, block_sums);
@@ -454,7 +528,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("theta"), py::arg("support"), py::arg("query"), py::kw_only(), py::arg("n_classes"),
       py::arg("inner_steps"), py::arg("l2"), py::arg("mode"), py::arg("sweep"), py::arg("n_threads"),
       py::arg("inner_lr") = py::none(), py::arg("lr_layout") = Layout{1, 1, 1}, py::arg("log_scale") = py::none(),
-      py::arg("U") = py::none(), py::arg("kernel") = py::none(), py::arg("block_sums") = false);
+      py::arg("U") = py::none(), py::arg("kernel") = py::none(), py::arg("block_sums") = false,
+      py::arg("task_lr") = false, py::arg("l2_per_task") = py::none(), py::arg("grad_features") = false);
 
   m.def(
       "adapt",

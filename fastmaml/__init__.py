@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from .functional import (
     REDUCE_BLOCK,
     BlockSums,
+    accumulate_feature_grads,
     combine_block_sums,
     meta_block_sums,
     ConvergenceWarning,
@@ -50,6 +51,7 @@ except PackageNotFoundError:  # pragma: no cover
 __all__ = [
     "REDUCE_BLOCK",
     "BlockSums",
+    "accumulate_feature_grads",
     "combine_block_sums",
     "meta_block_sums",
     "ConvergenceWarning",

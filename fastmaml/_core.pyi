@@ -78,6 +78,9 @@ def meta_value_and_grad(
     U: object = None,
     kernel: object = None,
     block_sums: bool = False,
+    task_lr: bool = False,
+    l2_per_task: object = None,
+    grad_features: bool = False,
 ) -> Tuple[Any, ...]: ...
 def adapt(
     theta: np.ndarray,

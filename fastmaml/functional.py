@@ -51,6 +51,7 @@ __all__ = [
     "meta_block_sums",
     "combine_block_sums",
     "choose_sweep",
+    "accumulate_feature_grads",
 ]
 
 DivergenceError = _core.DivergenceError
@@ -72,15 +73,29 @@ class MetaGradient:
     grad : ndarray, shaped like theta
         d loss / d theta.
     grad_inner_lr : float or ndarray, shaped like inner_lr
-        d loss / d inner_lr (a float when inner_lr was a Python scalar).
-    grad_l2 : float
-        d loss / d l2.
+        d loss / d inner_lr (a float when inner_lr was a Python scalar). With
+        ``task_axis=True`` and a leading axis of length n_tasks, entry t is the
+        derivative with respect to task t's own step sizes.
+    grad_l2 : float or ndarray of shape (n_tasks,)
+        d loss / d l2: a float for a scalar l2; for a per-task l2 of shape
+        (n_tasks,), entry t is the derivative with respect to task t's own L2.
+    grad_support_X : ndarray or None
+        With ``grad_features=True``: d loss / d (every support feature value),
+        one row per occurrence of a support row, shape (n_tasks, n_support,
+        n_features) (dense tasks, and index-form tasks with one support size,
+        in support_idx order) or (total_support, n_features) for ragged tasks
+        (in flat support_idx order). None otherwise.
+    grad_query_X : ndarray or None
+        Likewise for the query rows: (n_tasks, n_query, n_features) or
+        (total_query, n_features).
     """
 
     loss: float
     grad: np.ndarray
     grad_inner_lr: ArrayOrFloat
-    grad_l2: float
+    grad_l2: ArrayOrFloat
+    grad_support_X: Optional[np.ndarray] = None
+    grad_query_X: Optional[np.ndarray] = None
 
 
 def _as_tasks(tasks) -> Tasks:
@@ -204,35 +219,48 @@ def meta_value_and_grad(
     *,
     inner_lr,
     inner_steps: int,
-    l2: float = 0.0,
+    l2=0.0,
     first_order: bool = False,
     n_threads=None,
     sweep: str = "auto",
+    task_axis: bool = False,
+    grad_features: bool = False,
 ) -> MetaGradient:
-    """Exact MAML meta-loss and gradients for a meta-batch of binary tasks.
+    """Exact MAML meta-loss and gradients for a meta-batch of tasks.
 
     For each task t the inner loop runs ``inner_steps`` gradient steps on the
     support loss (with L2 penalty ``l2/2 ||w||^2``, weights only) from
     ``theta``; the meta-loss is the mean over tasks of the query loss at the
     adapted parameters. Gradients are exact (second order) unless
-    ``first_order`` is set (first-order MAML drops the Hessian terms).
+    ``first_order`` is set: first-order MAML differentiates the surrogate
+    whose inner gradients are taken at stopgrad(phi_j) (docs/design.md,
+    "Feature gradients"), so it drops the Hessian terms and every output
+    still receives its gradient.
 
     Parameters
     ----------
-    theta : array_like of shape (n_features + 1,)
-        Initial parameters ``[w, b]``, bias last.
+    theta : array_like of shape (n_features + 1,) or (n_features + 1, n_classes)
+        Initial parameters ``[w, b]``, bias last (the last row for a
+        multinomial theta).
     tasks : Tasks or tuple (support_X, support_y, query_X, query_y)
         Arrays of shape (n_tasks, n_support, n_features), (n_tasks, n_support),
-        (n_tasks, n_query, n_features), (n_tasks, n_query). Labels are 0/1.
+        (n_tasks, n_query, n_features), (n_tasks, n_query). Labels are 0/1
+        for a binary theta, integers in [0, n_classes) otherwise.
     inner_lr : float or array_like
-        Inner step size, broadcast to (inner_steps, n_features + 1): a scalar,
-        per parameter (n_features + 1,), per step (inner_steps, 1), or per step
-        and parameter (inner_steps, n_features + 1). Its meaning depends on the
-        feature scale (the bundled datasets scale features to [0, 1]).
+        Inner step size, broadcast to (inner_steps, *theta.shape): a scalar,
+        per parameter theta.shape, per step (inner_steps, 1) (binary) or
+        (inner_steps, 1, 1) (multinomial), or per step and parameter
+        (inner_steps, *theta.shape). With ``task_axis=True`` a leading axis of
+        length n_tasks (or 1, shared) comes first: (n_tasks,) one step size
+        per task, (n_tasks, inner_steps, 1) per task and step for a binary
+        theta, (n_tasks, *theta.shape) per task and parameter,
+        (n_tasks, inner_steps, *theta.shape), and so on. Its meaning depends
+        on the feature scale (the bundled datasets scale features to [0, 1]).
     inner_steps : int
         Number of inner gradient steps K >= 0.
-    l2 : float, default=0.0
-        L2 strength of the support loss (weights only, never the bias).
+    l2 : float or array_like of shape (n_tasks,), default=0.0
+        L2 strength of the support loss (weights only, never the bias): one
+        for every task, or one per task.
     first_order : bool, default=False
         First-order MAML (drops the Hessian-vector products).
     n_threads : int or None
@@ -244,20 +272,56 @@ def meta_value_and_grad(
         n x n Gram matrix (one step size per step: scalar or per-step
         inner_lr); "plain" sweeps the features every step. "auto" picks by a
         cost model of the shapes (never of the thread count). Both agree to
-        rounding.
+        rounding. Calls with ``task_axis=True``, a per-task ``l2`` or
+        ``grad_features=True`` always run the plain sweep ("gram" is then an
+        error).
+    task_axis : bool, default=False
+        Read inner_lr's leading axis as the task axis (see ``inner_lr``).
+        Without it no shape of inner_lr is ever read as per task.
+    grad_features : bool, default=False
+        Also return the gradients with respect to every support and query
+        feature value (not the bias column): ``.grad_support_X`` and
+        ``.grad_query_X``. For index-form tasks they are per occurrence of a
+        row; :func:`accumulate_feature_grads` sums them into the dataset's
+        shape.
 
     Returns
     -------
     MetaGradient
         ``.loss``, ``.grad`` (shaped like theta), ``.grad_inner_lr`` (shaped
-        like inner_lr), ``.grad_l2``.
+        like inner_lr), ``.grad_l2`` (a float, or shape (n_tasks,) for a
+        per-task l2) and, with ``grad_features``, ``.grad_support_X`` and
+        ``.grad_query_X``.
 
     Raises
     ------
     DivergenceError
         If the inner loop produces non-finite parameters (names task and step).
+    ValueError
+        For an inner_lr whose leading axis is neither n_tasks nor 1 (with
+        ``task_axis``), an l2 of the wrong shape, or ``sweep="gram"`` with the
+        per-task or feature-gradient options.
+
+    Examples
+    --------
+    One step size and one L2 strength per task, and the features' gradients:
+
+    >>> import numpy as np, fastmaml
+    >>> rng = np.random.default_rng(0)
+    >>> Xs, Xq = rng.uniform(size=(4, 5, 3)), rng.uniform(size=(4, 6, 3))
+    >>> ys, yq = rng.integers(0, 2, (4, 5)), rng.integers(0, 2, (4, 6))
+    >>> r = fastmaml.meta_value_and_grad(np.zeros(4), (Xs, ys, Xq, yq), inner_lr=np.full(4, 0.5),
+    ...                                  inner_steps=3, l2=np.full(4, 0.1), task_axis=True,
+    ...                                  grad_features=True)
+    >>> r.grad_inner_lr.shape, r.grad_l2.shape, r.grad_support_X.shape
+    ((4,), (4,), (4, 5, 3))
     """
-    call = _prologue(theta, tasks, l2=l2, n_threads=n_threads, inner_steps=inner_steps, inner_lr=inner_lr)
+    task_axis = _check_flag(task_axis, "task_axis")
+    grad_features = _check_flag(grad_features, "grad_features")
+    call = _prologue(theta, tasks, l2=l2, n_threads=n_threads, inner_steps=inner_steps, inner_lr=inner_lr,
+                     task_axis=task_axis, per_task_l2=True)
+    if task_axis or grad_features or call.l2_tasks is not None:
+        return _run_meta_extended(call, _mode(first_order), sweep, grad_features)
     loss, grad, grad_lr, grad_l2 = _run_meta(call, _mode(first_order), sweep)
     return MetaGradient(
         loss=float(loss),
@@ -265,6 +329,183 @@ def meta_value_and_grad(
         grad_inner_lr=_unreduce_lr_grad(grad_lr, call.lr_shape, call.scalar_in),
         grad_l2=float(grad_l2),
     )
+
+
+def _check_flag(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def _prepare_task_inner_lr(inner_lr, n_tasks: int, inner_steps: int, theta_shape: tuple, dtype):
+    """inner_lr with a task axis (``task_axis=True``): task t's step sizes are inner_lr[t].
+
+    Returns (table, layout, original shape, per_task): the (n_tasks, K,
+    *theta_shape) table when the leading axis is n_tasks (per_task True), or
+    the shared (K, *theta_shape) table when it is 1; layout as in
+    :func:`_prepare_inner_lr`, for one task's step sizes.
+    """
+    if isinstance(inner_lr, bool) or isinstance(inner_lr, (str, bytes)):
+        raise TypeError(f"inner_lr: expected an array of numbers, got {inner_lr!r}")
+    arr = np.asarray(inner_lr)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"inner_lr: expected an array of numbers, got dtype {arr.dtype}")
+    if arr.ndim == 0 or arr.shape[0] not in (n_tasks, 1):
+        got = "a scalar" if arr.ndim == 0 else f"shape {shape_str(arr.shape)}"
+        raise ValueError(
+            f"inner_lr: with task_axis=True expected a leading axis of length {n_tasks} (n_tasks) or 1 "
+            f"(shared by every task), got {got}"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError("inner_lr: contains NaN or infinity")
+    full = (inner_steps,) + tuple(theta_shape)
+    per_task_shape = arr.shape[1:]
+    try:
+        ok = np.broadcast_shapes(per_task_shape, full) == full
+    except ValueError:
+        ok = False
+    if not ok:
+        per_step = (arr.shape[0], inner_steps) + (1,) * len(theta_shape)
+        raise ValueError(
+            f"inner_lr: with task_axis=True each task's inner_lr[t] has shape {shape_str(per_task_shape)}, which "
+            f"does not broadcast to (inner_steps, *theta.shape) = {shape_str(full)}; one step size per task is "
+            f"shape ({arr.shape[0]},), per task and step {shape_str(per_step)}"
+        )
+    with np.errstate(over="ignore"):
+        cast = arr.astype(dtype, copy=False)
+    if not np.isfinite(cast).all():
+        raise ValueError(f"inner_lr: values overflow the compute dtype {np.dtype(dtype)}")
+    layout = _lr_layout(per_task_shape, full)
+    if arr.shape[0] == 1 and n_tasks > 1:
+        return np.ascontiguousarray(np.broadcast_to(cast[0], full)), layout, arr.shape, False
+    check_memory(n_tasks * int(np.prod(full)) * np.dtype(dtype).itemsize, "inner_lr",
+                 f"the per-task step-size table of {n_tasks} tasks")
+    lead = cast.reshape((n_tasks,) + (1,) * (len(full) - len(per_task_shape)) + per_task_shape)
+    return np.ascontiguousarray(np.broadcast_to(lead, (n_tasks,) + full)), layout, arr.shape, True
+
+
+def _check_task_l2(l2, n_tasks: int, dtype) -> np.ndarray:
+    """A per-task l2 of shape (n_tasks,) as a float64 array (the core keeps L2 in float64)."""
+    arr = np.asarray(l2)
+    if arr.dtype.kind not in "iuf" or isinstance(l2, (str, bytes)):
+        raise TypeError(f"l2: expected a number or an array of numbers, got dtype {arr.dtype}")
+    if arr.shape != (n_tasks,):
+        raise ValueError(
+            f"l2: expected a scalar or shape ({n_tasks},) = (n_tasks,), one strength per task, got "
+            f"{shape_str(arr.shape)}"
+        )
+    if not np.isfinite(arr).all():
+        raise ValueError("l2: contains NaN or infinity")
+    if arr.size and arr.min() < 0:
+        raise ValueError(f"l2: expected numbers >= 0, got {float(arr.min())}")
+    if arr.size and float(arr.max()) > np.finfo(dtype).max:
+        raise ValueError(f"l2: {float(arr.max())} overflows the compute dtype {np.dtype(dtype)}")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+_EXTENDED_GRAM = (
+    "sweep: 'gram' does not apply with task_axis=True, a per-task l2 or grad_features=True (these always run "
+    "the plain sweep); use sweep='auto' or 'plain'"
+)
+
+
+def _run_meta_extended(call: "_Call", mode, sweep, grad_features: bool) -> MetaGradient:
+    """The one call into the core for per-task hyperparameters and feature gradients (the plain sweep)."""
+    if _sweep_arg(sweep) == _core.Sweep.gram:
+        raise ValueError(_EXTENDED_GRAM)
+    if grad_features:
+        rows = int(call.support.ptr[-1]) + int(call.query.ptr[-1])
+        check_memory(rows * call.n_features * call.dtype.itemsize, "grad_features",
+                     f"the gradients of {rows} support and query rows")
+    out = _core.meta_value_and_grad(
+        call.theta, call.support, call.query, n_classes=call.n_classes, inner_steps=call.inner_steps, l2=call.l2,
+        mode=mode, sweep=_core.Sweep.plain, n_threads=call.n_threads, inner_lr=call.inner_lr,
+        lr_layout=call.lr_layout, task_lr=call.task_lr, l2_per_task=call.l2_tasks, grad_features=grad_features,
+    )
+    # With nothing per task (a leading axis of 1, a scalar l2, no feature
+    # gradients) the core runs today's call on the plain sweep: 4 outputs.
+    loss, grad, grad_lr, grad_l2 = out[:4]
+    gsx, gqx = out[4:] if len(out) == 6 else (None, None)
+    if call.task_axis:
+        grad_lr = (np.zeros(call.lr_shape, dtype=grad_lr.dtype) if int(np.prod(call.lr_shape)) == 0
+                   else grad_lr.reshape(call.lr_shape))
+    else:
+        grad_lr = _unreduce_lr_grad(grad_lr, call.lr_shape, call.scalar_in)
+    if grad_features:
+        d = call.n_features
+        ragged = bool(np.ptp(np.diff(call.support.ptr)) or np.ptp(np.diff(call.query.ptr)))
+        if not ragged:
+            T = call.n_tasks
+            gsx = gsx.reshape(T, -1, d)
+            gqx = gqx.reshape(T, -1, d)
+    return MetaGradient(
+        loss=float(loss), grad=grad.reshape(call.theta.shape), grad_inner_lr=grad_lr,
+        grad_l2=grad_l2 if call.l2_tasks is not None else float(grad_l2),
+        grad_support_X=gsx, grad_query_X=gqx,
+    )
+
+
+def accumulate_feature_grads(tasks: Tasks, grad_support_X, grad_query_X) -> np.ndarray:
+    """Sum per-occurrence feature gradients of index-form tasks into the dataset's shape.
+
+    An index-form meta-batch may use a row of the shared dataset X several
+    times (in several tasks, or on both sides); :func:`meta_value_and_grad`
+    with ``grad_features=True`` returns one gradient row per occurrence. This
+    adds them up: row k of X receives the gradient of every occurrence of k,
+    support occurrences first in flat support_idx order, then query
+    occurrences in flat query_idx order, summed in float64 — a fixed order,
+    so the result does not depend on threads.
+
+    Parameters
+    ----------
+    tasks : Tasks
+        The index-form meta-batch (:meth:`Tasks.from_index`) the gradients
+        were computed for.
+    grad_support_X : ndarray of shape (n_tasks, n_support, n_features) or (total_support, n_features)
+        ``MetaGradient.grad_support_X`` of that call.
+    grad_query_X : ndarray of shape (n_tasks, n_query, n_features) or (total_query, n_features)
+        ``MetaGradient.grad_query_X`` of that call.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_features)
+        d loss / d X, in the gradients' dtype; rows no task uses are zero.
+
+    Examples
+    --------
+    >>> import numpy as np, fastmaml
+    >>> X = np.random.default_rng(0).uniform(size=(10, 3))
+    >>> tasks = fastmaml.Tasks.from_index(X, [[0, 1, 2], [2, 3, 4]], [[0, 1, 0], [1, 0, 1]],
+    ...                                   [[5, 6], [2, 7]], [[1, 0], [0, 1]])
+    >>> r = fastmaml.meta_value_and_grad(np.zeros(4), tasks, inner_lr=0.5, inner_steps=2, grad_features=True)
+    >>> fastmaml.accumulate_feature_grads(tasks, r.grad_support_X, r.grad_query_X).shape
+    (10, 3)
+    """
+    if not isinstance(tasks, Tasks):
+        raise TypeError(f"tasks: expected a fastmaml.Tasks in index form, got {type(tasks).__name__}")
+    if not tasks.is_indexed:
+        raise ValueError(
+            "tasks: expected index-form Tasks (Tasks.from_index); the feature gradients of dense tasks are already "
+            "shaped like their support_X and query_X"
+        )
+    X = tasks.support.X
+    d = tasks.n_features
+    out = np.zeros((X.shape[0], d), dtype=np.float64)
+    dtype = None
+    for name, side, grads in (("grad_support_X", tasks.support, grad_support_X),
+                              ("grad_query_X", tasks.query, grad_query_X)):
+        g = np.asarray(grads)
+        if g.dtype.kind != "f":
+            raise TypeError(f"{name}: expected a float array, got dtype {g.dtype}")
+        total = int(side.ptr[-1])
+        if g.ndim not in (2, 3) or g.shape[-1] != d or g.size != total * d:
+            raise ValueError(
+                f"{name}: expected {total} rows of {d} features (one per occurrence in the tasks' index), got "
+                f"shape {shape_str(g.shape)}"
+            )
+        dtype = g.dtype if dtype is None else np.promote_types(dtype, g.dtype)
+        np.add.at(out, side.idx, g.reshape(total, d))  # unbuffered, in index order
+    return out.astype(dtype, copy=False)
 
 
 # --------------------------------------------------------------------------
@@ -311,6 +552,9 @@ class _Call(NamedTuple):
     scalar_in: bool = False
     log_scale: Optional[np.ndarray] = None
     U: Optional[np.ndarray] = None
+    task_axis: bool = False  # inner_lr has a leading task axis (n_tasks or 1)
+    task_lr: bool = False  # inner_lr is one (K, *theta.shape) table per task
+    l2_tasks: Optional[np.ndarray] = None  # per-task L2 strengths (n_tasks,), float64
 
 
 _FROM_TASKS = object()  # the prologue's `y` when `data` is a Tasks / 4-tuple with its query sets
@@ -318,7 +562,7 @@ _NO_INNER_LOOP = object()  # the prologue's `inner_steps` for calls without an i
 
 
 def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNER_LOOP, inner_lr=None,
-              log_scale=None, U=None, preconditioned=False) -> _Call:
+              log_scale=None, U=None, preconditioned=False, task_axis=False, per_task_l2=False) -> _Call:
     """Validate and convert every argument of a call once; the one prologue of every entry point.
 
     ``data`` is a Tasks or a 4-tuple (meta-gradients: support and query), or
@@ -326,7 +570,9 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNE
     only: (n, d), (T, n, d) or a Tasks). ``theta`` None skips the parameters
     (the primitives check their own ``params``). Without ``inner_steps`` there
     is no inner loop (iMAML, primitives); otherwise either ``inner_lr`` or, with
-    ``preconditioned``, ``log_scale`` and ``U`` describe the step.
+    ``preconditioned``, ``log_scale`` and ``U`` describe the step. With
+    ``task_axis`` inner_lr leads with a task axis; with ``per_task_l2`` l2 may
+    be an array of shape (n_tasks,) (docs/design.md, "Per-task hyperparameters").
     """
     if y is _FROM_TASKS:
         ts = _as_tasks(data)
@@ -337,7 +583,11 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNE
         query, kernel, user_labels = None, None, not isinstance(data, Tasks)
     inner_loop = inner_steps is not _NO_INNER_LOOP
     K = check_int(inner_steps, "inner_steps", minimum=0) if inner_loop else 0
-    lam = _check_l2(l2, dtype)
+    l2_tasks = None
+    if per_task_l2 and not isinstance(l2, (str, bytes)) and np.ndim(l2) > 0:
+        lam, l2_tasks = 0.0, _check_task_l2(l2, T, dtype)
+    else:
+        lam = _check_l2(l2, dtype)
     nt = check_threads(n_threads)
     theta_c, C = None, 1
     if theta is not None:
@@ -354,13 +604,16 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNE
                          hint="use fewer inner_steps")
         if preconditioned:
             step["log_scale"], step["U"] = _prepare_precond(log_scale, U, d + 1, dtype)
+        elif task_axis:
+            table, layout, lr_shape, task_lr = _prepare_task_inner_lr(inner_lr, T, K, theta_c.shape, dtype)
+            step.update(inner_lr=table, lr_layout=layout, lr_shape=lr_shape, task_axis=True, task_lr=task_lr)
         else:
             table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)
             step.update(inner_lr=table, lr_layout=layout, lr_shape=lr_shape, scalar_in=scalar_in)
     return _Call(
         support=side.core(), query=None if query is None else query.core(), kernel=kernel, single=single,
         n_tasks=T, n_features=d, dtype=dtype, support_rows=int(side.ptr[-1]), theta=theta_c, n_classes=C,
-        inner_steps=K, l2=lam, n_threads=nt, **step,
+        inner_steps=K, l2=lam, n_threads=nt, l2_tasks=l2_tasks, **step,
     )
 
 

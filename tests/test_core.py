@@ -845,7 +845,7 @@ VALIDATION_CASES = [
     ("l2_nan", lambda: call(l2=float("nan")), ValueError, "l2"),
     ("l2_inf", lambda: call(l2=float("inf")), ValueError, "l2"),
     ("l2_string", lambda: call(l2="0.1"), TypeError, "l2"),
-    ("l2_array", lambda: call(l2=np.array([0.1, 0.2])), TypeError, "l2"),
+    ("l2_array", lambda: call(l2=np.array([0.1, 0.2])), ValueError, "l2"),  # per-task l2 needs (n_tasks,)
     # n_threads
     ("n_threads_zero", lambda: call(n_threads=0), ValueError, "n_threads"),
     ("n_threads_negative", lambda: call(n_threads=-1), ValueError, "n_threads"),

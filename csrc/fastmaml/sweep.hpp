@@ -9,6 +9,7 @@
 #include <cmath>
 #include <vector>
 
+#include "features.hpp"
 #include "logistic.hpp"
 
 namespace fastmaml {
@@ -26,6 +27,8 @@ enum class Mode : int { maml = 0, first_order = 1, reptile = 2 };
 // Slot layout for one task: [loss, grad (P), hyper (H), grad_l2]
 // where hyper is the step-size gradient (layout.size()) or, with a
 // preconditioner, d/dlog_scale (D) followed by d/dU (D x rank).
+// `ext` (features.hpp) adds per-task step sizes and L2 strengths, with their
+// per-task gradients, and feature gradients; left empty, it changes nothing.
 template <class T, class Link>
 struct MetaWorker {
   Model<T, Link> model;
@@ -37,14 +40,18 @@ struct MetaWorker {
   double lam;
   Mode mode;
   Scratch<T> sc;
+  TaskExtras<T> ext{};
+  FeatureScratch<T> fx{};
 
   index_t hyper_size() const { return pre.active() ? model.D * (1 + pre.rank) : lr.size(); }
 
   ErrorCode operator()(index_t t, double* slot, index_t* step) {
     const index_t P = model.P, D = model.D, C = model.C, d = model.d;
     const bool record = mode != Mode::reptile;
+    const T* alpha_t = alpha ? alpha + t * ext.alpha_stride : nullptr;
+    const double lam_t = ext.lam ? ext.lam[t] : lam;
     model.prepare(pre, sc);
-    ErrorCode code = model.forward(t, theta, alpha, pre, K, lam, sc, record, step, nullptr);
+    ErrorCode code = model.forward(t, theta, alpha_t, pre, K, lam_t, sc, record, step, nullptr);
     if (code != ErrorCode::ok) return code;
     sc.gbar.resize(static_cast<size_t>(P));
     sc.u.resize(static_cast<size_t>(P));
@@ -65,6 +72,7 @@ struct MetaWorker {
     double grad_l2 = 0.0;
     const index_t n = model.ts->support.size(t);
     const index_t r = pre.rank;
+    if (ext.features()) begin_feature_task(model, t, fx);
     for (index_t j = K - 1; j >= 0; --j) {
       const T* g = sc.g_path.data() + j * P;
       const T* phi = sc.phi_path.data() + j * P;
@@ -99,7 +107,7 @@ struct MetaWorker {
             dU[k * r + q] -= acc;
           }
       } else {
-        const T* a = alpha + j * P;
+        const T* a = alpha_t + j * P;
         double* glr = hyper + (lr.ks > 1 ? j * lr.pr * lr.pc : 0);
         for (index_t k = 0; k < D; ++k) {
           for (index_t c = 0; c < C; ++c) {
@@ -113,8 +121,9 @@ struct MetaWorker {
       double wu = 0.0;
       for (index_t p = 0; p < d * C; ++p) wu += static_cast<double>(sc.u[p]) * static_cast<double>(phi[p]);
       grad_l2 -= wu;
+      if (ext.features()) add_support_feature_step(model, t, phi, sc.u.data(), sc, fx);
       if (mode == Mode::maml) {
-        model.hvp(t, sc.curv_path.data() + j * n * C, sc.u.data(), lam, sc, sc.hu.data());
+        model.hvp(t, sc.curv_path.data() + j * n * C, sc.u.data(), lam_t, sc, sc.hu.data());
         for (index_t p = 0; p < P; ++p) sc.gbar[p] -= sc.hu[p];
       }
     }
@@ -125,6 +134,28 @@ struct MetaWorker {
     if (!all_finite(slot, 1 + P + hyper_size() + 1)) {
       *step = -1;
       return ErrorCode::nonfinite_grad;
+    }
+    return ext.grad_alpha || ext.lam || ext.features() ? finish_extras(t, slot, phi_K, step) : ErrorCode::ok;
+  }
+
+  // Task t's own hypergradients and feature gradients, scaled by the 1/T of
+  // the mean, into their per-task outputs (the slot keeps its sums).
+  ErrorCode finish_extras(index_t t, const double* slot, const T* phi_K, index_t* step) {
+    const index_t P = model.P, H = hyper_size();
+    if (ext.grad_alpha) {
+      for (index_t k = 0; k < H; ++k) ext.grad_alpha[t * H + k] = static_cast<T>(slot[1 + P + k] * ext.inv_T);
+    }
+    if (ext.lam) ext.grad_lam[t] = static_cast<T>(slot[1 + P + H] * ext.inv_T);
+    if (ext.features()) {
+      write_feature_grads(model, t, phi_K, ext, sc, fx);
+      const index_t d = model.d;
+      const SideView<T>& s = model.ts->support;
+      const SideView<T>& q = model.ts->query;
+      if (!all_finite(ext.grad_support_X + s.begin(t) * d, s.size(t) * d) ||
+          !all_finite(ext.grad_query_X + q.begin(t) * d, q.size(t) * d)) {
+        *step = -1;
+        return ErrorCode::nonfinite_grad;
+      }
     }
     return ErrorCode::ok;
   }

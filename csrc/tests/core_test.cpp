@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fastmaml/extended.hpp"
 #include "fastmaml/imaml.hpp"
 #include "fastmaml/meta.hpp"
 #include "fastmaml/sampling.hpp"
@@ -192,6 +193,118 @@ static void run_case(Link link, index_t C, const char* name) {
   check(!st.ok(), std::string(name) + ": divergence is reported");
 }
 
+// Per-task step sizes and L2 strengths with feature gradients (extended.hpp):
+// against central finite differences of the meta-loss, against the shared
+// call when every task has the same values, and bitwise across threads.
+template <class Link>
+static void extended_case(Link link, index_t C, const char* name) {
+  // Enough tasks that the driver's work estimate hands two threads the batch.
+  const index_t d = 4, K = 3, T = 640;
+  Data D = make(T, d, C, 21 + static_cast<unsigned>(C));
+  auto ts = view(D);
+  const index_t P = (d + 1) * C;
+  std::mt19937_64 rng(5);
+  std::normal_distribution<double> g(0.0, 0.3);
+  std::uniform_real_distribution<double> u(0.2, 0.5);
+  std::vector<double> theta(static_cast<size_t>(P));
+  for (auto& x : theta) x = g(rng);
+  const LrLayout lr{K, 1, 1};  // per task and step
+  std::vector<double> alpha(static_cast<size_t>(T * K * P)), lam(static_cast<size_t>(T));
+  for (index_t t = 0; t < T; ++t) {
+    for (index_t j = 0; j < K; ++j) {
+      const double a = u(rng);
+      for (index_t p = 0; p < P; ++p) alpha[(t * K + j) * P + p] = a;
+    }
+    lam[t] = u(rng) * 0.5;
+  }
+  const index_t S = D.sptr.back(), Q = D.qptr.back();
+  struct Out {
+    double loss = 0, gl2 = 0;
+    std::vector<double> grad, galpha, glam, gsx, gqx;
+  };
+  auto run = [&](const Data& data, const std::vector<double>& al, const std::vector<double>& lm, int threads,
+                 Mode mode) {
+    auto tsv = view(data);
+    Out o;
+    o.grad.resize(static_cast<size_t>(P));
+    o.galpha.resize(static_cast<size_t>(T * K));
+    o.glam.resize(static_cast<size_t>(T));
+    o.gsx.resize(static_cast<size_t>(S * d));
+    o.gqx.resize(static_cast<size_t>(Q * d));
+    TaskExtras<double> ext;
+    ext.alpha_stride = K * P;
+    ext.lam = lm.data();
+    ext.grad_alpha = o.galpha.data();
+    ext.grad_lam = o.glam.data();
+    ext.grad_support_X = o.gsx.data();
+    ext.grad_query_X = o.gqx.data();
+    TaskStatus st = meta_value_and_grad_extended<double>(tsv, link, theta.data(), al.data(), K, lr, 0.0, mode, ext,
+                                                         threads, &o.loss, o.grad.data(), nullptr, &o.gl2);
+    if (!st.ok()) std::printf("status %d task %lld\n", static_cast<int>(st.code), static_cast<long long>(st.task));
+    return o;
+  };
+  const Out base = run(D, alpha, lam, 2, Mode::maml);
+  absorb(base.grad), absorb(base.galpha), absorb(base.glam), absorb(base.gsx), absorb(base.gqx), absorb(base.loss);
+  const double h = 1e-5;
+  auto central = [&](auto&& perturb) {
+    Data dp = D, dm = D;
+    auto ap = alpha, am = alpha;
+    auto lp = lam, lm = lam;
+    perturb(dp, ap, lp, h);
+    perturb(dm, am, lm, -h);
+    return (run(dp, ap, lp, 1, Mode::maml).loss - run(dm, am, lm, 1, Mode::maml).loss) / (2 * h);
+  };
+  std::vector<double> got, fd;
+  for (index_t t : {index_t(0), index_t(33), T - 1}) {
+    for (index_t j = 0; j < K; ++j) {
+      got.push_back(base.galpha[t * K + j]);
+      fd.push_back(central([&](Data&, std::vector<double>& a, std::vector<double>&, double e) {
+        for (index_t p = 0; p < P; ++p) a[(t * K + j) * P + p] += e;
+      }));
+    }
+    got.push_back(base.glam[t]);
+    fd.push_back(central([&](Data&, std::vector<double>&, std::vector<double>& l, double e) { l[t] += e; }));
+  }
+  check(rel_err(got, fd) < 1e-7, std::string(name) + ": per-task d/dinner_lr and d/dl2 match finite differences");
+  // A dataset row's gradient is the sum over its occurrences (support and
+  // query read separate copies of the dataset here).
+  got.clear(), fd.clear();
+  for (index_t row : {index_t(0), index_t(17), index_t(39)}) {
+    for (index_t k = 0; k < d; ++k) {
+      double s = 0.0, q = 0.0;
+      for (index_t p = 0; p < S; ++p) s += D.sidx[p] == row ? base.gsx[p * d + k] : 0.0;
+      for (index_t p = 0; p < Q; ++p) q += D.qidx[p] == row ? base.gqx[p * d + k] : 0.0;
+      got.push_back(s), got.push_back(q);
+      fd.push_back(central([&](Data& x, std::vector<double>&, std::vector<double>&, double e) {
+        x.Xs[row * d + k] += e;
+      }));
+      fd.push_back(central([&](Data& x, std::vector<double>&, std::vector<double>&, double e) {
+        x.Xq[row * d + k] += e;
+      }));
+    }
+  }
+  check(rel_err(got, fd) < 1e-7, std::string(name) + ": feature gradients match finite differences");
+  const Out one = run(D, alpha, lam, 1, Mode::maml);
+  check(one.loss == base.loss && one.grad == base.grad && one.galpha == base.galpha && one.glam == base.glam &&
+            one.gsx == base.gsx && one.gqx == base.gqx,
+        std::string(name) + ": per-task outputs bitwise equal for 1 and 2 threads");
+  const Out fo = run(D, alpha, lam, 2, Mode::first_order);
+  check(std::isfinite(fo.loss) && fo.loss == base.loss && rel_err(fo.gsx, base.gsx) > 1e-6,
+        std::string(name) + ": first-order feature gradients run and differ from MAML's");
+  absorb(fo.grad), absorb(fo.gsx), absorb(fo.galpha);
+  // Every task with the same values: the shared call's numbers, bit for bit.
+  std::vector<double> same(alpha.size()), same_lam(static_cast<size_t>(T), 0.1);
+  for (index_t t = 0; t < T; ++t)
+    for (index_t k = 0; k < K * P; ++k) same[t * K * P + k] = alpha[k];
+  const Out per_task = run(D, same, same_lam, 2, Mode::maml);
+  std::vector<double> gr(static_cast<size_t>(P)), hy(static_cast<size_t>(K));
+  double loss = 0, gl = 0;
+  Preconditioner<double> none;
+  meta_value_and_grad<double>(ts, link, theta.data(), alpha.data(), none, K, lr, 0.1, Mode::maml, 2, &loss, gr.data(),
+                              hy.data(), &gl, Sweep::plain);
+  check(per_task.loss == loss && per_task.grad == gr, std::string(name) + ": equal per-task values equal the shared call");
+}
+
 // The choice of sweep: the cost model, and gram only where it applies.
 static void sweep_choice() {
   CallShape s;
@@ -271,6 +384,8 @@ int main() {
   SoftmaxLink soft;
   soft.C = 3;
   run_case(soft, 3, "softmax C=3");
+  extended_case(BinaryLink{}, 1, "extended binary");
+  extended_case(soft, 3, "extended softmax C=3");
   sweep_choice();
   portable_sampling();
   std::printf("build: multiversioned=%d portable_fallbacks=%d int128=%d\n", FASTMAML_MULTIVERSIONED,

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         client = Client(args.scheduler)
     else:
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, host="127.0.0.1", silence_logs=40)
+                               dashboard_address=":0", host="127.0.0.1", silence_logs=40)
         client = Client(cluster)
     try:
         t0 = time.perf_counter()

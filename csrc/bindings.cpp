@@ -323,7 +323,8 @@ template <class T>
 py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, index_t C, index_t K, double l2,
                         fastmaml::Mode mode, int n_threads, const py::object& alpha, fastmaml::LrLayout lr,
                         bool task_lr, const py::object& l2_per_task, bool grad_features) {
-  auto ts = make_taskset<T>(C, s, &q, py::none());
+  TaskGuard guard;
+  auto ts = make_taskset<T>(C, s, &q, py::none(), guard);
   const index_t d = ts.d, D = d + 1, P = D * C, n_tasks = ts.n_tasks;
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
@@ -360,6 +361,7 @@ py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, in
     ext.grad_query_X = gqx.mutable_data();
   }
   double loss = 0.0, grad_l2 = 0.0;
+  warn_if_serial_after_fork(n_threads);
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;

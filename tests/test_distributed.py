@@ -45,7 +45,7 @@ B = REDUCE_BLOCK  # 64
 def client():
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                            host="127.0.0.1", silence_logs=50)
     cl = Client(cluster)
     try:

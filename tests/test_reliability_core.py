@@ -10,6 +10,7 @@ import gzip
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import tracemalloc
 import warnings
@@ -29,8 +30,10 @@ TIMEOUT = 300  # seconds; generous on a loaded 2-core machine, never a timing as
 def run_script(code: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter; a crash shows as a negative return code, a hang as a timeout."""
     try:
+        # cwd outside the checkout: `python -c` puts the cwd first on sys.path,
+        # and the source tree's fastmaml/ (no compiled _core) would shadow the install.
         return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                              timeout=timeout)
+                              timeout=timeout, cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired as exc:  # pragma: no cover - only on regression
         pytest.fail(f"the script hung for {timeout} s (stdout: {exc.stdout!r}, stderr: {exc.stderr!r})")
 

@@ -85,20 +85,28 @@ def _identical(curves: dict) -> list:
     return sets
 
 
-def _draw(ax, xs: dict, curves: dict, styles: dict, base_ms: float) -> None:
-    """Draw each curve; within a set of identical curves the markers shrink so every one shows."""
+def _draw(ax, xs: dict, curves: dict, styles: dict, base_ms: float) -> list:
+    """Draw each curve; within a set of identical curves the markers shrink (white-edged) so every one
+    shows. Returns the sets of identical curves, as notes."""
     notes = []
     for same in _identical(curves):
         for rank, name in enumerate(same):
             colour, marker = styles[name]
             ax.plot(xs[name], 100 * np.asarray(curves[name]), color=colour, marker=marker, label=name,
-                    ms=max(2.0, base_ms - 2.2 * rank), lw=2.2 if rank == 0 else 1.0,
-                    ls="-" if rank == 0 else "--", zorder=2 + rank)
+                    ms=max(2.5, base_ms - 3.5 * rank), lw=2.2 if rank == 0 else 1.0,
+                    ls="-" if rank == 0 else "--", mec="white" if rank else colour, mew=0.8, zorder=2 + rank)
         if len(same) > 1:
             notes.append(" = ".join(same))
+    return notes
+
+
+def _label_with_notes(ax, label: str, notes: list) -> None:
+    """Axis label plus a wrapped line naming the curves that coincide (so none seems missing)."""
     if notes:
-        ax.text(0.02, 0.02, "identical: " + "; ".join(notes), transform=ax.transAxes, fontsize=6.5, va="bottom",
-                ha="left", wrap=True, bbox=dict(facecolor="white", alpha=0.8, edgecolor="none", pad=1.5))
+        import textwrap
+
+        label += "\n" + "\n".join(textwrap.wrap("identical: " + "; ".join(notes), 75))
+    ax.set_xlabel(label, fontsize=9)
 
 
 def plot_results(results: dict, path: str) -> None:
@@ -132,29 +140,34 @@ def make_figure(results: dict):
         res = results["shots"][K]
         ax = axes[0, i]
         curves = res["steps_curves"]
-        _draw(ax, {n: range(len(c)) for n, c in curves.items()}, curves, styles, base_ms=9)
+        notes = _draw(ax, {n: range(len(c)) for n, c in curves.items()}, curves, styles, base_ms=10)
         oracles = [name for name, row in res["table"].items() if row.get("oracle")]
+        levels = {}
         for name in [res["grid_method"]] + oracles:
             if name and name in res["table"]:
-                ax.axhline(100 * res["table"][name]["accuracy"], ls="--" if name in oracles else ":", lw=1.4,
-                           color=styles[name][0], label=name)
+                levels[name] = 100 * res["table"][name]["accuracy"]
+                ax.axhline(levels[name], ls="--" if name in oracles else (0, (1, 3)), lw=1.6 if name in oracles else 2.4,
+                           color=styles[name][0], label=name, zorder=1.5 if name in oracles else 1)
+        notes += [" = ".join(same) for same in _identical(levels) if len(same) > 1]
         ax.set_title(f"{test_label}, K={K}: test accuracy")
-        ax.set_xlabel("adaptation steps")
+        _label_with_notes(ax, "adaptation steps", notes)
         ax.set_ylabel("query accuracy (%)")
         ax.grid(alpha=0.3)
         ax = axes[1, i]
         tc = res["training_curves"]
-        _draw(ax, {n: c["iterations"] for n, c in tc.items()}, {n: c["val_accuracy"] for n, c in tc.items()},
-              styles, base_ms=8)
+        notes = _draw(ax, {n: c["iterations"] for n, c in tc.items()},
+                      {n: c["val_accuracy"] for n, c in tc.items()}, styles, base_ms=9)
         ax.set_title(f"K={K}: meta-validation accuracy ({val_label})")
-        ax.set_xlabel("meta-iteration")
+        _label_with_notes(ax, "meta-iteration", notes)
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
     handles = []
     for name, (colour, marker) in styles.items():
         horizontal = all(name not in r["steps_curves"] for r in results["shots"].values())
-        handles.append(Line2D([], [], color=colour, marker=None if horizontal else marker,
-                              ls="--" if horizontal else "-", label=name + (" (horizontal line)" if horizontal else "")))
+        oracle = any(r["table"].get(name, {}).get("oracle") for r in results["shots"].values())
+        ls = ("--" if oracle else (0, (1, 3))) if horizontal else "-"
+        handles.append(Line2D([], [], color=colour, marker=None if horizontal else marker, ls=ls,
+                              lw=2 if horizontal else 1.5, label=name + (" (horizontal line)" if horizontal else "")))
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import os
 import sys
@@ -228,6 +229,12 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers_of(parser) -> dict:
+    """``{command: its parser}`` (for the tests of help texts and the fuzzer)."""
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
+
+
 # ------------------------------------------------------------------ data files
 def _labels(y, path: str) -> np.ndarray:
     """Integer class labels 0..C-1 (C >= 2) from whatever the file holds."""
@@ -258,7 +265,9 @@ def _sample(values, n=5) -> str:
 
 def _read_npz(path: str):
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with open(path, "rb") as fh:  # np.load would leave the file open when it is not a zip
+            raw = io.BytesIO(fh.read())
+        with np.load(raw, allow_pickle=False) as f:
             missing = [k for k in ("X", "y", "groups") if k not in f.files]
             if missing:
                 raise CLIError(f"data: {path!r} lacks arrays {missing} (expected X, y, groups)")

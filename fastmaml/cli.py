@@ -154,13 +154,13 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shots", type=_int_list, default=None, metavar="K,K,...",
                       help="K examples per class (default: 1,5,10; 1,5 with --quick)")
     demo.add_argument("--quick", action="store_true",
-                      help="a small run: fewer iterations, episodes and shots (about 30 s on 2 cores)")
+                      help="a small run: fewer iterations, episodes and shots (at most 30 s on a quiet 2-core machine)")
     demo.add_argument("--data", default="default",
                       help="default | mnist-subset | digits8x8 | a folder with the MNIST IDX files")
     demo.add_argument("--iterations", type=_positive, default=None,
-                      help="meta-training iterations per fit (default: 500; 100 with --quick)")
+                      help="meta-training iterations per fit (default: 500; 60 with --quick)")
     demo.add_argument("--test-episodes", type=_positive, default=None,
-                      help="test episodes per K, the same for every method (default: 600; 100 with --quick)")
+                      help="test episodes per K, the same for every method (default: 600; 60 with --quick)")
     demo.add_argument("--inner-steps", type=_positive, default=None,
                       help="adaptation steps (default: 5)")
     demo.add_argument("--threads", type=_threads, default=None, help="OpenMP threads (default: all cores)")

@@ -89,8 +89,9 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        base = dict(shots=(1, 5), test_episodes=100, val_episodes=40, n_iterations=100, validate_every=25,
-                    val_folds=1, random_configs_cap=30, c_grid=(0.01, 0.1, 1.0, 10.0))
+        # sized for at most 30 s on a quiet 2-core machine (the per-task grid search dominates)
+        base = dict(shots=(1, 5), test_episodes=60, val_episodes=30, n_iterations=60, validate_every=20,
+                    val_folds=1, random_configs_cap=12, c_grid=(0.1, 1.0, 10.0))
         base.update(overrides)
         return cls(**base)
 

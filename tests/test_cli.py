@@ -38,7 +38,7 @@ def test_demo_quick_on_the_8x8_fallback_runs_end_to_end(tmp_path, capsys):
         for name in (demo.ZERO, demo.PRETRAINED, demo.MAML_FIXED, demo.MAML_LEARNED,
                      demo.METASGD, demo.RANDOM, demo.ORACLE):
             assert 0.0 <= table[name]["accuracy"] <= 1.0
-            assert len(table[name]["per_task"]) == 100
+            assert len(table[name]["per_task"]) == demo.DemoConfig.quick().test_episodes
         grid = demo.GRID_K1 if K == "1" else demo.GRID
         assert grid in table
         # the oracle picks C on the query set, so it can never lose to the grid search

@@ -469,3 +469,34 @@ def test_ctrl_c_during_demo_meta_training_stops_it_with_exit_130(tmp_path):
     assert proc.returncode == 130, (out, err)
     assert "interrupted" in err and "Traceback" not in err
     assert "K = 1 shots" not in out and not out_json.exists()
+
+
+def test_import_from_the_checkout_root_explains_the_shadowing_source_tree():
+    """From the checkout's root, the source folder (no extension) hides the installed package: say so."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", "import fastmaml"], capture_output=True, text=True, cwd=root,
+                          timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the source tree holds a built extension here (an in-place build)")
+    assert "source tree" in proc.stderr and "another folder" in proc.stderr
+    assert "Did you build it" not in proc.stderr
+
+
+def test_dir_of_the_package_lists_no_import_helpers():
+    import fastmaml
+
+    assert "annotations" not in dir(fastmaml) and "PackageNotFoundError" not in dir(fastmaml)
+
+
+def test_memory_benchmark_script_honours_help_and_reports_a_child_failure(tmp_path):
+    import os
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                          "memory_imaml.py")
+    proc = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout and "algorithm" not in proc.stdout
+    proc = subprocess.run([sys.executable, script, "--ks", "-5"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "child failed" in proc.stderr
+    assert "CalledProcessError" not in proc.stderr

@@ -500,3 +500,21 @@ def test_memory_benchmark_script_honours_help_and_reports_a_child_failure(tmp_pa
     proc = subprocess.run([sys.executable, script, "--ks", "-5"], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "child failed" in proc.stderr
     assert "CalledProcessError" not in proc.stderr
+
+
+def test_progress_bar_redraws_are_throttled(monkeypatch):
+    """3,000 fast iterations once drew ~3,100 frames (520 KB of terminal output): redraws follow mininterval."""
+    import functools
+    import io
+
+    tqdm_auto = pytest.importorskip("tqdm.auto")
+    from fastmaml import MAML, Tasks
+
+    buf = io.StringIO()
+    monkeypatch.setattr(tqdm_auto, "tqdm", functools.partial(tqdm_auto.tqdm, file=buf))
+    rng = np.random.default_rng(0)
+    T, n, m, d = 8, 4, 4, 3
+    tasks = Tasks(rng.random((T, n, d)), rng.integers(0, 2, (T, n)), rng.random((T, m, d)), rng.integers(0, 2, (T, m)))
+    MAML(n_iterations=3000, progress=True, meta_batch_size=8, inner_steps=1).fit(tasks)
+    # at most one frame per 0.5 s (plus first and last); a frame per iteration would be 3,000
+    assert buf.getvalue().count("\r") < 300

@@ -670,6 +670,9 @@ def main(argv=None) -> int:
             print(f"fastmaml: error: not enough memory ({_one_line(exc)}); try smaller sizes or fewer --threads",
                   file=sys.stderr)
             return EXIT_USAGE
+        except Warning as exc:  # a warning turned into an error (python -W error): still one line
+            print(f"fastmaml: error: {_warning_text(exc, type(exc))}", file=sys.stderr)
+            return EXIT_USAGE
         except (CLIError, CheckpointError, ValueError, TypeError, ImportError, OSError, ArithmeticError,
                 RecursionError) as exc:
             # ArithmeticError covers DivergenceError (a diverging --inner-lr) and OverflowError

@@ -86,15 +86,20 @@ def _identical(curves: dict) -> list:
 
 
 def _draw(ax, xs: dict, curves: dict, styles: dict, base_ms: float) -> list:
-    """Draw each curve; within a set of identical curves the markers shrink (white-edged) so every one
-    shows. Returns the sets of identical curves, as notes."""
+    """Draw each curve, markers shrinking (white-edged) in drawing order so that curves that coincide
+    or nearly coincide all stay visible. Returns the sets of identical curves, as notes."""
     notes = []
-    for same in _identical(curves):
+    sets = _identical(curves)
+    # every curve drawn later gets a smaller marker on top: identical or merely close curves nest, none hides
+    step = min(2.0, (base_ms - 3.0) / max(1, len(curves) - 1))
+    order = 0
+    for same in sets:
         for rank, name in enumerate(same):
             colour, marker = styles[name]
             ax.plot(xs[name], 100 * np.asarray(curves[name]), color=colour, marker=marker, label=name,
-                    ms=max(2.5, base_ms - 3.5 * rank), lw=2.2 if rank == 0 else 1.0,
-                    ls="-" if rank == 0 else "--", mec="white" if rank else colour, mew=0.8, zorder=2 + rank)
+                    ms=base_ms - step * order, lw=2.2 if rank == 0 else 1.0,
+                    ls="-" if rank == 0 else "--", mec="white" if order else colour, mew=0.7, zorder=2 + 0.1 * order)
+            order += 1
         if len(same) > 1:
             notes.append(" = ".join(same))
     return notes
@@ -140,7 +145,7 @@ def make_figure(results: dict):
         res = results["shots"][K]
         ax = axes[0, i]
         curves = res["steps_curves"]
-        notes = _draw(ax, {n: range(len(c)) for n, c in curves.items()}, curves, styles, base_ms=10)
+        notes = _draw(ax, {n: range(len(c)) for n, c in curves.items()}, curves, styles, base_ms=13)
         oracles = [name for name, row in res["table"].items() if row.get("oracle")]
         levels = {}
         for name in [res["grid_method"]] + oracles:
@@ -156,7 +161,7 @@ def make_figure(results: dict):
         ax = axes[1, i]
         tc = res["training_curves"]
         notes = _draw(ax, {n: c["iterations"] for n, c in tc.items()},
-                      {n: c["val_accuracy"] for n, c in tc.items()}, styles, base_ms=9)
+                      {n: c["val_accuracy"] for n, c in tc.items()}, styles, base_ms=12)
         ax.set_title(f"K={K}: meta-validation accuracy ({val_label})")
         _label_with_notes(ax, "meta-iteration", notes)
         ax.set_ylabel("accuracy (%)")

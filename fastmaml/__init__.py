@@ -1,17 +1,27 @@
 """fastmaml: exact, fast meta-learning of logistic-regression models across many small tasks."""
 
-from __future__ import annotations
+import os as _os
 
 try:
     from . import _core
 except ImportError as exc:  # pragma: no cover - only without a build
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.isfile(_os.path.join(_here, _os.pardir, "pyproject.toml")):
+        # the usual cause: Python started in the checkout, whose fastmaml/ folder (no compiled extension)
+        # comes first on sys.path and hides the installed package
+        raise ImportError(
+            f"fastmaml was imported from the source tree {_here}, which has no compiled extension "
+            "fastmaml._core: the current folder (or sys.path) holds the checkout, and its fastmaml/ folder "
+            "shadows any installed fastmaml. Run Python from another folder (cd elsewhere), after installing "
+            "with pip install . if you have not yet. "
+            f"(Underlying error: {exc})"
+        ) from exc
     raise ImportError(
-        "fastmaml's compiled extension fastmaml._core could not be imported. Did you build it? "
-        "Install with `pip install .` (or `pip install -e .`) from the source tree rather than "
-        "importing the checkout directly."
+        "fastmaml's compiled extension fastmaml._core could not be imported "
+        f"({exc}); reinstall with pip install fastmaml (or pip install . from a source tree)."
     ) from exc
 
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError, version as _version
 
 from .functional import (
     REDUCE_BLOCK,
@@ -45,7 +55,7 @@ from .splits import split_groups, split_rows
 
 try:
     __version__ = _version("fastmaml")
-except PackageNotFoundError:  # pragma: no cover
+except _PackageNotFoundError:  # pragma: no cover
     __version__ = getattr(_core, "__version__", "0+unknown")
 
 __all__ = [

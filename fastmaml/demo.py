@@ -44,7 +44,6 @@ from .evaluation import (
     grid_search_logistic_regression,
     mean_ci,
     paired_difference,
-    pretrained_start,
     random_search,
 )
 
@@ -90,8 +89,9 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
-        base = dict(shots=(1, 5), test_episodes=100, val_episodes=40, n_iterations=100, validate_every=25,
-                    val_folds=1, random_configs_cap=30, c_grid=(0.01, 0.1, 1.0, 10.0))
+        # sized for at most 30 s on a quiet 2-core machine (the per-task grid search dominates)
+        base = dict(shots=(1, 5), test_episodes=60, val_episodes=30, n_iterations=60, validate_every=20,
+                    val_folds=1, random_configs_cap=12, c_grid=(0.1, 1.0, 10.0))
         base.update(overrides)
         return cls(**base)
 
@@ -145,23 +145,31 @@ def _time_adaptation(method: dict, tasks: Tasks, n_threads=None, repeats=3) -> f
     return best / tasks.n_tasks
 
 
-def _train(config, K_inner, sampler, n_iterations, validation=None, **kw):
-    model = MAML(inner_steps=K_inner, meta_lr=config.meta_lr, meta_batch_size=config.meta_batch_size,
-                 n_iterations=n_iterations, validate_every=config.validate_every, n_threads=config.n_threads,
-                 progress=False, **kw)
+def _fit(model, sampler, validation=None):
+    """Fit quietly, but never let an interrupted fit (Ctrl-C) pass for a finished one."""
     with warnings.catch_warnings():
         # the step-size warning is for interactive users; the demo chose the step on validation
         warnings.simplefilter("ignore")
         model.fit(sampler, validation=validation)
+    if model.interrupted_:
+        # MAML.fit turns Ctrl-C into a clean stop; a table from a half-trained model would differ silently
+        raise KeyboardInterrupt(f"meta-training interrupted after {model.n_iter_} of {model.n_iterations} iterations")
     return model
 
 
+def _train(config, K_inner, sampler, n_iterations, validation=None, **kw):
+    model = MAML(inner_steps=K_inner, meta_lr=config.meta_lr, meta_batch_size=config.meta_batch_size,
+                 n_iterations=n_iterations, validate_every=config.validate_every, n_threads=config.n_threads,
+                 progress=False, **kw)
+    return _fit(model, sampler, validation)
+
+
 def _pretrain(config, sampler, inner_lr):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pretrained_start(sampler, n_iterations=config.n_iterations, meta_lr=config.meta_lr,
-                                meta_batch_size=config.meta_batch_size, n_threads=config.n_threads,
-                                inner_lr=inner_lr)
+    # what fastmaml.evaluation.pretrained_start computes (MAML with no inner step), keeping the model
+    # so that an interruption is seen
+    model = MAML(inner_steps=0, meta_lr=config.meta_lr, meta_batch_size=config.meta_batch_size,
+                 n_iterations=config.n_iterations, n_threads=config.n_threads, progress=False, inner_lr=inner_lr)
+    return _fit(model, sampler).theta_
 
 
 # ------------------------------------------------------- one K, step by step
@@ -279,15 +287,32 @@ def _test_rows(shot: _Shot, methods: dict) -> Tuple[dict, dict]:
         acc = path[-1]
         mean, ci = mean_ci(acc)
         steps_curves[name] = path.mean(axis=1).tolist()
-        table[name] = {"accuracy": mean, "ci95": ci, "per_task": acc, "val_accuracy": m["val_accuracy"],
+        table[name] = {"accuracy": mean, "accuracy_ci95": ci, "per_task": acc, "val_accuracy": m["val_accuracy"],
                        "choice": m["choice"], "seconds_per_task": seconds,
                        "meta_train_seconds": m.get("meta_train_seconds", 0.0)}
     return table, steps_curves
 
 
+def _one_blas_thread():
+    """Single-threaded BLAS for thousands of tiny scikit-learn fits: threads only add overhead there
+    (measured 9x slower per fit on 2 shared cores). A no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 def _grid_search_rows(shot: _Shot) -> Tuple[Optional[str], dict]:
     """5. Per-task grid search of scikit-learn's LogisticRegression, and the oracle (C chosen on the query)."""
     shot.log(f"K={shot.K}: per-task grid search of LogisticRegression")
+    with _one_blas_thread():
+        return _grid_search_rows_in(shot)
+
+
+def _grid_search_rows_in(shot: _Shot) -> Tuple[Optional[str], dict]:
     rows = {}
     name = None
     if _have_sklearn():
@@ -303,10 +328,10 @@ def _grid_search_rows(shot: _Shot) -> Tuple[Optional[str], dict]:
             name = GRID_K1
             choice = {"C": C_val, "note": "K=1: no split holds both classes, C chosen on meta-validation"}
         mean, ci = mean_ci(gs.accuracy)
-        rows[name] = {"accuracy": mean, "ci95": ci, "per_task": gs.accuracy, "val_accuracy": None,
+        rows[name] = {"accuracy": mean, "accuracy_ci95": ci, "per_task": gs.accuracy, "val_accuracy": None,
                       "choice": choice, "seconds_per_task": gs.seconds_per_task, "meta_train_seconds": 0.0}
         mean, ci = mean_ci(gs.oracle_accuracy)
-        rows[ORACLE] = {"accuracy": mean, "ci95": ci, "per_task": gs.oracle_accuracy, "val_accuracy": None,
+        rows[ORACLE] = {"accuracy": mean, "accuracy_ci95": ci, "per_task": gs.oracle_accuracy, "val_accuracy": None,
                         "choice": {"C": "best on each query set (oracle)"}, "seconds_per_task": gs.seconds_per_task,
                         "meta_train_seconds": 0.0, "oracle": True}
     shot.log.step()
@@ -389,6 +414,7 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
     logger = _Log(log, config.progress, stages)
     results = {
         "config": dataclasses.asdict(config),
+        "family": "digits",
         "data": {"name": data.name, "description": data.description, "n_samples": int(X.shape[0]),
                  "n_features": int(X.shape[1]), "notes": notes},
         "holdout": holdout,
@@ -432,7 +458,7 @@ def summarize(results: dict) -> list:
         contenders = [n for n, r in table.items() if not r.get("oracle")]
         best = max(contenders, key=lambda n: table[n]["accuracy"])
         parts = [f"K={K}: the meta-learner chosen on meta-validation is {sel} "
-                 f"({100 * row['accuracy']:.1f}% +/- {100 * row['ci95']:.1f})."]
+                 f"({100 * row['accuracy']:.1f}% +/- {100 * row['accuracy_ci95']:.1f})."]
         if (row.get("choice") or {}).get("iterations") == 0:
             parts.append("Meta-validation stopped it at iteration 0, before any meta-training: "
                          "meta-training did not improve on its starting point on held-out classes.")
@@ -457,11 +483,18 @@ def summarize(results: dict) -> list:
 def format_table(results: dict) -> str:
     """The results table as text."""
     out = []
-    held = " vs ".join(str(c) for c in results["holdout"])
-    kind = "Digit pairs" if results.get("n_way", 2) == 2 else f"{results['n_way']}-way digit tasks"
-    out.append(f"{kind}: meta-train on {results['train_digits']}, test on {held} "
-               f"({results['data']['name']}, {results['data']['n_samples']} images)")
-    out.append(f"validation folds (digits never meta-trained on in that fold): {results['validation_folds']}")
+    if results.get("family") == "grouped":
+        d = results["data"]
+        out.append(f"Grouped tasks: meta-train on {results['n_train_groups']} groups, choose on "
+                   f"{results['n_validation_groups']} meta-validation groups, test on {results['n_test_groups']} "
+                   f"held-out groups ({d['name']}: {d['n_groups']} groups, {d['n_samples']} rows, "
+                   f"{d['n_features']} features)")
+    else:
+        held = " vs ".join(str(c) for c in results["holdout"])
+        kind = "Digit pairs" if results.get("n_way", 2) == 2 else f"{results['n_way']}-way digit tasks"
+        out.append(f"{kind}: meta-train on {results['train_digits']}, test on {held} "
+                   f"({results['data']['name']}, {results['data']['n_samples']} images)")
+        out.append(f"validation folds (digits never meta-trained on in that fold): {results['validation_folds']}")
     for K, res in results["shots"].items():
         out.append("")
         out.append(f"K = {K} shots per class, {res['n_test_episodes']} test episodes (the same for every method)")
@@ -473,7 +506,7 @@ def format_table(results: dict) -> str:
                 return "" if d is None else f"{100 * d['mean']:+.1f} +/- {100 * d['ci95']:.1f}"
             val = "" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.1f}"
             out.append(
-                f"  {name:<34} {100 * row['accuracy']:>7.1f} +/- {100 * row['ci95']:>4.1f} {fmt(row['vs_zero']):>18} "
+                f"  {name:<34} {100 * row['accuracy']:>7.1f} +/- {100 * row['accuracy_ci95']:>4.1f} {fmt(row['vs_zero']):>18} "
                 f"{fmt(row['vs_grid']):>18} {val:>8} {row['meta_train_seconds']:>12.1f} "
                 f"{1000 * row['seconds_per_task']:>11.3f}"
             )
@@ -505,7 +538,9 @@ def run_grouped(config: DemoConfig, *, n_groups=300, n_per_group=60, n_features=
     Tasks come from :func:`fastmaml.datasets.make_grouped_tasks` (a shared
     teacher with per-group deviations). Groups are split into meta-train /
     meta-validation / test; K is the number of support rows per class on
-    average (2K support rows per group). Same methods and table as the digits.
+    average (2K support rows per group). Same methods and table as the digits;
+    the results name groups (``n_train_groups``, ``n_validation_groups``,
+    ``n_test_groups``) where the digit experiment names digits.
     """
     t_start = time.perf_counter()
     X, y, groups = make_grouped_tasks(n_groups=n_groups, n_per_group=n_per_group, n_features=n_features,
@@ -518,9 +553,9 @@ def run_grouped(config: DemoConfig, *, n_groups=300, n_per_group=60, n_features=
         "family": "grouped",
         "data": {"name": "grouped (shared teacher + per-group deviation)", "n_samples": int(X.shape[0]),
                  "n_features": int(X.shape[1]), "n_groups": int(n_groups), "notes": []},
-        "holdout": ["test groups", f"{len(test_g)}"],
-        "train_digits": f"{len(train_g)} meta-training groups",
-        "validation_folds": f"{len(val_g)} meta-validation groups",
+        "n_train_groups": int(len(train_g)),
+        "n_validation_groups": int(len(val_g)),
+        "n_test_groups": int(len(test_g)),
         "shots": {},
     }
     seed_stream = np.random.SeedSequence(config.seed)

@@ -579,7 +579,7 @@ class MAML:
             from tqdm.auto import tqdm
         except ImportError:
             return None
-        return tqdm(total=total, initial=initial, desc="meta-training", unit="it", leave=False)
+        return tqdm(total=total, initial=initial, desc="meta-training", unit="it", leave=False, mininterval=0.5)
 
     def _run(self, tasks, val_tasks, K):
         bar = self._make_bar(self.n_iterations, self.n_iter_)
@@ -614,7 +614,7 @@ class MAML:
                     self.history_.append(record)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}")
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redraws follow tqdm's mininterval
                     for cb in self.callbacks:
                         if cb(self, record):
                             stop = True

@@ -29,6 +29,8 @@ from ._links import sigmoid, softmax
 from .evaluation import mean_ci, query_scores
 from ._tasks import Tasks
 from ._validation import as_feature_array, check_float, check_int, check_threads
+from .functional import _prepare_inner_lr
+from . import _core
 
 __all__ = ["MAML", "LogisticModel", "StepSizeWarning"]
 
@@ -580,6 +582,19 @@ class MAML:
             return None
         return tqdm(total=total, initial=initial, desc="meta-training", unit="it", leave=False)
 
+    def _block_end(self, val_tasks, bar) -> int:
+        """The iteration a compiled block runs up to: the next callback, validation, checkpoint or bar update."""
+        i, end = self.n_iter_, self.n_iterations
+        if self.callbacks:
+            return i + 1  # callbacks run after every iteration
+        if val_tasks is not None:
+            end = min(end, (i // self.validate_every + 1) * self.validate_every)
+        if self.checkpoint_path:
+            end = min(end, (i // self.checkpoint_every + 1) * self.checkpoint_every)
+        if bar is not None:
+            end = min(end, i + max(1, self.n_iterations // 100))
+        return end
+
     def _run(self, tasks, val_tasks, K):
         bar = self._make_bar(self.n_iterations, self.n_iter_)
         stop = False
@@ -589,31 +604,33 @@ class MAML:
             record = {"iteration": 0, "val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
             self._track_best(record)
             self.history_.append(record)
+        loop = _TrainingLoop(self, tasks, K) if self.algorithm in ("maml", "fomaml") and not _is_gradient_source(
+            tasks) else None
         try:
             with _Interrupt() as interrupt:
                 while self.n_iter_ < self.n_iterations and not stop:
-                    t0 = time.perf_counter()
-                    batch = self._draw(tasks)
-                    loss, grads = self._gradients(batch, K)
-                    self._opt.step(self._params, grads)
-                    self.n_iter_ += 1
-                    record = {"iteration": self.n_iter_, "loss": float(loss), "meta_lr": self._opt.current_lr()}
-                    record.update(getattr(self, "_last_extra", {}))
-                    lr = self._lr_value(self._params)
-                    record["inner_lr_mean"] = float(np.mean(lr))
-                    record["l2"] = self._l2_value(self._params)
+                    if loop is not None:
+                        # MAML / first-order MAML: a block of iterations in one compiled call
+                        records = loop.run(self._block_end(val_tasks, bar), interrupt)
+                    else:
+                        records = [self._python_iteration(tasks, K)]
+                    if not records:
+                        break
+                    record = records[-1]
                     if val_tasks is not None and (
                         self.n_iter_ % self.validate_every == 0 or self.n_iter_ == self.n_iterations
                     ):
+                        t0 = time.perf_counter()
+                        seconds = record.pop("seconds")
                         scores = self.evaluate(val_tasks)
                         record["val_accuracy"] = scores["accuracy"]
                         record["val_loss"] = scores["loss"]
                         self._track_best(record)
-                    record["seconds"] = time.perf_counter() - t0
-                    self.history_.append(record)
+                        record["seconds"] = seconds + time.perf_counter() - t0
+                    self.history_.extend(records)
                     if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}")
+                        bar.update(len(records))
+                        bar.set_postfix(loss=f"{record['loss']:.4f}")
                     for cb in self.callbacks:
                         if cb(self, record):
                             stop = True
@@ -638,6 +655,21 @@ class MAML:
             self._final_params = {k: v.copy() for k, v in self._params.items()}
             self._params = {k: v.copy() for k, v in self._best[2].items()}
             self.best_iteration_ = self._best[1]
+
+    def _python_iteration(self, tasks, K) -> dict:
+        """One iteration of Reptile, iMAML or a gradient source (the loop the compiled one does not cover)."""
+        t0 = time.perf_counter()
+        batch = self._draw(tasks)
+        loss, grads = self._gradients(batch, K)
+        self._opt.step(self._params, grads)
+        self.n_iter_ += 1
+        record = {"iteration": self.n_iter_, "loss": float(loss), "meta_lr": self._opt.current_lr()}
+        record.update(getattr(self, "_last_extra", {}))
+        lr = self._lr_value(self._params)
+        record["inner_lr_mean"] = float(np.mean(lr))
+        record["l2"] = self._l2_value(self._params)
+        record["seconds"] = time.perf_counter() - t0
+        return record
 
     def _track_best(self, record):
         if self.select == "final":
@@ -978,3 +1010,121 @@ def _first_tasks(tasks: Tasks, count: int) -> Tasks:
         X, np.concatenate(s_idx), np.concatenate([p[1] for p in parts]), np.concatenate(q_idx),
         np.concatenate([p[3] for p in parts]), support_ptr=s_ptr, query_ptr=q_ptr,
     )
+
+
+# The compiled training loop draws EpisodeSampler / GroupedSampler batches
+# itself; False makes fit draw every batch in Python and hand it to the same
+# compiled step (the tests compare both).
+_COMPILED_DRAWS = True
+
+
+def _lr_extent(lr_shape: tuple, theta_shape: tuple) -> tuple:
+    """The (steps, rows, classes) extents of an inner_lr array broadcast against (K, *theta.shape)."""
+    full_ndim = 1 + len(theta_shape)
+    padded = (1,) * (full_ndim - len(lr_shape)) + tuple(lr_shape)
+    return tuple(int(e) for e in (padded if len(padded) == 3 else padded + (1,)))
+
+
+class _TrainingLoop:
+    """Runs MAML / first-order MAML meta-iterations through ``_core.train_block`` (csrc/fastmaml/train.hpp).
+
+    Every iteration -- draw, log-hyperparameter transforms, meta-gradient,
+    optimizer step -- is compiled and runs with the GIL released; a block comes
+    back to Python for validation, checkpoints, callbacks, the progress bar and
+    Ctrl-C. EpisodeSampler (without ``pairs``), GroupedSampler (with
+    ``meta_batch_size <= n_groups``) and Tasks pools are drawn in the compiled
+    loop; any other sampler is drawn in Python, one iteration per call, and the
+    batch goes through the same compiled step.
+    """
+
+    def __init__(self, model, tasks, K: int):
+        from .samplers import EpisodeSampler, GroupedSampler
+
+        self.model, self.tasks, self.K = model, tasks, int(K)
+        self.kind = "python"
+        if isinstance(tasks, Tasks):
+            self.kind = "tasks"
+        elif _COMPILED_DRAWS and isinstance(tasks, EpisodeSampler) and tasks.pairs is None and (
+            type(tasks).sample is EpisodeSampler.sample
+        ):
+            self.kind = "episode"
+        elif _COMPILED_DRAWS and isinstance(tasks, GroupedSampler) and (
+            type(tasks).sample is GroupedSampler.sample and type(tasks)._build is GroupedSampler._build
+            and model.meta_batch_size <= tasks.n_groups
+        ):
+            self.kind = "grouped"
+
+    def _source(self) -> dict:
+        tasks, B = self.tasks, int(self.model.meta_batch_size)
+        if self.kind == "tasks":
+            return dict(support=tasks.support.core(), query=tasks.query.core(), kernel=tasks.kernel)
+        if self.kind == "episode":
+            self.last = np.zeros(B * tasks.n_way, dtype=np.int64)
+            return dict(batch_size=B, last_draw=self.last, episode=(
+                tasks.X, tasks._flat, tasks._start, tasks.class_counts, tasks.n_way, tasks.k_shot, tasks.n_query,
+                tasks.random_labels, tasks.kernel))
+        if self.kind == "grouped":
+            self.last = np.zeros(B, dtype=np.int64)
+            return dict(batch_size=B, last_draw=self.last, grouped=(
+                tasks.X, tasks.y, tasks._order, tasks._start, tasks.group_sizes, tasks.support_sizes,
+                tasks.query_sizes))
+        batch = tasks.sample(B)  # any other sampler: drawn in Python, one iteration per call
+        return dict(support=batch.support.core(), query=batch.query.core(), kernel=batch.kernel)
+
+    def run(self, end: int, interrupt) -> list:
+        """Iterations up to ``end`` (fewer on Ctrl-C or error); returns their history records."""
+        model, opt = self.model, self.model._opt
+        params = model._params
+        for key in params:
+            params[key] = np.ascontiguousarray(params[key], dtype=np.float64)
+        learned = [k for k in params if k != "theta" or model.learn_init]
+        if opt._adam:
+            opt.moments(params, learned)
+        theta = params["theta"]
+        if "log_inner_lr" in params:
+            extent = _lr_extent(params["log_inner_lr"].shape, theta.shape)
+            fixed = np.zeros(0)
+        else:
+            fixed = np.ascontiguousarray(model._fixed_lr, dtype=np.float64)
+            if "log_scale" not in params:
+                _prepare_inner_lr(fixed, self.K, theta.shape, np.float64)  # the named error for a bad shape
+            extent = _lr_extent(fixed.shape, theta.shape) if "log_scale" not in params else (1, 1, 1)
+        source = self._source()
+        n = end - model.n_iter_ if self.kind != "python" else 1
+        records = np.zeros((n, 5))
+        progress = np.array([0, opt.t], dtype=np.int64)
+        rng = getattr(self.tasks, "_rng", None) if self.kind in ("episode", "grouped") else None
+        call = lambda **kw: _core.train_block(  # noqa: E731
+            params, opt.m, opt.v, fixed_lr=fixed, lr_extent=extent, l2=float(model.l2),
+            learn_init=bool(model.learn_init), n_classes=1 if theta.ndim == 1 else int(theta.shape[1]),
+            inner_steps=self.K, mode=_core.Mode.first_order if model.algorithm == "fomaml" else _core.Mode.maml,
+            optimizer=opt.config(), t=opt.t, n_iterations=n, records=records, progress=progress,
+            n_threads=check_threads(model.n_threads), should_stop=lambda: interrupt.flag, **source, **kw)
+        try:
+            if rng is not None:
+                bitgen = rng.bit_generator
+                with bitgen.lock:
+                    call(bit_generator=bitgen.capsule)
+            else:
+                call()
+        except BaseException:
+            # an error (DivergenceError) or a second Ctrl-C: the finished iterations still count
+            model.history_.extend(self._finish(records, progress))
+            raise
+        return self._finish(records, progress)
+
+    def _finish(self, records, progress) -> list:
+        """Book the iterations a block finished: step count, sampler attributes, history records."""
+        model = self.model
+        done = int(progress[0])
+        model._opt.t = int(progress[1])
+        if done and self.kind == "episode":
+            self.tasks.episode_classes = self.tasks.classes[self.last.reshape(-1, self.tasks.n_way)]
+        elif done and self.kind == "grouped":
+            self.tasks.task_groups = self.tasks.groups[self.last]
+        out = []
+        for row in records[:done]:
+            model.n_iter_ += 1
+            out.append({"iteration": model.n_iter_, "loss": float(row[0]), "meta_lr": float(row[1]),
+                        "inner_lr_mean": float(row[2]), "l2": float(row[3]), "seconds": float(row[4])})
+        return out

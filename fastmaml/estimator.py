@@ -1076,7 +1076,7 @@ class _TrainingLoop:
         model, opt = self.model, self.model._opt
         params = model._params
         for key in params:
-            params[key] = np.ascontiguousarray(params[key], dtype=np.float64)
+            params[key] = np.asarray(params[key], dtype=np.float64, order="C")  # keeps 0-d arrays 0-d
         learned = [k for k in params if k != "theta" or model.learn_init]
         if opt._adam:
             opt.moments(params, learned)
@@ -1085,7 +1085,7 @@ class _TrainingLoop:
             extent = _lr_extent(params["log_inner_lr"].shape, theta.shape)
             fixed = np.zeros(0)
         else:
-            fixed = np.ascontiguousarray(model._fixed_lr, dtype=np.float64)
+            fixed = np.asarray(model._fixed_lr, dtype=np.float64, order="C")
             if "log_scale" not in params:
                 _prepare_inner_lr(fixed, self.K, theta.shape, np.float64)  # the named error for a bad shape
             extent = _lr_extent(fixed.shape, theta.shape) if "log_scale" not in params else (1, 1, 1)

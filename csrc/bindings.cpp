@@ -473,18 +473,15 @@ fastmaml::GroupedDraw<T> grouped_source(const py::tuple& gtuple, index_t batch, 
   return s;
 }
 
-template <class T>
-index_t train_impl(const py::dict& params, const py::dict& m, const py::dict& v, const fastmaml::TrainParams& base,
-                   const py::array& fixed_lr, const fastmaml::OptimizerConfig& opt, index_t t0, index_t n_iter,
-                   py::array& records, py::array& progress, int n_threads, index_t batch_size,
-                   const std::optional<Side>& support, const std::optional<Side>& query, const py::object& kernel,
-                   const py::object& episode, const py::object& grouped, const py::object& bitgen,
-                   const py::object& should_stop, py::array& last_draw) {
+// The parameter views of a training step: `base` holds the shapes and
+// settings, the arrays come from the dicts (moments only when `moments_too`
+// and the optimizer is Adam).
+fastmaml::TrainParams train_params(const py::dict& params, const py::dict& m, const py::dict& v,
+                                   const fastmaml::TrainParams& base, const py::array& fixed_lr, bool adam) {
   fastmaml::TrainParams p = base;
   const index_t P = p.P(), D = p.D;
   p.theta = f64_array(params, "theta", P, "params");
   if (!p.theta) value_error("params: needs 'theta'");
-  const bool adam = opt.adam;
   auto moments = [&](const char* key, index_t size, double*& mm, double*& vv) {
     if (!adam) return;
     mm = f64_array(m, key, size, "m");
@@ -518,6 +515,41 @@ index_t train_impl(const py::dict& params, const py::dict& m, const py::dict& v,
     p.log_l2 = f64_array(params, "log_l2", 1, "params");
     moments("log_l2", 1, p.log_l2_m, p.log_l2_v);
   }
+  return p;
+}
+
+// Shapes and settings of a training step, from the arguments every training
+// binding takes.
+fastmaml::TrainParams train_base(const py::dict& params, std::tuple<index_t, index_t, index_t> lr_extent, double l2,
+                                 bool learn_init, index_t n_classes, index_t inner_steps, fastmaml::Mode mode) {
+  if (!params.contains("theta")) value_error("params: needs 'theta'");
+  py::array theta = params["theta"].cast<py::array>();
+  if (n_classes < 1) value_error("n_classes: expected >= 1");
+  if (theta.ndim() < 1 || theta.size() % n_classes != 0)
+    value_error("params[theta]: expected (n_features + 1,) or (n_features + 1, n_classes)");
+  fastmaml::TrainParams p;
+  p.C = n_classes;
+  p.D = theta.size() / n_classes;
+  p.K = inner_steps;
+  p.mode = mode;
+  p.learn_init = learn_init;
+  p.l2 = l2;
+  p.lr_extent[0] = std::get<0>(lr_extent);
+  p.lr_extent[1] = std::get<1>(lr_extent);
+  p.lr_extent[2] = std::get<2>(lr_extent);
+  if (inner_steps < 0) value_error("inner_steps: expected >= 0");
+  return p;
+}
+
+template <class T>
+index_t train_impl(const py::dict& params, const py::dict& m, const py::dict& v, const fastmaml::TrainParams& base,
+                   const py::array& fixed_lr, const fastmaml::OptimizerConfig& opt, index_t t0, index_t n_iter,
+                   py::array& records, py::array& progress, int n_threads, index_t batch_size,
+                   const std::optional<Side>& support, const std::optional<Side>& query, const py::object& kernel,
+                   const py::object& episode, const py::object& grouped, const py::object& bitgen,
+                   const py::object& should_stop, py::array& last_draw) {
+  fastmaml::TrainParams p = train_params(params, m, v, base, fixed_lr, opt.adam);
+  const index_t D = p.D;
   double* rec = const_cast<double*>(checked<double>(records, "records"));
   if (records.size() < n_iter * fastmaml::kRecordFields) value_error("records: too small for n_iterations");
   index_t* prog = const_cast<index_t*>(checked<index_t>(progress, "progress"));
@@ -706,19 +738,7 @@ PYBIND11_MODULE(_core, m) {
          py::object bit_generator, py::object should_stop, py::array last_draw) {
         if (mode == Mode::reptile) value_error("mode: the training loop runs MAML and first-order MAML");
         if (n_iterations < 0) value_error("n_iterations: expected >= 0");
-        py::array theta = params["theta"].cast<py::array>();
-        fastmaml::TrainParams p;
-        p.C = n_classes;
-        if (theta.ndim() < 1 || theta.size() % std::max<index_t>(n_classes, 1) != 0)
-          value_error("params[theta]: expected (n_features + 1,) or (n_features + 1, n_classes)");
-        p.D = theta.size() / std::max<index_t>(n_classes, 1);
-        p.K = inner_steps;
-        p.mode = mode;
-        p.learn_init = learn_init;
-        p.l2 = l2;
-        p.lr_extent[0] = std::get<0>(lr_extent);
-        p.lr_extent[1] = std::get<1>(lr_extent);
-        p.lr_extent[2] = std::get<2>(lr_extent);
+        const auto p = train_base(params, lr_extent, l2, learn_init, n_classes, inner_steps, mode);
         const auto opt = optimizer_config(optimizer);
         py::array X;
         if (!episode.is_none()) X = episode.cast<py::tuple>()[0].cast<py::array>();
@@ -744,6 +764,49 @@ PYBIND11_MODULE(_core, m) {
       "with the GIL released, updating params and the Adam moments m, v in place; records (n_iterations, 5) "
       "gets loss, meta_lr, inner_lr_mean, l2, seconds per iteration and progress (2,) the iterations done and "
       "the optimizer's step count. Returns the iterations done.");
+
+  m.def(
+      "step_sizes",
+      [](py::dict params, py::array fixed_lr, Layout lr_extent, double l2, index_t n_classes, index_t inner_steps) {
+        const auto base = train_base(params, lr_extent, l2, true, n_classes, inner_steps, Mode::maml);
+        auto p = train_params(params, py::dict(), py::dict(), base, fixed_lr, false);
+        if (p.step == fastmaml::StepKind::preconditioner) value_error("params: the preconditioner has no step-size table");
+        fastmaml::MetaStep<double> step(p, fastmaml::OptimizerConfig{});
+        const double lam = step.prepare();
+        const auto& lr = step.step_sizes();
+        py::array_t<double> out(static_cast<py::ssize_t>(lr.size()));
+        std::copy(lr.begin(), lr.end(), out.mutable_data());
+        return py::make_tuple(out, lam);
+      },
+      py::arg("params"), py::kw_only(), py::arg("fixed_lr"), py::arg("lr_extent"), py::arg("l2"),
+      py::arg("n_classes"), py::arg("inner_steps"),
+      "The training step's inner step sizes (flat, in the order of the extents) and l2, from the parameters: "
+      "what train_block hands the core, for a task source that computes the meta-gradient itself.");
+
+  m.def(
+      "apply_step",
+      [](py::dict params, py::dict m_, py::dict v_, py::array fixed_lr, Layout lr_extent, double l2, bool learn_init,
+         index_t n_classes, index_t inner_steps, py::tuple optimizer, index_t t, double loss, py::array grad,
+         py::array hyper, double grad_l2) {
+        const auto opt = optimizer_config(optimizer);
+        const auto base = train_base(params, lr_extent, l2, learn_init, n_classes, inner_steps, Mode::maml);
+        auto p = train_params(params, m_, v_, base, fixed_lr, opt.adam);
+        const double* g = checked<double>(grad, "grad");
+        const double* h = checked<double>(hyper, "hyper");
+        const index_t H = p.step == fastmaml::StepKind::preconditioner ? p.D * (1 + p.rank) : p.lr_size();
+        if (grad.size() != p.P()) value_error("grad: expected " + std::to_string(p.P()) + " values");
+        if (hyper.size() != H) value_error("hyper: expected " + std::to_string(H) + " values");
+        fastmaml::MetaStep<double> step(p, opt);
+        step.prepare();
+        fastmaml::StepRecord rec;
+        step.apply(loss, g, h, grad_l2, t, &rec);
+        return py::make_tuple(t, rec.loss, rec.meta_lr, rec.inner_lr_mean, rec.l2);
+      },
+      py::arg("params"), py::arg("m"), py::arg("v"), py::kw_only(), py::arg("fixed_lr"), py::arg("lr_extent"),
+      py::arg("l2"), py::arg("learn_init"), py::arg("n_classes"), py::arg("inner_steps"), py::arg("optimizer"),
+      py::arg("t"), py::arg("loss"), py::arg("grad"), py::arg("hyper"), py::arg("grad_l2"),
+      "train_block's step from a meta-gradient computed elsewhere (float64 images of the compute dtype): chain "
+      "rule to the log parameters and optimizer step in place. Returns (t, loss, meta_lr, inner_lr_mean, l2).");
 
   m.def(
       "optimizer_step",

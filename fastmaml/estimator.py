@@ -1,7 +1,8 @@
 """`MAML`: the meta-training estimator a script uses.
 
-One call into the compiled core per meta-batch; the Python loop per
-meta-iteration only samples, updates a handful of arrays and records history.
+MAML and first-order MAML meta-train in blocks of iterations inside one
+compiled call (draws, meta-gradient and optimizer step; see `MAML.fit`); the
+other algorithms run one call of the core per meta-iteration.
 """
 
 from __future__ import annotations
@@ -475,6 +476,30 @@ class MAML:
         Returns
         -------
         self
+
+        Notes
+        -----
+        With ``algorithm="maml"`` or ``"fomaml"`` (every ``learn_inner_lr`` and
+        ``learn_l2`` option) the meta-iterations run in the compiled core in
+        blocks, with no Python between them: the meta-batch draw of an
+        :class:`~fastmaml.EpisodeSampler`, a :class:`~fastmaml.GroupedSampler`
+        or a fixed Tasks, the meta-gradient and the optimizer step. A block
+        returns to Python at the next validation (``validate_every``),
+        checkpoint (``checkpoint_every``), progress-bar update or, when
+        ``callbacks`` are given, after every iteration; Ctrl-C stops it
+        between two iterations and keeps every finished one. The results are
+        bitwise those of drawing each batch with the sampler's ``sample``.
+
+        These stay on the Python loop (one call of the core per iteration),
+        with the same compiled optimizer step: Reptile and iMAML (other
+        gradient computations than the loop's), a task source that computes
+        its own meta-gradient (``fastmaml.distributed.DaskTaskSource``: the
+        work runs on the cluster), and samplers the loop does not draw itself
+        -- other sampler classes (any ``sample(n_tasks)``), an
+        ``EpisodeSampler`` with ``pairs`` and a ``GroupedSampler`` with
+        ``meta_batch_size`` larger than its number of groups (their draws use
+        ``Generator.integers``, whose algorithm belongs to NumPy); for the
+        latter the batch drawn in Python goes through the compiled step.
         """
         K = self._validate_config()
         if not isinstance(tasks, Tasks) and not hasattr(tasks, "sample") and not _is_gradient_source(tasks):
@@ -604,8 +629,7 @@ class MAML:
             record = {"iteration": 0, "val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
             self._track_best(record)
             self.history_.append(record)
-        loop = _TrainingLoop(self, tasks, K) if self.algorithm in ("maml", "fomaml") and not _is_gradient_source(
-            tasks) else None
+        loop = _TrainingLoop(self, tasks, K) if self.algorithm in ("maml", "fomaml") else None
         try:
             with _Interrupt() as interrupt:
                 while self.n_iter_ < self.n_iterations and not stop:
@@ -1042,7 +1066,9 @@ class _TrainingLoop:
 
         self.model, self.tasks, self.K = model, tasks, int(K)
         self.kind = "python"
-        if isinstance(tasks, Tasks):
+        if _is_gradient_source(tasks):
+            self.kind = "source"
+        elif isinstance(tasks, Tasks):
             self.kind = "tasks"
         elif _COMPILED_DRAWS and isinstance(tasks, EpisodeSampler) and tasks.pairs is None and (
             type(tasks).sample is EpisodeSampler.sample
@@ -1089,6 +1115,8 @@ class _TrainingLoop:
             if "log_scale" not in params:
                 _prepare_inner_lr(fixed, self.K, theta.shape, np.float64)  # the named error for a bad shape
             extent = _lr_extent(fixed.shape, theta.shape) if "log_scale" not in params else (1, 1, 1)
+        if self.kind == "source":
+            return [self._source_iteration(extent, fixed)]
         source = self._source()
         n = end - model.n_iter_ if self.kind != "python" else 1
         records = np.zeros((n, 5))
@@ -1112,6 +1140,38 @@ class _TrainingLoop:
             model.history_.extend(self._finish(records, progress))
             raise
         return self._finish(records, progress)
+
+    def _source_iteration(self, extent, fixed) -> dict:
+        """One iteration with a task source that computes the meta-gradient itself (e.g. on a Dask cluster).
+
+        The step sizes it gets and the step taken from its gradient are the
+        compiled loop's own (``_core.step_sizes``, ``_core.apply_step``).
+        """
+        model, opt, K = self.model, self.model._opt, self.K
+        params = model._params
+        if "U" in params:
+            raise ValueError(
+                "tasks: a distributed task source supports algorithm 'maml' / 'fomaml' with a fixed or "
+                "learned step size (not reptile, imaml or the preconditioner)"
+            )
+        t0 = time.perf_counter()
+        theta = params["theta"]
+        common = dict(fixed_lr=fixed, lr_extent=extent, l2=float(model.l2),
+                      n_classes=1 if theta.ndim == 1 else int(theta.shape[1]), inner_steps=K)
+        flat, l2 = _core.step_sizes(params, **common)
+        shape = params["log_inner_lr"].shape if "log_inner_lr" in params else fixed.shape
+        lr = float(flat[0]) if len(shape) == 0 else flat.reshape(shape)
+        res = self.tasks.meta_value_and_grad(theta, inner_lr=lr, inner_steps=K, l2=l2,
+                                             first_order=model.algorithm == "fomaml", iteration=model.n_iter_)
+        hyper = np.asarray(res.grad_inner_lr, dtype=np.float64).reshape(-1)
+        t, loss, meta_lr, lr_mean, l2_now = _core.apply_step(
+            params, opt.m, opt.v, learn_init=bool(model.learn_init), optimizer=opt.config(), t=opt.t,
+            loss=float(res.loss), grad=np.asarray(res.grad, dtype=np.float64).reshape(-1), hyper=hyper,
+            grad_l2=float(res.grad_l2), **common)
+        opt.t = int(t)
+        model.n_iter_ += 1
+        return {"iteration": model.n_iter_, "loss": loss, "meta_lr": meta_lr, "inner_lr_mean": lr_mean, "l2": l2_now,
+                "seconds": time.perf_counter() - t0}
 
     def _finish(self, records, progress) -> list:
         """Book the iterations a block finished: step count, sampler attributes, history records."""

@@ -149,64 +149,57 @@ class MetaStep {
       scale_t_.resize(static_cast<size_t>(p_.D));
       U_t_.resize(static_cast<size_t>(p_.D * p_.rank));
       hyper_t_.resize(static_cast<size_t>(p_.D * (1 + p_.rank)));
-      grad_scale_.resize(static_cast<size_t>(p_.D));
-      grad_U_.resize(static_cast<size_t>(p_.D * p_.rank));
     } else {
       table_.resize(static_cast<size_t>(p_.K * P));
       lr_.resize(static_cast<size_t>(p_.lr_size()));
       hyper_t_.resize(static_cast<size_t>(p_.lr_size()));
       grad_lr_.resize(static_cast<size_t>(p_.lr_size()));
     }
+    hyper_d_.resize(hyper_t_.size());
   }
 
-  template <class Link>
-  TaskStatus run(const TaskSet<T>& batch, Link link, int n_threads, index_t& t, StepRecord* rec) {
+  // The meta-gradient's inputs from the parameters: theta and the step
+  // sizes (or preconditioner) in the compute dtype, l2 in double. step_sizes()
+  // then holds the float64 step sizes (exp of the learned logs).
+  double prepare() {
     const index_t P = p_.P(), D = p_.D, C = p_.C, K = p_.K;
     for (index_t i = 0; i < P; ++i) theta_t_[i] = static_cast<T>(p_.theta[i]);
-    const double lam = current_l2(p_);
-    Preconditioner<T> pre;
-    LrLayout layout{p_.lr_extent[0], p_.lr_extent[1], p_.lr_extent[2]};
-    const T* alpha = nullptr;
     if (p_.step == StepKind::preconditioner) {
       for (index_t i = 0; i < D; ++i) scale_t_[i] = static_cast<T>(p_.log_scale[i]);
       for (index_t i = 0; i < D * p_.rank; ++i) U_t_[i] = static_cast<T>(p_.U[i]);
-      pre.log_scale = scale_t_.data();
-      pre.U = U_t_.data();
-      pre.rank = p_.rank;
-      layout = LrLayout{};
-    } else {
-      const index_t n = p_.lr_size();
-      for (index_t i = 0; i < n; ++i) lr_[i] = p_.step == StepKind::learned ? std::exp(p_.log_lr[i]) : p_.fixed_lr[i];
-      // the (K, D, C) table, broadcast from the extents
-      const index_t ek = p_.lr_extent[0], er = p_.lr_extent[1], ec = p_.lr_extent[2];
-      for (index_t k = 0; k < K; ++k)
-        for (index_t r = 0; r < D; ++r)
-          for (index_t c = 0; c < C; ++c)
-            table_[(k * D + r) * C + c] =
-                static_cast<T>(lr_[((ek > 1 ? k : 0) * er + (er > 1 ? r : 0)) * ec + (ec > 1 ? c : 0)]);
-      alpha = table_.data();
+      return current_l2(p_);
     }
-    double loss = 0.0, grad_l2 = 0.0;
-    TaskStatus st = meta_value_and_grad<T>(batch, link, theta_t_.data(), alpha, pre, K, layout, lam, p_.mode,
-                                           n_threads, &loss, grad_t_.data(), hyper_t_.data(), &grad_l2);
-    if (!st.ok()) return st;
+    const index_t n = p_.lr_size();
+    for (index_t i = 0; i < n; ++i) lr_[i] = p_.step == StepKind::learned ? std::exp(p_.log_lr[i]) : p_.fixed_lr[i];
+    // the (K, D, C) table, broadcast from the extents
+    const index_t ek = p_.lr_extent[0], er = p_.lr_extent[1], ec = p_.lr_extent[2];
+    for (index_t k = 0; k < K; ++k)
+      for (index_t r = 0; r < D; ++r)
+        for (index_t c = 0; c < C; ++c)
+          table_[(k * D + r) * C + c] =
+              static_cast<T>(lr_[((ek > 1 ? k : 0) * er + (er > 1 ? r : 0)) * ec + (ec > 1 ? c : 0)]);
+    return current_l2(p_);
+  }
+  const std::vector<double>& step_sizes() const { return lr_; }
 
+  // The chain rule from the meta-gradient (grad: P values, hyper: the
+  // step-size gradient in the layout of the extents, or d/dlog_scale then
+  // d/dU; all exact float64 images of the compute dtype) to the log
+  // parameters, then the optimizer step. Needs prepare() first.
+  void apply(double loss, const double* grad, const double* hyper, double grad_l2, index_t& t, StepRecord* rec) {
+    const index_t P = p_.P(), D = p_.D;
+    const double lam = current_l2(p_);
     ParamBlock blocks[5];
     index_t nb = 0;
-    if (p_.learn_init) {
-      for (index_t i = 0; i < P; ++i) grad_theta_[i] = static_cast<double>(grad_t_[i]);
-      blocks[nb++] = ParamBlock{p_.theta, grad_theta_.data(), p_.theta_m, p_.theta_v, P};
-    }
+    if (p_.learn_init) blocks[nb++] = ParamBlock{p_.theta, grad, p_.theta_m, p_.theta_v, P};
     if (p_.step == StepKind::learned) {
       // d/dlog(lr) = d/dlr * lr
-      for (index_t i = 0; i < p_.lr_size(); ++i) grad_lr_[i] = static_cast<double>(hyper_t_[i]) * lr_[i];
+      for (index_t i = 0; i < p_.lr_size(); ++i) grad_lr_[i] = hyper[i] * lr_[i];
       blocks[nb++] = ParamBlock{p_.log_lr, grad_lr_.data(), p_.log_lr_m, p_.log_lr_v, p_.lr_size()};
     } else if (p_.step == StepKind::preconditioner) {
       // the core differentiates log_scale directly
-      for (index_t i = 0; i < D; ++i) grad_scale_[i] = static_cast<double>(hyper_t_[i]);
-      for (index_t i = 0; i < D * p_.rank; ++i) grad_U_[i] = static_cast<double>(hyper_t_[D + i]);
-      blocks[nb++] = ParamBlock{p_.log_scale, grad_scale_.data(), p_.log_scale_m, p_.log_scale_v, D};
-      blocks[nb++] = ParamBlock{p_.U, grad_U_.data(), p_.U_m, p_.U_v, D * p_.rank};
+      blocks[nb++] = ParamBlock{p_.log_scale, hyper, p_.log_scale_m, p_.log_scale_v, D};
+      blocks[nb++] = ParamBlock{p_.U, hyper + D, p_.U_m, p_.U_v, D * p_.rank};
     }
     double grad_log_l2 = 0.0;
     if (p_.log_l2) {
@@ -218,6 +211,29 @@ class MetaStep {
     rec->meta_lr = scheduled_lr(opt_, t);
     rec->inner_lr_mean = inner_lr_mean(p_);
     rec->l2 = current_l2(p_);
+  }
+
+  // One meta-iteration on `batch`: prepare, meta-gradient, apply.
+  template <class Link>
+  TaskStatus run(const TaskSet<T>& batch, Link link, int n_threads, index_t& t, StepRecord* rec) {
+    const double lam = prepare();
+    Preconditioner<T> pre;
+    LrLayout layout{p_.lr_extent[0], p_.lr_extent[1], p_.lr_extent[2]};
+    const T* alpha = table_.data();
+    if (p_.step == StepKind::preconditioner) {
+      pre.log_scale = scale_t_.data();
+      pre.U = U_t_.data();
+      pre.rank = p_.rank;
+      layout = LrLayout{};
+      alpha = nullptr;
+    }
+    double loss = 0.0, grad_l2 = 0.0;
+    TaskStatus st = meta_value_and_grad<T>(batch, link, theta_t_.data(), alpha, pre, p_.K, layout, lam, p_.mode,
+                                           n_threads, &loss, grad_t_.data(), hyper_t_.data(), &grad_l2);
+    if (!st.ok()) return st;
+    for (size_t i = 0; i < grad_t_.size(); ++i) grad_theta_[i] = static_cast<double>(grad_t_[i]);
+    for (size_t i = 0; i < hyper_t_.size(); ++i) hyper_d_[i] = static_cast<double>(hyper_t_[i]);
+    apply(loss, grad_theta_.data(), hyper_d_.data(), grad_l2, t, rec);
     return st;
   }
 
@@ -225,7 +241,7 @@ class MetaStep {
   TrainParams p_;
   OptimizerConfig opt_;
   std::vector<T> theta_t_, grad_t_, table_, scale_t_, U_t_, hyper_t_;
-  std::vector<double> lr_, grad_theta_, grad_lr_, grad_scale_, grad_U_;
+  std::vector<double> lr_, grad_theta_, grad_lr_, hyper_d_;
 };
 
 // ------------------------------------------------------------------- draws

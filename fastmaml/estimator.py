@@ -1122,12 +1122,15 @@ class _TrainingLoop:
         records = np.zeros((n, 5))
         progress = np.array([0, opt.t], dtype=np.int64)
         rng = getattr(self.tasks, "_rng", None) if self.kind in ("episode", "grouped") else None
-        call = lambda **kw: _core.train_block(  # noqa: E731
-            params, opt.m, opt.v, fixed_lr=fixed, lr_extent=extent, l2=float(model.l2),
-            learn_init=bool(model.learn_init), n_classes=1 if theta.ndim == 1 else int(theta.shape[1]),
-            inner_steps=self.K, mode=_core.Mode.first_order if model.algorithm == "fomaml" else _core.Mode.maml,
-            optimizer=opt.config(), t=opt.t, n_iterations=n, records=records, progress=progress,
-            n_threads=check_threads(model.n_threads), should_stop=lambda: interrupt.flag, **source, **kw)
+
+        def call(**kw):
+            return _core.train_block(
+                params, opt.m, opt.v, fixed_lr=fixed, lr_extent=extent, l2=float(model.l2),
+                learn_init=bool(model.learn_init), n_classes=1 if theta.ndim == 1 else int(theta.shape[1]),
+                inner_steps=self.K, mode=_core.Mode.first_order if model.algorithm == "fomaml" else _core.Mode.maml,
+                optimizer=opt.config(), t=opt.t, n_iterations=n, records=records, progress=progress,
+                n_threads=check_threads(model.n_threads), should_stop=lambda: interrupt.flag, **source, **kw)
+
         try:
             if rng is not None:
                 bitgen = rng.bit_generator

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from fastmaml import MAML, EpisodeSampler, GroupedSampler, Tasks, _core, make_grouped_tasks
+from fastmaml import MAML, EpisodeSampler, GroupedSampler, _core, make_grouped_tasks
 from fastmaml import estimator as est
 from fastmaml import functional as F
 from fastmaml.checkpoint import read as read_checkpoint
@@ -93,7 +93,7 @@ def test_compiled_draws_equal_python_draws_episodes(learn, algorithm, n_way, mon
 def test_compiled_draws_equal_python_draws_episode_options(options, monkeypatch):
     """Sorted labels (random_labels=False) and the dataset kernel (Gram path) are drawn alike too."""
     X, y = _data(np.float64)
-    make = lambda: EpisodeSampler(X, y, n_way=3, k_shot=3, n_query=4, random_state=3, **options)  # noqa: E731
+    make = lambda: EpisodeSampler(X, y, n_way=3, k_shot=3, n_query=4, random_state=3, **options)
     kw = _options("per_step", "maml")
     a = _fit(make, True, monkeypatch, **kw)
     b = _fit(make, False, monkeypatch, **kw)
@@ -246,7 +246,7 @@ def test_thread_count_does_not_change_the_run(n_threads, monkeypatch):
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
 def test_ctrl_c_inside_a_compiled_block_keeps_finished_iterations(monkeypatch):
     """SIGINT while the compiled loop runs: fit stops between iterations, keeping each finished one exactly."""
-    make = lambda: _episodes(dtype=np.float64)  # noqa: E731
+    make = lambda: _episodes(dtype=np.float64)
     installed = signal.getsignal(signal.SIGINT)
 
     def interrupt_when_fit_listens():

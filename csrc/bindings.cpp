@@ -398,8 +398,23 @@ struct StopCheck {
   }
 };
 
+// Copies of a sampler's index arrays: once the GIL is released another
+// Python thread could rewrite the originals, so the draws read (and the
+// checks below cover) these copies.
+struct OwnedIndex {
+  std::vector<index_t> a, b, c, d, e, f;
+  std::vector<std::int32_t> y;
+};
+
+template <class V>
+const V* own(const py::array& arr, const char* name, std::vector<V>& out) {
+  const V* p = checked<V>(arr, name);
+  out.assign(p, p + arr.size());
+  return out.data();
+}
+
 template <class T>
-fastmaml::EpisodeDraw<T> episode_source(const py::tuple& e, index_t batch, index_t C) {
+fastmaml::EpisodeDraw<T> episode_source(const py::tuple& e, index_t batch, index_t C, OwnedIndex& owned) {
   // (X, flat, start, counts, n_way, k_shot, n_query, random_labels, kernel)
   if (e.size() != 9) value_error("episode: expected 9 fields");
   fastmaml::EpisodeDraw<T> s;
@@ -407,9 +422,9 @@ fastmaml::EpisodeDraw<T> episode_source(const py::tuple& e, index_t batch, index
             counts = e[3].cast<py::array>();
   s.X = checked<T>(X, "X");
   s.d = feature_count(X);
-  s.flat = checked<index_t>(flat, "flat");
-  s.start = checked<index_t>(start, "start");
-  s.counts = checked<index_t>(counts, "counts");
+  s.flat = own<index_t>(flat, "flat", owned.a);
+  s.start = own<index_t>(start, "start", owned.b);
+  s.counts = own<index_t>(counts, "counts", owned.c);
   s.n_classes = counts.size();
   s.n_way = e[4].cast<index_t>();
   s.k_shot = e[5].cast<index_t>();
@@ -436,7 +451,7 @@ fastmaml::EpisodeDraw<T> episode_source(const py::tuple& e, index_t batch, index
 }
 
 template <class T>
-fastmaml::GroupedDraw<T> grouped_source(const py::tuple& gtuple, index_t batch, index_t C) {
+fastmaml::GroupedDraw<T> grouped_source(const py::tuple& gtuple, index_t batch, index_t C, OwnedIndex& owned) {
   // (X, y, order, start, sizes, support_sizes, query_sizes)
   if (gtuple.size() != 7) value_error("grouped: expected 7 fields");
   fastmaml::GroupedDraw<T> s;
@@ -445,12 +460,12 @@ fastmaml::GroupedDraw<T> grouped_source(const py::tuple& gtuple, index_t batch, 
             ns = gtuple[5].cast<py::array>(), nq = gtuple[6].cast<py::array>();
   s.X = checked<T>(X, "X");
   s.d = feature_count(X);
-  s.y = checked<std::int32_t>(y, "y");
-  s.order = checked<index_t>(order, "order");
-  s.start = checked<index_t>(start, "start");
-  s.sizes = checked<index_t>(sizes, "sizes");
-  s.support_sizes = checked<index_t>(ns, "support_sizes");
-  s.query_sizes = checked<index_t>(nq, "query_sizes");
+  s.y = own<std::int32_t>(y, "y", owned.y);
+  s.order = own<index_t>(order, "order", owned.a);
+  s.start = own<index_t>(start, "start", owned.b);
+  s.sizes = own<index_t>(sizes, "sizes", owned.c);
+  s.support_sizes = own<index_t>(ns, "support_sizes", owned.d);
+  s.query_sizes = own<index_t>(nq, "query_sizes", owned.e);
   s.n_groups = sizes.size();
   const index_t rows = s.d > 0 ? X.size() / s.d : 0;
   if (y.size() != rows || order.size() != rows || start.size() != s.n_groups || ns.size() != s.n_groups ||
@@ -574,13 +589,15 @@ index_t train_impl(const py::dict& params, const py::dict& m, const py::dict& v,
   index_t* last = last_draw.size() ? const_cast<index_t*>(checked<index_t>(last_draw, "last_draw")) : nullptr;
   if (!episode.is_none()) {
     if (!gen) value_error("bit_generator: an episode source needs the sampler's bit generator");
-    auto src = episode_source<T>(episode.cast<py::tuple>(), batch_size, p.C);
+    OwnedIndex owned;
+    auto src = episode_source<T>(episode.cast<py::tuple>(), batch_size, p.C, owned);
     run(src, batch_size);
     if (last && res.done > 0 && last_draw.size() == static_cast<py::ssize_t>(src.ci.size()))
       std::copy(src.ci.begin(), src.ci.end(), last);
   } else if (!grouped.is_none()) {
     if (!gen) value_error("bit_generator: a grouped source needs the sampler's bit generator");
-    auto src = grouped_source<T>(grouped.cast<py::tuple>(), batch_size, p.C);
+    OwnedIndex owned;
+    auto src = grouped_source<T>(grouped.cast<py::tuple>(), batch_size, p.C, owned);
     run(src, batch_size);
     if (last && res.done > 0 && last_draw.size() == static_cast<py::ssize_t>(src.gi.size()))
       std::copy(src.gi.begin(), src.gi.end(), last);
@@ -589,6 +606,21 @@ index_t train_impl(const py::dict& params, const py::dict& m, const py::dict& v,
     fastmaml::FixedBatch<T> src;
     src.tasks = make_taskset<T>(p.C, *support, &*query, kernel);
     if (src.tasks.d + 1 != D) value_error("theta: expected " + std::to_string(src.tasks.d + 1) + " rows");
+    // the block reads the checked indices, offsets and labels many times: from copies
+    OwnedIndex owned, owned_q;
+    auto own_side = [&](fastmaml::SideView<T>& side, OwnedIndex& o) {
+      const index_t total = side.ptr[src.tasks.n_tasks];
+      o.a.assign(side.ptr, side.ptr + src.tasks.n_tasks + 1);
+      side.ptr = o.a.data();
+      o.y.assign(side.y, side.y + total);
+      side.y = o.y.data();
+      if (side.idx) {
+        o.b.assign(side.idx, side.idx + total);
+        side.idx = o.b.data();
+      }
+    };
+    own_side(src.tasks.support, owned);
+    own_side(src.tasks.query, owned_q);
     run(src, src.tasks.n_tasks);
   }
   prog[0] = res.done;

@@ -20,6 +20,9 @@
 #include <string>
 #include <tuple>
 #include <vector>
+#include <chrono>
+#include <functional>
+#include <optional>
 
 #include "fastmaml/extended.hpp"
 #include "fastmaml/imaml.hpp"
@@ -28,6 +31,7 @@
 #include "fastmaml/parallel.hpp"
 #include "fastmaml/sampling.hpp"
 #include "fastmaml/tasks.hpp"
+#include "fastmaml/train.hpp"
 
 #ifndef _WIN32
 #include <pthread.h>
@@ -465,6 +469,281 @@ py::tuple imaml_impl(const py::array& theta, const Side& s, const Side& q, index
 
 bool is_f32(const py::array& X) { return py::isinstance<py::array_t<float>>(X); }
 
+// ------------------------------------------------------------ training loop
+// `train_block`: a block of MAML.fit iterations in one call (train.hpp).
+// Python hands over its parameter arrays (float64, updated in place), the
+// optimizer state and one source of meta-batches; the block runs with the GIL
+// released and takes it back only every ~10 ms to run pending signal
+// handlers and ask `should_stop` (Ctrl-C).
+
+double* f64_array(const py::dict& d, const char* key, index_t size, const char* what) {
+  if (!d.contains(key)) return nullptr;
+  py::array a = d[key].cast<py::array>();
+  const std::string name = std::string(what) + "[" + key + "]";
+  if (!py::isinstance<py::array_t<double>>(a)) type_error(name + ": expected a float64 array");
+  if (!(a.flags() & py::array::c_style) || !a.writeable())
+    value_error(name + ": expected a writeable C-contiguous array");
+  if (a.size() != size)
+    value_error(name + ": expected " + std::to_string(size) + " values, got " + std::to_string(a.size()));
+  return static_cast<double*>(a.mutable_data());
+}
+
+fastmaml::OptimizerConfig optimizer_config(const py::tuple& o) {
+  if (o.size() != 7) value_error("optimizer: expected (adam, lr, beta1, beta2, eps, cosine, total_steps)");
+  fastmaml::OptimizerConfig c;
+  c.adam = o[0].cast<bool>();
+  c.lr = o[1].cast<double>();
+  c.beta1 = o[2].cast<double>();
+  c.beta2 = o[3].cast<double>();
+  c.eps = o[4].cast<double>();
+  c.cosine = o[5].cast<bool>();
+  c.total_steps = std::max<index_t>(1, o[6].cast<index_t>());
+  return c;
+}
+
+// The stop test of a block: cheap between iterations (a clock read); every
+// 10 ms it takes the GIL, runs pending signal handlers (fit's SIGINT handler
+// sets a flag) and calls should_stop. An exception there ends the block and
+// is re-raised after the finished iterations are handed back.
+struct StopCheck {
+  py::object should_stop;
+  std::optional<py::error_already_set> error;
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  bool operator()() {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last < std::chrono::milliseconds(10)) return false;
+    last = now;
+    py::gil_scoped_acquire acquire;
+    try {
+      if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+      return !should_stop.is_none() && should_stop().cast<bool>();
+    } catch (py::error_already_set& e) {
+      error.emplace(std::move(e));
+      return true;
+    }
+  }
+};
+
+// Copies of a sampler's index arrays: once the GIL is released another
+// Python thread could rewrite the originals, so the draws read (and the
+// checks below cover) these copies.
+struct OwnedIndex {
+  std::vector<index_t> a, b, c, d, e, f;
+  std::vector<std::int32_t> y;
+};
+
+template <class V>
+const V* own(const py::array& arr, const char* name, std::vector<V>& out) {
+  const V* p = checked<V>(arr, name);
+  out.assign(p, p + arr.size());
+  return out.data();
+}
+
+template <class T>
+fastmaml::EpisodeDraw<T> episode_source(const py::tuple& e, index_t batch, index_t C, OwnedIndex& owned) {
+  // (X, flat, start, counts, n_way, k_shot, n_query, random_labels, kernel)
+  if (e.size() != 9) value_error("episode: expected 9 fields");
+  fastmaml::EpisodeDraw<T> s;
+  py::array X = e[0].cast<py::array>(), flat = e[1].cast<py::array>(), start = e[2].cast<py::array>(),
+            counts = e[3].cast<py::array>();
+  s.X = checked<T>(X, "X");
+  s.d = feature_count(X);
+  s.flat = own<index_t>(flat, "flat", owned.a);
+  s.start = own<index_t>(start, "start", owned.b);
+  s.counts = own<index_t>(counts, "counts", owned.c);
+  s.n_classes = counts.size();
+  s.n_way = e[4].cast<index_t>();
+  s.k_shot = e[5].cast<index_t>();
+  s.n_query = e[6].cast<index_t>();
+  s.random_labels = e[7].cast<bool>();
+  const index_t rows = s.d > 0 ? X.size() / s.d : 0;
+  if (start.size() != s.n_classes) value_error("episode: start and counts differ in length");
+  if (s.n_way < 2 || s.n_way > s.n_classes || s.k_shot < 1 || s.n_query < 1 || batch < 1)
+    value_error("episode: bad n_way, k_shot, n_query or batch size");
+  if ((C == 1 && s.n_way != 2) || (C > 1 && s.n_way != C))
+    value_error("episode: n_way does not match the model's classes");
+  for (index_t c = 0; c < s.n_classes; ++c)
+    if (s.counts[c] < s.k_shot + s.n_query || s.start[c] < 0 || s.start[c] + s.counts[c] > flat.size())
+      value_error("episode: class " + std::to_string(c) + " has too few rows or bad offsets");
+  for (index_t i = 0; i < flat.size(); ++i)
+    if (s.flat[i] < 0 || s.flat[i] >= rows) value_error("episode: row index out of range");
+  if (!e[8].is_none()) {
+    py::array k = e[8].cast<py::array>();
+    if (k.ndim() != 2 || k.shape(0) != rows || k.shape(1) != rows) value_error("kernel: expected (n_samples, n_samples)");
+    s.kernel = checked<T>(k, "kernel");
+    s.kernel_rows = rows;
+  }
+  return s;
+}
+
+template <class T>
+fastmaml::GroupedDraw<T> grouped_source(const py::tuple& gtuple, index_t batch, index_t C, OwnedIndex& owned) {
+  // (X, y, order, start, sizes, support_sizes, query_sizes)
+  if (gtuple.size() != 7) value_error("grouped: expected 7 fields");
+  fastmaml::GroupedDraw<T> s;
+  py::array X = gtuple[0].cast<py::array>(), y = gtuple[1].cast<py::array>(), order = gtuple[2].cast<py::array>(),
+            start = gtuple[3].cast<py::array>(), sizes = gtuple[4].cast<py::array>(),
+            ns = gtuple[5].cast<py::array>(), nq = gtuple[6].cast<py::array>();
+  s.X = checked<T>(X, "X");
+  s.d = feature_count(X);
+  s.y = own<std::int32_t>(y, "y", owned.y);
+  s.order = own<index_t>(order, "order", owned.a);
+  s.start = own<index_t>(start, "start", owned.b);
+  s.sizes = own<index_t>(sizes, "sizes", owned.c);
+  s.support_sizes = own<index_t>(ns, "support_sizes", owned.d);
+  s.query_sizes = own<index_t>(nq, "query_sizes", owned.e);
+  s.n_groups = sizes.size();
+  const index_t rows = s.d > 0 ? X.size() / s.d : 0;
+  if (y.size() != rows || order.size() != rows || start.size() != s.n_groups || ns.size() != s.n_groups ||
+      nq.size() != s.n_groups)
+    value_error("grouped: inconsistent array sizes");
+  if (batch < 1 || batch > s.n_groups) value_error("grouped: batch size must lie in [1, n_groups]");
+  const std::int32_t hi = C == 1 ? 1 : static_cast<std::int32_t>(C - 1);
+  for (index_t g = 0; g < s.n_groups; ++g) {
+    if (s.start[g] < 0 || s.start[g] + s.sizes[g] > rows || s.support_sizes[g] < 1 || s.query_sizes[g] < 1 ||
+        s.support_sizes[g] + s.query_sizes[g] > s.sizes[g])
+      value_error("grouped: group " + std::to_string(g) + " has bad offsets or sizes");
+    for (index_t j = 0; j < s.sizes[g]; ++j) {
+      const index_t r = s.order[s.start[g] + j];
+      if (r < 0 || r >= rows) value_error("grouped: row index out of range");
+      if (s.y[r] < 0 || s.y[r] > hi)
+        value_error("y: labels must lie in [0, " + std::to_string(hi + 1) + ") for this model, got " +
+                    std::to_string(s.y[r]));
+    }
+  }
+  return s;
+}
+
+// The parameter views of a training step: `base` holds the shapes and
+// settings, the arrays come from the dicts (moments only when `moments_too`
+// and the optimizer is Adam).
+fastmaml::TrainParams train_params(const py::dict& params, const py::dict& m, const py::dict& v,
+                                   const fastmaml::TrainParams& base, const py::array& fixed_lr, bool adam) {
+  fastmaml::TrainParams p = base;
+  const index_t P = p.P(), D = p.D;
+  p.theta = f64_array(params, "theta", P, "params");
+  if (!p.theta) value_error("params: needs 'theta'");
+  auto moments = [&](const char* key, index_t size, double*& mm, double*& vv) {
+    if (!adam) return;
+    mm = f64_array(m, key, size, "m");
+    vv = f64_array(v, key, size, "v");
+    if (!mm || !vv) value_error(std::string("m, v: Adam needs moments for '") + key + "'");
+  };
+  if (p.learn_init) moments("theta", P, p.theta_m, p.theta_v);
+  if (params.contains("log_scale")) {
+    p.step = fastmaml::StepKind::preconditioner;
+    py::array U = params["U"].cast<py::array>();
+    if (U.ndim() != 2 || U.shape(0) != D) value_error("params[U]: expected shape (n_features + 1, rank)");
+    p.rank = U.shape(1);
+    p.log_scale = f64_array(params, "log_scale", D, "params");
+    p.U = f64_array(params, "U", D * p.rank, "params");
+    moments("log_scale", D, p.log_scale_m, p.log_scale_v);
+    moments("U", D * p.rank, p.U_m, p.U_v);
+  } else if (params.contains("log_inner_lr")) {
+    p.step = fastmaml::StepKind::learned;
+    p.log_lr = f64_array(params, "log_inner_lr", p.lr_size(), "params");
+    moments("log_inner_lr", p.lr_size(), p.log_lr_m, p.log_lr_v);
+  } else {
+    p.step = fastmaml::StepKind::fixed;
+    p.fixed_lr = checked<double>(fixed_lr, "fixed_lr");
+    if (fixed_lr.size() != p.lr_size()) value_error("fixed_lr: size does not match lr_extent");
+  }
+  for (index_t e = 0; e < 3; ++e) {
+    const index_t full = e == 0 ? p.K : (e == 1 ? D : p.C);
+    if (p.lr_extent[e] != 1 && p.lr_extent[e] != full) value_error("lr_extent: each extent must be 1 or full");
+  }
+  if (params.contains("log_l2")) {
+    p.log_l2 = f64_array(params, "log_l2", 1, "params");
+    moments("log_l2", 1, p.log_l2_m, p.log_l2_v);
+  }
+  return p;
+}
+
+// Shapes and settings of a training step, from the arguments every training
+// binding takes.
+fastmaml::TrainParams train_base(const py::dict& params, std::tuple<index_t, index_t, index_t> lr_extent, double l2,
+                                 bool learn_init, index_t n_classes, index_t inner_steps, fastmaml::Mode mode) {
+  if (!params.contains("theta")) value_error("params: needs 'theta'");
+  py::array theta = params["theta"].cast<py::array>();
+  if (n_classes < 1) value_error("n_classes: expected >= 1");
+  if (theta.ndim() < 1 || theta.size() % n_classes != 0)
+    value_error("params[theta]: expected (n_features + 1,) or (n_features + 1, n_classes)");
+  fastmaml::TrainParams p;
+  p.C = n_classes;
+  p.D = theta.size() / n_classes;
+  p.K = inner_steps;
+  p.mode = mode;
+  p.learn_init = learn_init;
+  p.l2 = l2;
+  p.lr_extent[0] = std::get<0>(lr_extent);
+  p.lr_extent[1] = std::get<1>(lr_extent);
+  p.lr_extent[2] = std::get<2>(lr_extent);
+  if (inner_steps < 0) value_error("inner_steps: expected >= 0");
+  return p;
+}
+
+template <class T>
+index_t train_impl(const py::dict& params, const py::dict& m, const py::dict& v, const fastmaml::TrainParams& base,
+                   const py::array& fixed_lr, const fastmaml::OptimizerConfig& opt, index_t t0, index_t n_iter,
+                   py::array& records, py::array& progress, int n_threads, index_t batch_size,
+                   const std::optional<Side>& support, const std::optional<Side>& query, const py::object& kernel,
+                   const py::object& episode, const py::object& grouped, const py::object& bitgen,
+                   const py::object& should_stop, py::array& last_draw) {
+  fastmaml::TrainParams p = train_params(params, m, v, base, fixed_lr, opt.adam);
+  const index_t D = p.D;
+  double* rec = const_cast<double*>(checked<double>(records, "records"));
+  if (records.size() < n_iter * fastmaml::kRecordFields) value_error("records: too small for n_iterations");
+  index_t* prog = const_cast<index_t*>(checked<index_t>(progress, "progress"));
+  if (progress.size() != 2) value_error("progress: expected 2 values");
+
+  fastmaml::BitGen* gen = nullptr;
+  if (!bitgen.is_none()) {
+    gen = static_cast<fastmaml::BitGen*>(PyCapsule_GetPointer(bitgen.ptr(), "BitGenerator"));
+    if (!gen) throw py::error_already_set();
+  }
+  warn_if_serial_after_fork(n_threads);
+  StopCheck stop{should_stop, std::nullopt};
+  std::function<bool()> stop_fn = [&stop]() { return stop(); };
+  fastmaml::MetaStep<T> step(p, opt);
+  index_t t = t0;
+  fastmaml::LoopResult res;
+  auto run = [&](auto& source, index_t B) {
+    py::gil_scoped_release release;
+    res = with_link<T>(p.C, [&](auto link) {
+      return fastmaml::train_loop<T>(step, source, gen, B, link, n_threads, n_iter, t, stop_fn, rec);
+    });
+  };
+  index_t* last = last_draw.size() ? const_cast<index_t*>(checked<index_t>(last_draw, "last_draw")) : nullptr;
+  if (!episode.is_none()) {
+    if (!gen) value_error("bit_generator: an episode source needs the sampler's bit generator");
+    OwnedIndex owned;
+    auto src = episode_source<T>(episode.cast<py::tuple>(), batch_size, p.C, owned);
+    run(src, batch_size);
+    if (last && res.done > 0 && last_draw.size() == static_cast<py::ssize_t>(src.ci.size()))
+      std::copy(src.ci.begin(), src.ci.end(), last);
+  } else if (!grouped.is_none()) {
+    if (!gen) value_error("bit_generator: a grouped source needs the sampler's bit generator");
+    OwnedIndex owned;
+    auto src = grouped_source<T>(grouped.cast<py::tuple>(), batch_size, p.C, owned);
+    run(src, batch_size);
+    if (last && res.done > 0 && last_draw.size() == static_cast<py::ssize_t>(src.gi.size()))
+      std::copy(src.gi.begin(), src.gi.end(), last);
+  } else {
+    if (!support || !query) value_error("support, query: a fixed batch needs both sides");
+    fastmaml::FixedBatch<T> src;
+    // the block reads the indices, offsets and labels many times: from the guard's checked copies
+    TaskGuard guard;
+    src.tasks = make_taskset<T>(p.C, *support, &*query, kernel, guard);
+    if (src.tasks.d + 1 != D) value_error("theta: expected " + std::to_string(src.tasks.d + 1) + " rows");
+    run(src, src.tasks.n_tasks);
+  }
+  prog[0] = res.done;
+  prog[1] = t;
+  if (stop.error) throw *stop.error;
+  raise_status(res.status);
+  return res.done;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -616,6 +895,124 @@ PYBIND11_MODULE(_core, m) {
         return out;
       },
       py::arg("bit_generator_capsule"), py::arg("counts"), py::arg("m"));
+
+
+  m.def(
+      "train_block",
+      [](py::dict params, py::dict m_, py::dict v_, py::array fixed_lr, Layout lr_extent, double l2, bool learn_init,
+         index_t n_classes, index_t inner_steps, Mode mode, py::tuple optimizer, index_t t, index_t n_iterations,
+         py::array records, py::array progress, int n_threads, index_t batch_size, std::optional<Side> support,
+         std::optional<Side> query, py::object kernel, py::object episode, py::object grouped,
+         py::object bit_generator, py::object should_stop, py::array last_draw) {
+        if (mode == Mode::reptile) value_error("mode: the training loop runs MAML and first-order MAML");
+        if (n_iterations < 0) value_error("n_iterations: expected >= 0");
+        const auto p = train_base(params, lr_extent, l2, learn_init, n_classes, inner_steps, mode);
+        const auto opt = optimizer_config(optimizer);
+        py::array X;
+        if (!episode.is_none()) X = episode.cast<py::tuple>()[0].cast<py::array>();
+        else if (!grouped.is_none()) X = grouped.cast<py::tuple>()[0].cast<py::array>();
+        else if (support) X = support->X;
+        else value_error("train_block: give a fixed batch (support, query), an episode or a grouped source");
+        if (is_f32(X))
+          return train_impl<float>(params, m_, v_, p, fixed_lr, opt, t, n_iterations, records, progress, n_threads,
+                                   batch_size, support, query, kernel, episode, grouped, bit_generator, should_stop,
+                                   last_draw);
+        return train_impl<double>(params, m_, v_, p, fixed_lr, opt, t, n_iterations, records, progress, n_threads,
+                                  batch_size, support, query, kernel, episode, grouped, bit_generator, should_stop,
+                                  last_draw);
+      },
+      py::arg("params"), py::arg("m"), py::arg("v"), py::kw_only(), py::arg("fixed_lr"), py::arg("lr_extent"),
+      py::arg("l2"), py::arg("learn_init"), py::arg("n_classes"), py::arg("inner_steps"), py::arg("mode"),
+      py::arg("optimizer"), py::arg("t"), py::arg("n_iterations"), py::arg("records"), py::arg("progress"),
+      py::arg("n_threads"), py::arg("batch_size") = 0, py::arg("support") = py::none(),
+      py::arg("query") = py::none(), py::arg("kernel") = py::none(), py::arg("episode") = py::none(),
+      py::arg("grouped") = py::none(), py::arg("bit_generator") = py::none(), py::arg("should_stop") = py::none(),
+      py::arg("last_draw") = py::array_t<index_t>(0),
+      "Run up to n_iterations MAML / first-order MAML meta-iterations (draw, meta-gradient, optimizer step) "
+      "with the GIL released, updating params and the Adam moments m, v in place; records (n_iterations, 5) "
+      "gets loss, meta_lr, inner_lr_mean, l2, seconds per iteration and progress (2,) the iterations done and "
+      "the optimizer's step count. Returns the iterations done.");
+
+  m.def(
+      "step_sizes",
+      [](py::dict params, py::array fixed_lr, Layout lr_extent, double l2, index_t n_classes, index_t inner_steps) {
+        const auto base = train_base(params, lr_extent, l2, true, n_classes, inner_steps, Mode::maml);
+        auto p = train_params(params, py::dict(), py::dict(), base, fixed_lr, false);
+        if (p.step == fastmaml::StepKind::preconditioner) value_error("params: the preconditioner has no step-size table");
+        fastmaml::MetaStep<double> step(p, fastmaml::OptimizerConfig{});
+        const double lam = step.prepare();
+        const auto& lr = step.step_sizes();
+        py::array_t<double> out(static_cast<py::ssize_t>(lr.size()));
+        std::copy(lr.begin(), lr.end(), out.mutable_data());
+        return py::make_tuple(out, lam);
+      },
+      py::arg("params"), py::kw_only(), py::arg("fixed_lr"), py::arg("lr_extent"), py::arg("l2"),
+      py::arg("n_classes"), py::arg("inner_steps"),
+      "The training step's inner step sizes (flat, in the order of the extents) and l2, from the parameters: "
+      "what train_block hands the core, for a task source that computes the meta-gradient itself.");
+
+  m.def(
+      "apply_step",
+      [](py::dict params, py::dict m_, py::dict v_, py::array fixed_lr, Layout lr_extent, double l2, bool learn_init,
+         index_t n_classes, index_t inner_steps, py::tuple optimizer, index_t t, double loss, py::array grad,
+         py::array hyper, double grad_l2) {
+        const auto opt = optimizer_config(optimizer);
+        const auto base = train_base(params, lr_extent, l2, learn_init, n_classes, inner_steps, Mode::maml);
+        auto p = train_params(params, m_, v_, base, fixed_lr, opt.adam);
+        const double* g = checked<double>(grad, "grad");
+        const double* h = checked<double>(hyper, "hyper");
+        const index_t H = p.step == fastmaml::StepKind::preconditioner ? p.D * (1 + p.rank) : p.lr_size();
+        if (grad.size() != p.P()) value_error("grad: expected " + std::to_string(p.P()) + " values");
+        if (hyper.size() != H) value_error("hyper: expected " + std::to_string(H) + " values");
+        fastmaml::MetaStep<double> step(p, opt);
+        step.prepare();
+        fastmaml::StepRecord rec;
+        step.apply(loss, g, h, grad_l2, t, &rec);
+        return py::make_tuple(t, rec.loss, rec.meta_lr, rec.inner_lr_mean, rec.l2);
+      },
+      py::arg("params"), py::arg("m"), py::arg("v"), py::kw_only(), py::arg("fixed_lr"), py::arg("lr_extent"),
+      py::arg("l2"), py::arg("learn_init"), py::arg("n_classes"), py::arg("inner_steps"), py::arg("optimizer"),
+      py::arg("t"), py::arg("loss"), py::arg("grad"), py::arg("hyper"), py::arg("grad_l2"),
+      "train_block's step from a meta-gradient computed elsewhere (float64 images of the compute dtype): chain "
+      "rule to the log parameters and optimizer step in place. Returns (t, loss, meta_lr, inner_lr_mean, l2).");
+
+  m.def(
+      "optimizer_step",
+      [](py::list values, py::list grads, py::list ms, py::list vs, py::tuple optimizer, index_t t) {
+        const auto opt = optimizer_config(optimizer);
+        const size_t n = values.size();
+        if (grads.size() != n || (opt.adam && (ms.size() != n || vs.size() != n)))
+          value_error("optimizer_step: values, grads, m and v differ in length");
+        std::vector<fastmaml::ParamBlock> blocks(n);
+        auto f64 = [](const py::handle& h, const char* name, index_t size) {
+          py::array a = py::reinterpret_borrow<py::array>(h);
+          if (!py::isinstance<py::array_t<double>>(a)) type_error(std::string(name) + ": expected float64 arrays");
+          if (!(a.flags() & py::array::c_style) || !a.writeable())
+            value_error(std::string(name) + ": expected writeable C-contiguous arrays");
+          if (size >= 0 && a.size() != size) value_error(std::string(name) + ": sizes differ from the values");
+          return static_cast<double*>(a.mutable_data());
+        };
+        for (size_t i = 0; i < n; ++i) {
+          const index_t size = values[i].cast<py::array>().size();
+          blocks[i].value = f64(values[i], "values", -1);
+          blocks[i].size = size;
+          blocks[i].grad = f64(grads[i], "grads", size);
+          if (opt.adam) {
+            blocks[i].m = f64(ms[i], "m", size);
+            blocks[i].v = f64(vs[i], "v", size);
+          }
+        }
+        fastmaml::optimizer_step(opt, t, blocks.data(), static_cast<index_t>(n));
+        return t;
+      },
+      py::arg("values"), py::arg("grads"), py::arg("m"), py::arg("v"), py::arg("optimizer"), py::arg("t"),
+      "One meta-optimizer step (Adam or SGD, the training loop's own) on float64 arrays updated in place; "
+      "returns the new step count.");
+
+  m.def(
+      "scheduled_lr",
+      [](py::tuple optimizer, index_t t) { return fastmaml::scheduled_lr(optimizer_config(optimizer), t); },
+      py::arg("optimizer"), py::arg("t"), "The meta step size after t steps (the cosine schedule, if any).");
 
   m.def("openmp_enabled", &fastmaml::built_with_openmp);
   m.def("multiversioned", []() { return FASTMAML_MULTIVERSIONED == 1; });

@@ -1,6 +1,6 @@
 """Type stub of the compiled core (checked against the extension by mypy.stubtest in CI)."""
 
-from typing import Any, ClassVar, Dict, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -133,6 +133,70 @@ def choose_sweep(
 ) -> Sweep: ...
 def uses_gram(n: int, d: int, n_classes: int, inner_steps: int, kernel: bool = False) -> bool: ...
 def sample_without_replacement(bit_generator_capsule: object, counts: np.ndarray, m: int) -> np.ndarray: ...
+def train_block(
+    params: Dict[str, np.ndarray],
+    m: Dict[str, np.ndarray],
+    v: Dict[str, np.ndarray],
+    *,
+    fixed_lr: np.ndarray,
+    lr_extent: Tuple[int, int, int],
+    l2: float,
+    learn_init: bool,
+    n_classes: int,
+    inner_steps: int,
+    mode: Mode,
+    optimizer: Tuple[Any, ...],
+    t: int,
+    n_iterations: int,
+    records: np.ndarray,
+    progress: np.ndarray,
+    n_threads: int,
+    batch_size: int = 0,
+    support: Optional[Side] = None,
+    query: Optional[Side] = None,
+    kernel: object = None,
+    episode: object = None,
+    grouped: object = None,
+    bit_generator: object = None,
+    should_stop: object = None,
+    last_draw: np.ndarray = ...,
+) -> int: ...
+def step_sizes(
+    params: Dict[str, np.ndarray],
+    *,
+    fixed_lr: np.ndarray,
+    lr_extent: Tuple[int, int, int],
+    l2: float,
+    n_classes: int,
+    inner_steps: int,
+) -> Tuple[np.ndarray, float]: ...
+def apply_step(
+    params: Dict[str, np.ndarray],
+    m: Dict[str, np.ndarray],
+    v: Dict[str, np.ndarray],
+    *,
+    fixed_lr: np.ndarray,
+    lr_extent: Tuple[int, int, int],
+    l2: float,
+    learn_init: bool,
+    n_classes: int,
+    inner_steps: int,
+    optimizer: Tuple[Any, ...],
+    t: int,
+    loss: float,
+    grad: np.ndarray,
+    hyper: np.ndarray,
+    grad_l2: float,
+) -> Tuple[int, float, float, float, float]: ...
+def optimizer_step(
+    values: List[np.ndarray],
+    grads: List[np.ndarray],
+    m: List[np.ndarray],
+    v: List[np.ndarray],
+    optimizer: Tuple[Any, ...],
+    t: int,
+) -> int: ...
+def scheduled_lr(optimizer: Tuple[Any, ...], t: int) -> float: ...
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
 def multiversioned() -> bool: ...

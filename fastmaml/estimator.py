@@ -1,7 +1,8 @@
 """`MAML`: the meta-training estimator a script uses.
 
-One call into the compiled core per meta-batch; the Python loop per
-meta-iteration only samples, updates a handful of arrays and records history.
+MAML and first-order MAML meta-train in blocks of iterations inside one
+compiled call (draws, meta-gradient and optimizer step; see `MAML.fit`); the
+other algorithms run one call of the core per meta-iteration.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from ._random import check_random_state
 from .evaluation import mean_ci, query_scores
 from ._tasks import Tasks
 from ._validation import as_feature_array, check_float, check_int, check_threads
+from .functional import _prepare_inner_lr
+from . import _core
 
 __all__ = ["MAML", "LogisticModel", "StepSizeWarning"]
 
@@ -474,6 +477,30 @@ class MAML:
         Returns
         -------
         self
+
+        Notes
+        -----
+        With ``algorithm="maml"`` or ``"fomaml"`` (every ``learn_inner_lr`` and
+        ``learn_l2`` option) the meta-iterations run in the compiled core in
+        blocks, with no Python between them: the meta-batch draw of an
+        :class:`~fastmaml.EpisodeSampler`, a :class:`~fastmaml.GroupedSampler`
+        or a fixed Tasks, the meta-gradient and the optimizer step. A block
+        returns to Python at the next validation (``validate_every``),
+        checkpoint (``checkpoint_every``), progress-bar update or, when
+        ``callbacks`` are given, after every iteration; Ctrl-C stops it
+        between two iterations and keeps every finished one. The results are
+        bitwise those of drawing each batch with the sampler's ``sample``.
+
+        These stay on the Python loop (one call of the core per iteration),
+        with the same compiled optimizer step: Reptile and iMAML (other
+        gradient computations than the loop's), a task source that computes
+        its own meta-gradient (``fastmaml.distributed.DaskTaskSource``: the
+        work runs on the cluster), and samplers the loop does not draw itself
+        -- other sampler classes (any ``sample(n_tasks)``), an
+        ``EpisodeSampler`` with ``pairs`` and a ``GroupedSampler`` with
+        ``meta_batch_size`` larger than its number of groups (their draws use
+        ``Generator.integers``, whose algorithm belongs to NumPy); for the
+        latter the batch drawn in Python goes through the compiled step.
         """
         K = self._validate_config()
         if not isinstance(tasks, Tasks) and not hasattr(tasks, "sample") and not _is_gradient_source(tasks):
@@ -581,6 +608,19 @@ class MAML:
             return None
         return tqdm(total=total, initial=initial, desc="meta-training", unit="it", leave=False, mininterval=0.5)
 
+    def _block_end(self, val_tasks, bar) -> int:
+        """The iteration a compiled block runs up to: the next callback, validation, checkpoint or bar update."""
+        i, end = self.n_iter_, self.n_iterations
+        if self.callbacks:
+            return i + 1  # callbacks run after every iteration
+        if val_tasks is not None:
+            end = min(end, (i // self.validate_every + 1) * self.validate_every)
+        if self.checkpoint_path:
+            end = min(end, (i // self.checkpoint_every + 1) * self.checkpoint_every)
+        if bar is not None:
+            end = min(end, i + max(1, self.n_iterations // 100))
+        return end
+
     def _run(self, tasks, val_tasks, K):
         bar = self._make_bar(self.n_iterations, self.n_iter_)
         stop = False
@@ -590,31 +630,32 @@ class MAML:
             record = {"iteration": 0, "val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
             self._track_best(record)
             self.history_.append(record)
+        loop = _TrainingLoop(self, tasks, K) if self.algorithm in ("maml", "fomaml") else None
         try:
             with _Interrupt() as interrupt:
                 while self.n_iter_ < self.n_iterations and not stop:
-                    t0 = time.perf_counter()
-                    batch = self._draw(tasks)
-                    loss, grads = self._gradients(batch, K)
-                    self._opt.step(self._params, grads)
-                    self.n_iter_ += 1
-                    record = {"iteration": self.n_iter_, "loss": float(loss), "meta_lr": self._opt.current_lr()}
-                    record.update(getattr(self, "_last_extra", {}))
-                    lr = self._lr_value(self._params)
-                    record["inner_lr_mean"] = float(np.mean(lr))
-                    record["l2"] = self._l2_value(self._params)
+                    if loop is not None:
+                        # MAML / first-order MAML: a block of iterations in one compiled call
+                        records = loop.run(self._block_end(val_tasks, bar), interrupt)
+                    else:
+                        records = [self._python_iteration(tasks, K)]
+                    if not records:
+                        break
+                    record = records[-1]
                     if val_tasks is not None and (
                         self.n_iter_ % self.validate_every == 0 or self.n_iter_ == self.n_iterations
                     ):
+                        t0 = time.perf_counter()
+                        seconds = record.pop("seconds")
                         scores = self.evaluate(val_tasks)
                         record["val_accuracy"] = scores["accuracy"]
                         record["val_loss"] = scores["loss"]
                         self._track_best(record)
-                    record["seconds"] = time.perf_counter() - t0
-                    self.history_.append(record)
+                        record["seconds"] = seconds + time.perf_counter() - t0
+                    self.history_.extend(records)
                     if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redraws follow tqdm's mininterval
+                        bar.update(len(records))
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)  # redraws follow tqdm's mininterval
                     for cb in self.callbacks:
                         if cb(self, record):
                             stop = True
@@ -639,6 +680,21 @@ class MAML:
             self._final_params = {k: v.copy() for k, v in self._params.items()}
             self._params = {k: v.copy() for k, v in self._best[2].items()}
             self.best_iteration_ = self._best[1]
+
+    def _python_iteration(self, tasks, K) -> dict:
+        """One iteration of Reptile, iMAML or a gradient source (the loop the compiled one does not cover)."""
+        t0 = time.perf_counter()
+        batch = self._draw(tasks)
+        loss, grads = self._gradients(batch, K)
+        self._opt.step(self._params, grads)
+        self.n_iter_ += 1
+        record = {"iteration": self.n_iter_, "loss": float(loss), "meta_lr": self._opt.current_lr()}
+        record.update(getattr(self, "_last_extra", {}))
+        lr = self._lr_value(self._params)
+        record["inner_lr_mean"] = float(np.mean(lr))
+        record["l2"] = self._l2_value(self._params)
+        record["seconds"] = time.perf_counter() - t0
+        return record
 
     def _track_best(self, record):
         if self.select == "final":
@@ -979,3 +1035,160 @@ def _first_tasks(tasks: Tasks, count: int) -> Tasks:
         X, np.concatenate(s_idx), np.concatenate([p[1] for p in parts]), np.concatenate(q_idx),
         np.concatenate([p[3] for p in parts]), support_ptr=s_ptr, query_ptr=q_ptr,
     )
+
+
+# The compiled training loop draws EpisodeSampler / GroupedSampler batches
+# itself; False makes fit draw every batch in Python and hand it to the same
+# compiled step (the tests compare both).
+_COMPILED_DRAWS = True
+
+
+def _lr_extent(lr_shape: tuple, theta_shape: tuple) -> tuple:
+    """The (steps, rows, classes) extents of an inner_lr array broadcast against (K, *theta.shape)."""
+    full_ndim = 1 + len(theta_shape)
+    padded = (1,) * (full_ndim - len(lr_shape)) + tuple(lr_shape)
+    return tuple(int(e) for e in (padded if len(padded) == 3 else padded + (1,)))
+
+
+class _TrainingLoop:
+    """Runs MAML / first-order MAML meta-iterations through ``_core.train_block`` (csrc/fastmaml/train.hpp).
+
+    Every iteration -- draw, log-hyperparameter transforms, meta-gradient,
+    optimizer step -- is compiled and runs with the GIL released; a block comes
+    back to Python for validation, checkpoints, callbacks, the progress bar and
+    Ctrl-C. EpisodeSampler (without ``pairs``), GroupedSampler (with
+    ``meta_batch_size <= n_groups``) and Tasks pools are drawn in the compiled
+    loop; any other sampler is drawn in Python, one iteration per call, and the
+    batch goes through the same compiled step.
+    """
+
+    def __init__(self, model, tasks, K: int):
+        from .samplers import EpisodeSampler, GroupedSampler
+
+        self.model, self.tasks, self.K = model, tasks, int(K)
+        self.kind = "python"
+        if _is_gradient_source(tasks):
+            self.kind = "source"
+        elif isinstance(tasks, Tasks):
+            self.kind = "tasks"
+        elif _COMPILED_DRAWS and isinstance(tasks, EpisodeSampler) and tasks.pairs is None and (
+            type(tasks).sample is EpisodeSampler.sample
+        ):
+            self.kind = "episode"
+        elif _COMPILED_DRAWS and isinstance(tasks, GroupedSampler) and (
+            type(tasks).sample is GroupedSampler.sample and type(tasks)._build is GroupedSampler._build
+            and model.meta_batch_size <= tasks.n_groups
+        ):
+            self.kind = "grouped"
+
+    def _source(self) -> dict:
+        tasks, B = self.tasks, int(self.model.meta_batch_size)
+        if self.kind == "tasks":
+            return dict(support=tasks.support.core(), query=tasks.query.core(), kernel=tasks.kernel)
+        if self.kind == "episode":
+            self.last = np.zeros(B * tasks.n_way, dtype=np.int64)
+            return dict(batch_size=B, last_draw=self.last, episode=(
+                tasks.X, tasks._flat, tasks._start, tasks.class_counts, tasks.n_way, tasks.k_shot, tasks.n_query,
+                tasks.random_labels, tasks.kernel))
+        if self.kind == "grouped":
+            self.last = np.zeros(B, dtype=np.int64)
+            return dict(batch_size=B, last_draw=self.last, grouped=(
+                tasks.X, tasks.y, tasks._order, tasks._start, tasks.group_sizes, tasks.support_sizes,
+                tasks.query_sizes))
+        batch = tasks.sample(B)  # any other sampler: drawn in Python, one iteration per call
+        return dict(support=batch.support.core(), query=batch.query.core(), kernel=batch.kernel)
+
+    def run(self, end: int, interrupt) -> list:
+        """Iterations up to ``end`` (fewer on Ctrl-C or error); returns their history records."""
+        model, opt = self.model, self.model._opt
+        params = model._params
+        for key in params:
+            params[key] = np.asarray(params[key], dtype=np.float64, order="C")  # keeps 0-d arrays 0-d
+        learned = [k for k in params if k != "theta" or model.learn_init]
+        if opt._adam:
+            opt.moments(params, learned)
+        theta = params["theta"]
+        if "log_inner_lr" in params:
+            extent = _lr_extent(params["log_inner_lr"].shape, theta.shape)
+            fixed = np.zeros(0)
+        else:
+            fixed = np.asarray(model._fixed_lr, dtype=np.float64, order="C")
+            if "log_scale" not in params:
+                _prepare_inner_lr(fixed, self.K, theta.shape, np.float64)  # the named error for a bad shape
+            extent = _lr_extent(fixed.shape, theta.shape) if "log_scale" not in params else (1, 1, 1)
+        if self.kind == "source":
+            return [self._source_iteration(extent, fixed)]
+        source = self._source()
+        n = end - model.n_iter_ if self.kind != "python" else 1
+        records = np.zeros((n, 5))
+        progress = np.array([0, opt.t], dtype=np.int64)
+        rng = getattr(self.tasks, "_rng", None) if self.kind in ("episode", "grouped") else None
+
+        def call(**kw):
+            return _core.train_block(
+                params, opt.m, opt.v, fixed_lr=fixed, lr_extent=extent, l2=float(model.l2),
+                learn_init=bool(model.learn_init), n_classes=1 if theta.ndim == 1 else int(theta.shape[1]),
+                inner_steps=self.K, mode=_core.Mode.first_order if model.algorithm == "fomaml" else _core.Mode.maml,
+                optimizer=opt.config(), t=opt.t, n_iterations=n, records=records, progress=progress,
+                n_threads=check_threads(model.n_threads), should_stop=lambda: interrupt.flag, **source, **kw)
+
+        try:
+            if rng is not None:
+                bitgen = rng.bit_generator
+                with bitgen.lock:
+                    call(bit_generator=bitgen.capsule)
+            else:
+                call()
+        except BaseException:
+            # an error (DivergenceError) or a second Ctrl-C: the finished iterations still count
+            model.history_.extend(self._finish(records, progress))
+            raise
+        return self._finish(records, progress)
+
+    def _source_iteration(self, extent, fixed) -> dict:
+        """One iteration with a task source that computes the meta-gradient itself (e.g. on a Dask cluster).
+
+        The step sizes it gets and the step taken from its gradient are the
+        compiled loop's own (``_core.step_sizes``, ``_core.apply_step``).
+        """
+        model, opt, K = self.model, self.model._opt, self.K
+        params = model._params
+        if "U" in params:
+            raise ValueError(
+                "tasks: a distributed task source supports algorithm 'maml' / 'fomaml' with a fixed or "
+                "learned step size (not reptile, imaml or the preconditioner)"
+            )
+        t0 = time.perf_counter()
+        theta = params["theta"]
+        common = dict(fixed_lr=fixed, lr_extent=extent, l2=float(model.l2),
+                      n_classes=1 if theta.ndim == 1 else int(theta.shape[1]), inner_steps=K)
+        flat, l2 = _core.step_sizes(params, **common)
+        shape = params["log_inner_lr"].shape if "log_inner_lr" in params else fixed.shape
+        lr = float(flat[0]) if len(shape) == 0 else flat.reshape(shape)
+        res = self.tasks.meta_value_and_grad(theta, inner_lr=lr, inner_steps=K, l2=l2,
+                                             first_order=model.algorithm == "fomaml", iteration=model.n_iter_)
+        hyper = np.asarray(res.grad_inner_lr, dtype=np.float64).reshape(-1)
+        t, loss, meta_lr, lr_mean, l2_now = _core.apply_step(
+            params, opt.m, opt.v, learn_init=bool(model.learn_init), optimizer=opt.config(), t=opt.t,
+            loss=float(res.loss), grad=np.asarray(res.grad, dtype=np.float64).reshape(-1), hyper=hyper,
+            grad_l2=float(res.grad_l2), **common)
+        opt.t = int(t)
+        model.n_iter_ += 1
+        return {"iteration": model.n_iter_, "loss": loss, "meta_lr": meta_lr, "inner_lr_mean": lr_mean, "l2": l2_now,
+                "seconds": time.perf_counter() - t0}
+
+    def _finish(self, records, progress) -> list:
+        """Book the iterations a block finished: step count, sampler attributes, history records."""
+        model = self.model
+        done = int(progress[0])
+        model._opt.t = int(progress[1])
+        if done and self.kind == "episode":
+            self.tasks.episode_classes = self.tasks.classes[self.last.reshape(-1, self.tasks.n_way)]
+        elif done and self.kind == "grouped":
+            self.tasks.task_groups = self.tasks.groups[self.last]
+        out = []
+        for row in records[:done]:
+            model.n_iter_ += 1
+            out.append({"iteration": model.n_iter_, "loss": float(row[0]), "meta_lr": float(row[1]),
+                        "inner_lr_mean": float(row[2]), "l2": float(row[3]), "seconds": float(row[4])})
+        return out

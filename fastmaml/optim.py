@@ -1,10 +1,15 @@
-"""Meta-optimizers over a dict of named float64 arrays (state is plain data)."""
+"""Meta-optimizers over a dict of named float64 arrays (state is plain data).
+
+The arithmetic of a step is compiled (``_core.optimizer_step``): the training
+loop of :meth:`fastmaml.MAML.fit` runs the same code without returning to
+Python, so both loops take bitwise the same steps.
+"""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+
+from . import _core
 
 __all__ = ["Adam", "SGD"]
 
@@ -23,6 +28,8 @@ class Adam:
     total_steps : int
     """
 
+    _adam = True
+
     def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, schedule=None, total_steps=1):
         self.lr = float(lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
@@ -33,28 +40,33 @@ class Adam:
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
 
+    def config(self) -> tuple:
+        """The optimizer as the compiled step reads it: (adam, lr, beta1, beta2, eps, cosine, total_steps)."""
+        return (self._adam, self.lr, self.beta1, self.beta2, self.eps, self.schedule == "cosine", self.total_steps)
+
     def current_lr(self) -> float:
-        if self.schedule == "cosine":
-            frac = min(self.t, self.total_steps) / self.total_steps
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-        return self.lr
+        """The step size of the next step (after ``t`` steps)."""
+        return float(_core.scheduled_lr(self.config(), self.t))
+
+    def moments(self, params: dict, keys) -> None:
+        """Create zero moments for ``keys`` of ``params`` not tracked yet (the compiled loop updates them in place)."""
+        for key in keys:
+            if key not in self.m:
+                self.m[key] = np.zeros(np.shape(params[key]))
+                self.v[key] = np.zeros(np.shape(params[key]))
 
     def step(self, params: dict, grads: dict) -> None:
-        """Update ``params`` in place from ``grads`` (same keys)."""
-        lr = self.current_lr()
-        self.t += 1
-        c1 = 1.0 - self.beta1**self.t
-        c2 = 1.0 - self.beta2**self.t
-        for key, g in grads.items():
-            g = np.asarray(g, dtype=np.float64)
-            m = self.m.setdefault(key, np.zeros_like(g))
-            v = self.v.setdefault(key, np.zeros_like(g))
-            m *= self.beta1
-            m += (1.0 - self.beta1) * g
-            v *= self.beta2
-            v += (1.0 - self.beta2) * g * g
-            update = lr * (m / c1) / (np.sqrt(v / c2) + self.eps)
-            params[key] = params[key] - update
+        """Update ``params`` from ``grads`` (same keys); each updated array is replaced by a new one."""
+        keys = list(grads)
+        values = [np.array(params[k], dtype=np.float64, order="C") for k in keys]
+        g = [np.ascontiguousarray(grads[k], dtype=np.float64).reshape(np.shape(params[k])) for k in keys]
+        if self._adam:
+            self.moments(params, keys)
+        ms = [self.m[k] for k in keys] if self._adam else []
+        vs = [self.v[k] for k in keys] if self._adam else []
+        self.t = int(_core.optimizer_step(values, g, ms, vs, self.config(), self.t))
+        for key, value in zip(keys, values):
+            params[key] = value
 
     def state_arrays(self, prefix="opt") -> dict:
         out = {}
@@ -76,8 +88,4 @@ class Adam:
 class SGD(Adam):
     """Plain gradient descent (same interface and schedule as :class:`Adam`)."""
 
-    def step(self, params: dict, grads: dict) -> None:
-        lr = self.current_lr()
-        self.t += 1
-        for key, g in grads.items():
-            params[key] = params[key] - lr * np.asarray(g, dtype=np.float64)
+    _adam = False

@@ -21,6 +21,7 @@
 #include "fastmaml/imaml.hpp"
 #include "fastmaml/meta.hpp"
 #include "fastmaml/sampling.hpp"
+#include "fastmaml/train.hpp"
 
 using namespace fastmaml;
 
@@ -379,6 +380,110 @@ static void portable_sampling() {
   std::printf("\n");
 }
 
+// The training loop (train.hpp): Adam against its formulas, a block of the
+// loop against the same steps taken one by one, a stop between iterations,
+// and episode draws that are distinct rows of the drawn classes.
+static void training_loop() {
+  OptimizerConfig adam;
+  adam.lr = 0.1;
+  double value[2] = {1.0, -2.0}, grad[2] = {0.5, -0.25}, m[2] = {0, 0}, v[2] = {0, 0};
+  ParamBlock block{value, grad, m, v, 2};
+  index_t t = 0;
+  optimizer_step(adam, t, &block, 1);
+  // first bias-corrected Adam step: lr * sign(g) (up to eps)
+  check(t == 1 && std::fabs(value[0] - 0.9) < 1e-7 && std::fabs(value[1] + 1.9) < 1e-7, "adam: first step");
+  OptimizerConfig cos;
+  cos.adam = false;
+  cos.cosine = true;
+  cos.total_steps = 4;
+  cos.lr = 2.0;
+  check(std::fabs(scheduled_lr(cos, 2) - 1.0) < 1e-15 && scheduled_lr(cos, 9) == 0.0, "cosine schedule");
+
+  // dense batch: 3 tasks, 6 support and 5 query rows, d = 4
+  const index_t T = 3, n = 6, q = 5, d = 4, D = d + 1, K = 2;
+  std::mt19937_64 rng(7);
+  std::normal_distribution<double> normal;
+  std::vector<double> Xs(T * n * d), Xq(T * q * d);
+  for (auto& x : Xs) x = normal(rng);
+  for (auto& x : Xq) x = normal(rng);
+  std::vector<std::int32_t> ys(T * n), yq(T * q);
+  for (index_t i = 0; i < T * n; ++i) ys[i] = static_cast<std::int32_t>(i % 2);
+  for (index_t i = 0; i < T * q; ++i) yq[i] = static_cast<std::int32_t>((i / 2) % 2);
+  std::vector<index_t> ps(T + 1), pq(T + 1);
+  for (index_t i = 0; i <= T; ++i) ps[i] = i * n, pq[i] = i * q;
+  FixedBatch<double> src;
+  src.tasks.n_tasks = T;
+  src.tasks.d = d;
+  src.tasks.support = SideView<double>{Xs.data(), nullptr, ps.data(), ys.data()};
+  src.tasks.query = SideView<double>{Xq.data(), nullptr, pq.data(), yq.data()};
+  auto params_for = [&](std::vector<double>& th, std::vector<double>& lr, std::vector<double>& mo) {
+    TrainParams p;
+    p.D = D;
+    p.K = K;
+    p.step = StepKind::learned;
+    p.lr_extent[0] = K;  // per step
+    p.theta = th.data();
+    p.theta_m = mo.data();
+    p.theta_v = mo.data() + D;
+    p.log_lr = lr.data();
+    p.log_lr_m = mo.data() + 2 * D;
+    p.log_lr_v = mo.data() + 2 * D + K;
+    return p;
+  };
+  std::vector<double> th_a(D, 0.0), lr_a(K, std::log(0.3)), mo_a(2 * D + 2 * K, 0.0);
+  std::vector<double> th_b = th_a, lr_b = lr_a, mo_b = mo_a;
+  MetaStep<double> step_a(params_for(th_a, lr_a, mo_a), adam), step_b(params_for(th_b, lr_b, mo_b), adam);
+  std::vector<double> records(4 * kRecordFields);
+  index_t ta = 0, tb = 0;
+  LoopResult res = train_loop<double>(step_a, src, nullptr, T, BinaryLink{}, 2, 4, ta, nullptr, records.data());
+  StepRecord rec;
+  for (int i = 0; i < 4; ++i) step_b.run(src.tasks, BinaryLink{}, 1, tb, &rec);
+  check(res.done == 4 && ta == 4 && tb == 4 && th_a == th_b && lr_a == lr_b && mo_a == mo_b &&
+            records[3 * kRecordFields] == rec.loss,
+        "train_loop: a block equals its steps one by one (and is thread-independent)");
+  index_t calls = 0;
+  std::function<bool()> stop = [&calls]() { return ++calls == 2; };
+  index_t tc = 0;
+  std::vector<double> th_c(D, 0.0), lr_c(K, std::log(0.3)), mo_c(2 * D + 2 * K, 0.0);
+  MetaStep<double> step_c(params_for(th_c, lr_c, mo_c), adam);
+  res = train_loop<double>(step_c, src, nullptr, T, BinaryLink{}, 1, 10, tc, stop, records.data());
+  check(res.done == 2 && tc == 2, "train_loop: a stop ends the block between iterations");
+
+  // episodes: 4 classes of 10 rows (class c: rows 10c .. 10c + 9)
+  std::vector<double> X(40 * d, 0.0);
+  std::vector<index_t> flat(40), start = {0, 10, 20, 30}, counts = {10, 10, 10, 10};
+  for (index_t i = 0; i < 40; ++i) flat[i] = i;
+  EpisodeDraw<double> ep;
+  ep.X = X.data();
+  ep.d = d;
+  ep.flat = flat.data();
+  ep.start = start.data();
+  ep.counts = counts.data();
+  ep.n_classes = 4;
+  ep.n_way = 3;
+  ep.k_shot = 2;
+  ep.n_query = 3;
+  std::uint64_t gstate = 9;
+  BitGen g{&gstate, &splitmix_next, nullptr, nullptr, nullptr};
+  TaskSet<double> batch;
+  ep.draw(&g, 5, batch);
+  bool ok = batch.n_tasks == 5 && batch.support.ptr[5] == 30 && batch.query.ptr[5] == 45;
+  for (index_t t = 0; t < 5 && ok; ++t) {
+    std::vector<index_t> rows;
+    for (index_t p = batch.support.ptr[t]; p < batch.support.ptr[t + 1]; ++p) {
+      ok = ok && batch.support.idx[p] / 10 == ep.ci[t * 3 + batch.support.y[p]];
+      rows.push_back(batch.support.idx[p]);
+    }
+    for (index_t p = batch.query.ptr[t]; p < batch.query.ptr[t + 1]; ++p) {
+      ok = ok && batch.query.idx[p] / 10 == ep.ci[t * 3 + batch.query.y[p]];
+      rows.push_back(batch.query.idx[p]);
+    }
+    std::sort(rows.begin(), rows.end());
+    ok = ok && std::adjacent_find(rows.begin(), rows.end()) == rows.end();
+  }
+  check(ok, "episode draws: distinct rows of each label's class");
+}
+
 int main() {
   run_case(BinaryLink{}, 1, "binary");
   SoftmaxLink soft;
@@ -388,6 +493,7 @@ int main() {
   extended_case(soft, 3, "extended softmax C=3");
   sweep_choice();
   portable_sampling();
+  training_loop();
   std::printf("build: multiversioned=%d portable_fallbacks=%d int128=%d\n", FASTMAML_MULTIVERSIONED,
               FASTMAML_PORTABLE_FALLBACKS, FASTMAML_HAVE_INT128);
   std::printf("%d failed\n", failures);

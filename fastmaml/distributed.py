@@ -349,10 +349,10 @@ def load_shard_npz(path, *, check_finite: bool = True) -> Tasks:
     except OSError as exc:
         raise OSError(f"path: cannot read {path!r} as a fastmaml shard ({exc})") from exc
     raw_version = arrays.get("fastmaml_shard_version", np.array(-1))
-    version = int(raw_version) if raw_version.size == 1 and raw_version.dtype.kind in "iu" else -1
+    version = int(raw_version) if raw_version.ndim == 0 and raw_version.dtype.kind in "iu" else -1
     if version != _SHARD_FORMAT_VERSION or "format" not in arrays or arrays["format"].dtype.kind != "U":
         raise ValueError(f"path: {path!r} is not a fastmaml shard (format version {version})")
-    fmt = str(arrays["format"]) if arrays["format"].size == 1 else None
+    fmt = str(arrays["format"]) if arrays["format"].ndim == 0 else None
     if fmt not in ("dense", "index"):
         raise ValueError(f"path: {path!r} has an unknown shard format {fmt!r}")
     try:

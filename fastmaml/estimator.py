@@ -244,7 +244,9 @@ _PARAMS = (
            "the criterion is explicit).", _one_of(SELECT)),
     _Param("checkpoint_path", None, "str or None",
            "Where to write checkpoints (atomically) every ``checkpoint_every`` iterations and when fit ends or "
-           "is interrupted.", saved=False),
+           "is interrupted. The history goes to an append-only sidecar ``<checkpoint_path>.history-<token>`` "
+           "beside it, so a checkpoint costs the same however long the history: keep the two files together.",
+           saved=False),
     _Param("checkpoint_every", 100, "int", "Checkpoint period (iterations).", _integer(1)),
     _Param("imaml_mu", 1.0, "float", 'Proximal strength of iMAML (> 0; used by algorithm="imaml").'),
     _Param("precond_rank", 4, "int", "Rank of U for the learned preconditioner.", _integer(1)),
@@ -496,7 +498,14 @@ class MAML:
         val_episodes : int, default=200
         resume : bool, default=False
             Continue from ``checkpoint_path`` (exactly: parameters, optimizer
-            moments, sampler RNG state, history) up to ``n_iterations``.
+            moments, sampler RNG state, history) up to ``n_iterations``. The
+            model's settings must equal the checkpoint's, except those that
+            cannot change the result: ``checkpoint_path``,
+            ``checkpoint_every``, ``n_threads``, ``random_state``,
+            ``progress``, ``callbacks`` and, without ``lr_schedule``,
+            ``n_iterations``. Any other difference is a ``ValueError``
+            naming each setting; a file that is not a valid checkpoint for
+            this configuration is a :class:`fastmaml.CheckpointError`.
 
         Returns
         -------
@@ -1044,6 +1053,10 @@ class MAML:
                 fail(f"array {name!r} has shape {arr.shape} and dtype {arr.dtype}; the metadata "
                      f"(n_features={n_features}, n_classes={n_classes} and the configuration) needs shape "
                      f"{tuple(shape)} of float64")
+            if not np.isfinite(arr).all():
+                fail(f"array {name!r} contains NaN or infinity")
+            if name.startswith("opt.v.") and (arr < 0).any():
+                fail(f"array {name!r} (second moments) contains negative values")
 
     def _load_arrays(self, arrays, meta, path="<model>"):
         self._check_file(arrays, meta, path)

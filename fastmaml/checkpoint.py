@@ -350,7 +350,7 @@ def read_npz(path, what: str = None, error=CheckpointError, kinds: str = _NUMERI
     try:
         zf = zipfile.ZipFile(io.BytesIO(raw))
     except Exception as exc:  # noqa: BLE001 - zipfile raises many kinds on hostile input; all mean "not an npz"
-        raise error(f"{what}: not an .npz archive, or truncated ({type(exc).__name__}: {exc})") from None
+        raise error(f"{what}: corrupt, truncated or not an .npz archive ({type(exc).__name__}: {exc})") from None
     out = {}
     try:
         with zf:

@@ -30,7 +30,6 @@ from .optim import SGD, Adam
 from ._links import sigmoid, softmax
 from .evaluation import mean_ci, query_scores
 from ._tasks import Tasks
-from ._random import set_rng_state
 from ._validation import as_feature_array, check_float, check_int, check_threads
 
 __all__ = ["MAML", "LogisticModel", "StepSizeWarning"]
@@ -946,26 +945,18 @@ class MAML:
             raise ValueError(
                 f"tasks: the checkpoint {path!r} was trained with {n_classes} classes, got {_n_classes(tasks)}"
             )
-        for key in ("sampler_state", "val_sampler_state"):
-            state = meta.get(key)
-            if state is None:
-                continue
-            try:  # a state the sampler would reject is a fault of the file, found before anything changes
-                set_rng_state(np.random.default_rng(0), state)
-            except Exception as exc:  # noqa: BLE001 - any failure here means an unusable file
-                raise _checkpoint.CheckpointError(f"path: {path!r}: metadata {key} is not a valid RNG state ({exc})") \
-                    from None
+        if meta.get("sampler_state") is not None and not isinstance(tasks, Tasks):
+            # the state's format is the sampler's own (a Dask source keeps more than a bit generator)
+            try:
+                tasks.set_state(meta["sampler_state"])
+            except Exception as exc:  # noqa: BLE001 - whatever the sampler rejects, the file is at fault
+                raise _checkpoint.CheckpointError(
+                    f"path: {path!r}: the sampler rejects the saved sampler_state ({type(exc).__name__}: {exc})"
+                ) from None
         self._load_arrays(arrays, meta, path)
         opt_cls = Adam if self.meta_optimizer == "adam" else SGD
         self._opt = opt_cls(lr=self.meta_lr, schedule=self.lr_schedule, total_steps=self.n_iterations)
         self._opt.load_state(arrays, meta.get("opt_t", 0))
-        if meta.get("sampler_state") is not None and not isinstance(tasks, Tasks):
-            try:
-                tasks.set_state(meta["sampler_state"])
-            except (KeyError, TypeError, ValueError, OverflowError) as exc:
-                raise _checkpoint.CheckpointError(
-                    f"path: {path!r}: the sampler rejects the saved sampler_state ({exc})"
-                ) from None
         self._resume_meta = meta
         self.interrupted_ = False
 
@@ -1023,9 +1014,6 @@ class MAML:
                 fail("metadata history holds a record that is not an object")
         elif not (meta.get("kind") == "checkpoint" and isinstance(history, dict)):
             fail("metadata history is neither a list of records nor a sidecar description")
-        for key in ("sampler_state", "val_sampler_state"):
-            if meta.get(key) is not None and not isinstance(meta[key], dict):
-                fail(f"metadata {key} is not an RNG state")
         shapes = self._param_shapes(n_features, n_classes)
         want = {f"param.{k}": v for k, v in shapes.items()}
         want["fixed_inner_lr"] = np.shape(np.asarray(self.inner_lr, dtype=np.float64))

@@ -137,7 +137,7 @@ class HistoryLog:
     are on disk (``nbytes`` bytes with CRC-32 ``crc``).
     """
 
-    def __init__(self, checkpoint_path, records: list, token: str = None, count=0, nbytes=0, crc=0):
+    def __init__(self, checkpoint_path, records: list, token: str | None = None, count=0, nbytes=0, crc=0):
         self.checkpoint_path = os.fspath(checkpoint_path)
         self.records = records
         self.token = token or os.urandom(8).hex()
@@ -311,7 +311,7 @@ def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, what: str, archiv
     return tuple(int(n) for n in shape), fortran, dtype
 
 
-def read_npz(path, what: str = None, error=CheckpointError, kinds: str = _NUMERIC_KINDS) -> dict:
+def read_npz(path, what: str | None = None, error=CheckpointError, kinds: str = _NUMERIC_KINDS) -> dict:
     """Every array of an ``.npz`` file, each member's header checked before anything is allocated.
 
     Parameters
@@ -360,7 +360,7 @@ def read_npz(path, what: str = None, error=CheckpointError, kinds: str = _NUMERI
             for info in infos:
                 if not info.filename.endswith(".npy") or info.filename[:-4] in out:
                     raise CheckpointError(f"{what}: unexpected or repeated member {info.filename!r}")
-                shape, fortran, dtype = _member_header(zf, info, what, len(raw), kinds)
+                shape, _, dtype = _member_header(zf, info, what, len(raw), kinds)
                 with zf.open(info) as fh:
                     arr = np.lib.format.read_array(fh, allow_pickle=False)
                 if arr.shape != shape or arr.dtype != dtype:  # pragma: no cover - read_array agrees with the header

@@ -35,14 +35,14 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from fastmaml import MAML, DivergenceError, Tasks  # noqa: E402
-from fastmaml.checkpoint import CheckpointError  # noqa: E402
-from fastmaml.datasets import load_idx, make_grouped_tasks  # noqa: E402
-from fastmaml.distributed import load_shard_npz, save_shards_npz  # noqa: E402
-from fastmaml.samplers import GroupedSampler  # noqa: E402
+from fastmaml import MAML, DivergenceError, Tasks
+from fastmaml.checkpoint import CheckpointError
+from fastmaml.datasets import load_idx, make_grouped_tasks
+from fastmaml.distributed import load_shard_npz, save_shards_npz
+from fastmaml.samplers import GroupedSampler
 
 EXAMPLES = int(os.environ.get("FASTMAML_FUZZ_EXAMPLES", "15"))
 HANG_SECONDS = float(os.environ.get("FASTMAML_FUZZ_HANG_SECONDS", "60"))

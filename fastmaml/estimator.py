@@ -987,9 +987,9 @@ class MAML:
         def fail(what):
             raise _checkpoint.CheckpointError(f"path: {path!r}: {what}")
 
-        def integer(key, lo, hi, optional=False):
+        def integer(key, lo, hi, optional=False, nullable=False):
             value = meta.get(key)
-            if value is None and optional:
+            if (optional and key not in meta) or (nullable and value is None):
                 return None
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 fail(f"metadata {key}={value!r} is not an integer in [{lo}, {hi}]")
@@ -1001,7 +1001,7 @@ class MAML:
         n_classes = integer("n_classes", 2, 2**31 - 1, optional=True) or 2
         integer("n_iter", 0, 2**62, optional=True)
         integer("opt_t", 0, 2**62, optional=True)
-        integer("best_iteration", 0, 2**62, optional=True)
+        integer("best_iteration", 0, 2**62, optional=True, nullable=True)
         if not isinstance(meta.get("interrupted", False), bool):
             fail("metadata interrupted is not a boolean")
         best = meta.get("best")

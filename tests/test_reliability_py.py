@@ -182,6 +182,8 @@ def test_a_plain_npy_is_a_checkpoint_error(tmp_path):
     (lambda m: m.update(n_features=float("inf")), "n_features=inf"),
     (lambda m: m.update(n_features=10**30), "n_features"),
     (lambda m: m.update(n_classes="3"), "n_classes"),
+    (lambda m: m.update(n_iter=None), "n_iter"),  # found by the fuzzer
+    (lambda m: m.update(opt_t=None), "opt_t"),
     (lambda m: m.update(config=[1]), "config"),
     (lambda m: m["config"].update(inner_steps=-1), "inner_steps"),
     (lambda m: m["config"].update(bogus=1), "bogus"),

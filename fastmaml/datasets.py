@@ -266,6 +266,13 @@ def load_idx(path: PathLike) -> np.ndarray:
         count = 1
         for s in shape:
             count *= s
+        # numpy refuses any shape whose extent (zero axes aside) overflows an index,
+        # even when another axis is 0: refuse it here, naming the file
+        extent = dtype.itemsize
+        for s in shape:
+            extent *= max(s, 1)
+        if extent > np.iinfo(np.intp).max:
+            raise ValueError(f"{path}: IDX header declares shape {shape}, too large for an array")
         expected = header_len + count * dtype.itemsize
         what = f"header says shape {shape} of {dtype.name} ({expected} bytes including the header)"
         if not compressed:

@@ -328,20 +328,39 @@ def save_shards_npz(tasks, folder, shard_size: int, *, prefix: str = "shard") ->
 
 
 def load_shard_npz(path, *, check_finite: bool = True) -> Tasks:
-    """Read one shard written by :func:`save_shards_npz` (``allow_pickle=False``)."""
+    """Read one shard written by :func:`save_shards_npz` (``allow_pickle=False``).
+
+    Raises
+    ------
+    OSError
+        Naming the file, if it does not exist or cannot be read.
+    ValueError
+        Naming the file, if it is not a valid shard: not an ``.npz``,
+        truncated, a member whose header disagrees with its size (checked
+        before anything is allocated), or arrays that do not form tasks.
+    """
+    from .checkpoint import read_npz
+
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
+        arrays = read_npz(path, f"path: {path!r}", error=ValueError, kinds="biufcU")
+    except FileNotFoundError as exc:
+        raise OSError(f"path: cannot read {path!r} as a fastmaml shard (no such file)") from exc
+    except OSError as exc:
         raise OSError(f"path: cannot read {path!r} as a fastmaml shard ({exc})") from exc
-    version = int(arrays.get("fastmaml_shard_version", -1))
-    if version != _SHARD_FORMAT_VERSION or "format" not in arrays:
+    raw_version = arrays.get("fastmaml_shard_version", np.array(-1))
+    version = int(raw_version) if raw_version.ndim == 0 and raw_version.dtype.kind in "iu" else -1
+    if version != _SHARD_FORMAT_VERSION or "format" not in arrays or arrays["format"].dtype.kind != "U":
         raise ValueError(f"path: {path!r} is not a fastmaml shard (format version {version})")
-    fmt = str(arrays["format"])
+    fmt = str(arrays["format"]) if arrays["format"].ndim == 0 else None
     if fmt not in ("dense", "index"):
         raise ValueError(f"path: {path!r} has an unknown shard format {fmt!r}")
-    return _tasks_from_arrays(arrays, check_finite=check_finite)
+    try:
+        return _tasks_from_arrays(arrays, check_finite=check_finite)
+    except KeyError as exc:
+        raise ValueError(f"path: {path!r} is a {fmt} shard without the array {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"path: {path!r} does not hold valid tasks ({exc})") from None
 
 
 def npz_shards(paths_or_folder, *, check_finite: bool = True) -> list:

@@ -7,10 +7,12 @@ other algorithms run one call of the core per meta-iteration.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import math
 import numbers
+import os
 import signal
 import sys
 import threading
@@ -27,7 +29,6 @@ from .functional import adapt as _adapt
 from .functional import meta_value_and_grad, precond_value_and_grad, reptile_grad
 from .optim import SGD, Adam
 from ._links import sigmoid, softmax
-from ._random import check_random_state
 from .evaluation import mean_ci, query_scores
 from ._tasks import Tasks
 from ._validation import as_feature_array, check_float, check_int, check_threads
@@ -183,6 +184,15 @@ def _threads(value, name):
     check_threads(value)
 
 
+def _seed(value, name):
+    if value is None or isinstance(value, np.random.Generator):
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected None, an integer seed or a numpy.random.Generator, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer seed, got {value}")
+
+
 def _callables(value, name):
     for cb in value:
         if not callable(cb):
@@ -236,21 +246,28 @@ _PARAMS = (
            "the criterion is explicit).", _one_of(SELECT)),
     _Param("checkpoint_path", None, "str or None",
            "Where to write checkpoints (atomically) every ``checkpoint_every`` iterations and when fit ends or "
-           "is interrupted.", saved=False),
+           "is interrupted. The history goes to an append-only sidecar ``<checkpoint_path>.history-<token>`` "
+           "beside it, so a checkpoint costs the same however long the history: keep the two files together.",
+           saved=False),
     _Param("checkpoint_every", 100, "int", "Checkpoint period (iterations).", _integer(1)),
     _Param("imaml_mu", 1.0, "float", 'Proximal strength of iMAML (> 0; used by algorithm="imaml").'),
     _Param("precond_rank", 4, "int", "Rank of U for the learned preconditioner.", _integer(1)),
     _Param("n_threads", None, "int or None",
            "Threads of the compiled core; None: OpenMP's default. Results do not depend on it.", _threads,
            saved=False),
-    _Param("random_state", None, "int or None", "Seeds the random initial U of the learned preconditioner.",
-           saved=False),
+    _Param("random_state", None, "None, int or numpy.random.Generator",
+           "Seeds the random initial U of the learned preconditioner. A Generator is not advanced: each fit "
+           "draws from a copy of its state at the start of fit, so two fits given the same Generator (or the "
+           "same int) are identical; None draws fresh entropy.", _seed, saved=False),
     _Param("progress", "auto", 'bool or "auto"',
            'A tqdm progress bar (when tqdm is installed; "auto": only on a terminal).', saved=False),
     _Param("callbacks", (), "sequence of callables",
            "``callback(model, record)`` after every iteration; return True to stop.", _callables, saved=False),
 )
 _PARAM_NAMES = tuple(p.name for p in _PARAMS)
+# settings a resumed run may change: they cannot change its results (n_iterations may change only without a
+# learning-rate schedule, since the cosine schedule depends on it)
+_RESUME_FREE = ("checkpoint_path", "checkpoint_every", "n_threads", "random_state", "progress", "callbacks")
 
 
 def _params_doc() -> str:
@@ -375,7 +392,18 @@ class MAML:
             raise ValueError("inner_lr: must be > 0 when it is learned (it is learned in log space)")
         if self.learn_l2 and not self.l2 > 0:
             raise ValueError("l2: must be > 0 when learn_l2=True (it is learned in log space)")
+        if self.learn_inner_lr in ("per_step", "per_step_parameter") and int(self.inner_steps) == 0:
+            raise ValueError(
+                f"learn_inner_lr: {self.learn_inner_lr!r} learns one step size per inner step and needs "
+                "inner_steps >= 1, got inner_steps=0"
+            )
         return int(self.inner_steps)
+
+    def _fit_rng(self) -> np.random.Generator:
+        """The Generator of one fit: a copy of a given Generator's state, so fits repeat and it is not advanced."""
+        if isinstance(self.random_state, np.random.Generator):
+            return copy.deepcopy(self.random_state)
+        return np.random.default_rng(None if self.random_state is None else int(self.random_state))
 
     def _initial_lr(self, K: int, theta_shape: tuple) -> np.ndarray:
         lr = np.asarray(self.inner_lr, dtype=np.float64)
@@ -439,7 +467,7 @@ class MAML:
         shape = (D,) if n_classes <= 2 else (D, n_classes)
         params = {"theta": np.zeros(shape)}
         if self.learn_inner_lr == "preconditioner":
-            rng = check_random_state(self.random_state)
+            rng = self._fit_rng()
             params["log_scale"] = np.full(D, math.log(float(self._fixed_lr.reshape(-1)[0])))
             # U = 0 is a stationary point of d/dU = (M + M^T) U: start slightly off it
             params["U"] = 1e-3 * rng.standard_normal((D, int(self.precond_rank)))
@@ -472,7 +500,14 @@ class MAML:
         val_episodes : int, default=200
         resume : bool, default=False
             Continue from ``checkpoint_path`` (exactly: parameters, optimizer
-            moments, sampler RNG state, history) up to ``n_iterations``.
+            moments, sampler RNG state, history) up to ``n_iterations``. The
+            model's settings must equal the checkpoint's, except those that
+            cannot change the result: ``checkpoint_path``,
+            ``checkpoint_every``, ``n_threads``, ``random_state``,
+            ``progress``, ``callbacks`` and, without ``lr_schedule``,
+            ``n_iterations``. Any other difference is a ``ValueError``
+            naming each setting; a file that is not a valid checkpoint for
+            this configuration is a :class:`fastmaml.CheckpointError`.
 
         Returns
         -------
@@ -752,13 +787,25 @@ class MAML:
         ----------
         X : array_like of shape (n, n_features)
         y : array_like of shape (n,)
-            Two distinct labels (any values); the larger is the positive class.
+            Labels of any sortable kind (numbers, strings), no NaN: exactly
+            two distinct labels for a binary model (the larger is the
+            positive class), exactly ``n_classes_`` for a multinomial one
+            (sorted, the i-th smallest is class i).
         inner_steps : int, optional
             Defaults to the meta-training inner_steps.
 
         Returns
         -------
         LogisticModel
+
+        Raises
+        ------
+        ValueError
+            Naming ``y``: a NaN label, or a number of distinct labels other
+            than the model's number of classes (a task of one class has no
+            decision to adapt).
+        TypeError
+            Naming ``y``: labels that cannot be compared with each other.
         """
         self._check_fitted()
         Xa = as_feature_array(X, "X", ndim=2)
@@ -768,17 +815,13 @@ class MAML:
         if y.shape != (Xa.shape[0],):
             raise ValueError(f"y: expected shape ({Xa.shape[0]},), got {y.shape}")
         C = max(2, getattr(self, "n_classes_", 2))
-        classes = np.unique(y)
-        if classes.size > C:
-            raise ValueError(f"y: the model has {C} classes, got {classes.size} distinct labels")
-        if C == 2:
-            if classes.size == 1:
-                classes = np.array([0, 1]) if classes[0] in (0, 1) else np.array([classes[0], classes[0]])
-            codes = (y == classes[1]).astype(np.int32)
-        else:
-            if classes.size < C:
-                raise ValueError(f"y: the model has {C} classes; give examples of all {C}, got {classes.size}")
-            codes = np.searchsorted(classes, y).astype(np.int32)
+        classes = _distinct_labels(y)
+        if classes.size != C:
+            shown = ", ".join(repr(c) for c in classes[:8].tolist()) + (", ..." if classes.size > 8 else "")
+            raise ValueError(
+                f"y: the model has {C} classes, so y needs exactly {C} distinct labels, got {classes.size} ({shown})"
+            )
+        codes = np.searchsorted(classes, y).astype(np.int32)
         K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
         phi = self._adapt_batch(Xa, codes, K)
         return LogisticModel(phi, classes)
@@ -908,13 +951,22 @@ class MAML:
         _checkpoint.write(path, self._state_arrays(), dict(self._meta(), kind="model"))
 
     def _write_checkpoint(self, path):
+        # the history goes to an append-only sidecar: a write costs the same at every iteration
+        log = getattr(self, "_history_log", None)
+        fresh = (log is None or log.records is not self.history_ or log.count > len(self.history_)
+                 or log.checkpoint_path != os.fspath(path))
+        if fresh:
+            log = self._history_log = _checkpoint.HistoryLog(path, self.history_)
         arrays = self._state_arrays()
         arrays.update(self._opt.state_arrays())
         meta = dict(self._meta(), kind="checkpoint", opt_t=self._opt.t)
+        meta["history"] = log.flush()
         meta["sampler_state"] = self._sampler_state
         if getattr(self, "_val_state", None) is not None:
             meta["val_sampler_state"] = self._val_state
         _checkpoint.write(path, arrays, meta)
+        if fresh:  # only now is the previous run's sidecar referenced by no checkpoint
+            _checkpoint.remove_stale_sidecars(path, keep=log.name)
 
     @property
     def _sampler_state(self):
@@ -925,52 +977,180 @@ class MAML:
         arrays, meta = _checkpoint.read(path)
         if meta.get("kind") != "checkpoint":
             raise _checkpoint.CheckpointError(f"path: {path!r} is a saved model, not a training checkpoint")
-        cfg = meta["config"]
+        cfg = meta.get("config")
+        if not isinstance(cfg, dict):
+            raise _checkpoint.CheckpointError(f"path: {path!r}: metadata has no configuration")
         mine = self._config()
-        for key in ("algorithm", "inner_steps", "learn_inner_lr", "learn_l2", "learn_init", "meta_optimizer",
-                    "lr_schedule", "meta_batch_size"):
-            if cfg.get(key) != mine.get(key):
-                raise ValueError(
-                    f"resume: checkpoint was written with {key}={cfg.get(key)!r}, this model has {mine.get(key)!r}"
-                )
-        self._load_arrays(arrays, meta)
+        free = set(_RESUME_FREE) | ({"n_iterations"} if self.lr_schedule is None else set())
+        differ = [key for key in sorted(set(cfg) | set(mine)) if key not in free and cfg.get(key) != mine.get(key)]
+        if differ:
+            raise ValueError(
+                f"resume: the checkpoint {path!r} was written with other settings; a resumed run must use the "
+                "same ones (only " + ", ".join(sorted(free)) + " may change): "
+                + "; ".join(f"{key}={cfg.get(key, '<unset>')!r} in the checkpoint, {mine.get(key, '<unset>')!r} "
+                            "in this model" for key in differ)
+            )
+        self._check_file(arrays, meta, path)
+        n_features = _n_features(tasks)
+        if n_features != meta["n_features"]:
+            raise ValueError(
+                f"tasks: the checkpoint {path!r} was trained on {meta['n_features']} features, got {n_features}"
+            )
+        n_classes = meta.get("n_classes") or 2
+        if _n_classes(tasks) != n_classes:
+            raise ValueError(
+                f"tasks: the checkpoint {path!r} was trained with {n_classes} classes, got {_n_classes(tasks)}"
+            )
+        if meta.get("sampler_state") is not None and not isinstance(tasks, Tasks):
+            # the state's format is the sampler's own (a Dask source keeps more than a bit generator)
+            try:
+                tasks.set_state(meta["sampler_state"])
+            except Exception as exc:  # noqa: BLE001 - whatever the sampler rejects, the file is at fault
+                raise _checkpoint.CheckpointError(
+                    f"path: {path!r}: the sampler rejects the saved sampler_state ({type(exc).__name__}: {exc})"
+                ) from None
+        self._load_arrays(arrays, meta, path)
         opt_cls = Adam if self.meta_optimizer == "adam" else SGD
         self._opt = opt_cls(lr=self.meta_lr, schedule=self.lr_schedule, total_steps=self.n_iterations)
         self._opt.load_state(arrays, meta.get("opt_t", 0))
-        if meta.get("sampler_state") is not None and not isinstance(tasks, Tasks):
-            tasks.set_state(meta["sampler_state"])
         self._resume_meta = meta
         self.interrupted_ = False
 
-    def _load_arrays(self, arrays, meta):
+    def _param_shapes(self, n_features: int, n_classes: int) -> dict:
+        """Shape of every entry of ``self._params`` for this configuration (no allocation)."""
+        D = n_features + 1
+        theta = (D,) if n_classes <= 2 else (D, n_classes)
+        shapes = {"theta": theta}
+        K = int(self.inner_steps)
+        mode = self.learn_inner_lr
+        if mode == "preconditioner":
+            shapes["log_scale"] = (D,)
+            shapes["U"] = (D, int(self.precond_rank))
+        elif mode:
+            ones = (1,) * len(theta)
+            shapes["log_inner_lr"] = {"scalar": (), "per_step": (K,) + ones, "per_parameter": theta,
+                                      "per_step_parameter": (K,) + theta}[mode]
+        if self.learn_l2:
+            shapes["log_l2"] = ()
+        return shapes
+
+    def _check_file(self, arrays: dict, meta: dict, path) -> None:
+        """Every array's name, shape and dtype and every metadata field against the configuration.
+
+        Raises CheckpointError naming ``path`` and the first fault. Run before
+        anything of the model is replaced.
+        """
+        def fail(what):
+            raise _checkpoint.CheckpointError(f"path: {path!r}: {what}")
+
+        def integer(key, lo, hi, optional=False, nullable=False):
+            value = meta.get(key)
+            if (optional and key not in meta) or (nullable and value is None):
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                fail(f"metadata {key}={value!r} is not an integer in [{lo}, {hi}]")
+            return value
+
+        if meta.get("kind") not in ("model", "checkpoint"):
+            fail(f"metadata kind={meta.get('kind')!r} is neither 'model' nor 'checkpoint'")
+        n_features = integer("n_features", 1, 2**31 - 2)
+        n_classes = integer("n_classes", 2, 2**31 - 1, optional=True) or 2
+        integer("n_iter", 0, 2**62, optional=True)
+        integer("opt_t", 0, 2**62, optional=True)
+        integer("best_iteration", 0, 2**62, optional=True, nullable=True)
+        if not isinstance(meta.get("interrupted", False), bool):
+            fail("metadata interrupted is not a boolean")
+        best = meta.get("best")
+        if best is not None and not (isinstance(best, list) and len(best) == 2
+                                     and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in best)):
+            fail(f"metadata best={best!r} is not [score, iteration]")
+        history = meta.get("history", [])
+        if isinstance(history, list):
+            if not all(isinstance(r, dict) for r in history):
+                fail("metadata history holds a record that is not an object")
+        elif not (meta.get("kind") == "checkpoint" and isinstance(history, dict)):
+            fail("metadata history is neither a list of records nor a sidecar description")
+        shapes = self._param_shapes(n_features, n_classes)
+        want = {f"param.{k}": v for k, v in shapes.items()}
+        want["fixed_inner_lr"] = np.shape(np.asarray(self.inner_lr, dtype=np.float64))
+        for prefix in ("best.", "final."):
+            present = [name for name in arrays if name.startswith(prefix)]
+            if present:
+                want.update({f"{prefix}{k}": v for k, v in shapes.items()})
+        if (best is not None) != any(name.startswith("best.") for name in arrays):
+            fail("metadata best and the best.* arrays disagree")
+        optimizer_keys = {k for k in shapes}
+        if self.meta_optimizer == "adam":
+            for name in arrays:
+                for prefix in ("opt.m.", "opt.v."):
+                    if name.startswith(prefix) and name[len(prefix):] in optimizer_keys:
+                        key = name[len(prefix):]
+                        want["opt.m." + key] = want["opt.v." + key] = shapes[key]
+        unexpected = sorted(set(arrays) - set(want))
+        if unexpected:
+            fail(f"unexpected array(s) {', '.join(map(repr, unexpected[:8]))} for this configuration")
+        for name, shape in want.items():
+            if name not in arrays:
+                fail(f"array {name!r} is missing")
+            arr = arrays[name]
+            if arr.dtype != np.float64 or arr.shape != tuple(shape):
+                fail(f"array {name!r} has shape {arr.shape} and dtype {arr.dtype}; the metadata "
+                     f"(n_features={n_features}, n_classes={n_classes} and the configuration) needs shape "
+                     f"{tuple(shape)} of float64")
+            if not np.isfinite(arr).all():
+                fail(f"array {name!r} contains NaN or infinity")
+            if name.startswith("opt.v.") and (arr < 0).any():
+                fail(f"array {name!r} (second moments) contains negative values")
+
+    def _load_arrays(self, arrays, meta, path="<model>"):
+        self._check_file(arrays, meta, path)
+        history = meta.get("history", [])
+        log = None
+        if isinstance(history, dict):
+            history, log = _checkpoint.read_history(path, history)
         self.n_features_in_ = int(meta["n_features"])
         self.n_classes_ = int(meta.get("n_classes", 2))
         self._params = {k[6:]: np.array(v, dtype=np.float64) for k, v in arrays.items() if k.startswith("param.")}
-        want = (self.n_features_in_ + 1,) if self.n_classes_ <= 2 else (self.n_features_in_ + 1, self.n_classes_)
-        if "theta" not in self._params or self._params["theta"].shape != want:
-            raise _checkpoint.CheckpointError("checkpoint: theta is missing or has the wrong shape")
-        self._fixed_lr = np.array(arrays.get("fixed_inner_lr", self.inner_lr), dtype=np.float64)
+        self._fixed_lr = np.array(arrays["fixed_inner_lr"], dtype=np.float64)
         best = {k[5:]: np.array(v) for k, v in arrays.items() if k.startswith("best.")}
         self._best = None if not best or meta.get("best") is None else (meta["best"][0], meta["best"][1], best)
         final = {k[6:]: np.array(v) for k, v in arrays.items() if k.startswith("final.")}
         self._final_params = final or None
         if meta.get("best_iteration") is not None:
             self.best_iteration_ = meta["best_iteration"]
-        self.history_ = list(meta.get("history", []))
+        self.history_ = list(history)
+        if log is not None:
+            log.records = self.history_  # a resumed run appends to the same sidecar
+        self._history_log = log
         self.n_iter_ = int(meta.get("n_iter", 0))
         self.interrupted_ = bool(meta.get("interrupted", False))
 
     @classmethod
     def load(cls, path) -> "MAML":
-        """Load a model written by :meth:`save` (or a training checkpoint)."""
+        """Load a model written by :meth:`save` (or a training checkpoint).
+
+        Raises
+        ------
+        FileNotFoundError
+            If ``path`` does not exist.
+        fastmaml.CheckpointError
+            Naming the file and the fault, for any file that is not a valid
+            model or checkpoint: corrupt, truncated, foreign, too new, an
+            array whose shape or dtype disagrees with the metadata, invalid
+            metadata, or a checkpoint whose history sidecar is missing.
+        """
         arrays, meta = _checkpoint.read(path)
-        cfg = dict(meta.get("config", {}))
+        cfg = meta.get("config", {})
+        if not isinstance(cfg, dict):
+            raise _checkpoint.CheckpointError(f"path: {path!r}: metadata config is not an object")
+        cfg = dict(cfg)
         try:
-            inner_lr = cfg.pop("inner_lr")
+            inner_lr = cfg.pop("inner_lr", 0.1)
             model = cls(**cfg, inner_lr=inner_lr if np.ndim(inner_lr) else float(inner_lr))
-            model._load_arrays(arrays, meta)
-        except (TypeError, KeyError, ValueError) as exc:
+            model._validate_config()
+        except (TypeError, KeyError, ValueError, OverflowError) as exc:
             raise _checkpoint.CheckpointError(f"path: {path!r} holds an unreadable model ({exc})") from exc
+        model._load_arrays(arrays, meta, path)
         opt_cls = Adam if model.meta_optimizer == "adam" else SGD
         model._opt = opt_cls(lr=model.meta_lr, schedule=model.lr_schedule, total_steps=model.n_iterations)
         model._opt.load_state(arrays, meta.get("opt_t", 0))
@@ -984,6 +1164,22 @@ class MAML:
 
 if MAML.__doc__:  # None under python -OO
     MAML.__doc__ = MAML.__doc__.replace("{parameters}", _params_doc())
+
+
+def _distinct_labels(y: np.ndarray) -> np.ndarray:
+    """Sorted distinct labels of ``y``; NaN and labels that cannot be ordered are errors naming ``y``."""
+    if y.dtype.kind in "fc" and not np.isfinite(y).all():
+        raise ValueError("y: contains NaN or infinity; every example needs a label")
+    if y.dtype.kind == "O":
+        for value in y:
+            if value is None or (isinstance(value, numbers.Real) and not math.isfinite(value)):
+                raise ValueError(f"y: contains the label {value!r}; every example needs a label")
+    if y.dtype.kind not in "biufcUSO":
+        raise TypeError(f"y: expected numbers or strings as labels, got dtype {y.dtype}")
+    try:
+        return np.unique(y)
+    except TypeError as exc:
+        raise TypeError(f"y: labels must be comparable with each other ({exc})") from None
 
 
 def _is_gradient_source(obj) -> bool:

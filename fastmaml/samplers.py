@@ -393,6 +393,11 @@ class GroupedSampler:
         Rows per group and the support and query sizes of its tasks.
     task_groups : ndarray, shape (n_tasks,) or None
         Group ids of the tasks of the last :meth:`sample` / :meth:`tasks_for`.
+    n_classes : int
+        ``max(2, largest label + 1)`` over every row of the sampler's groups:
+        decided once from the whole table, so a model fitted on the sampler
+        has the same number of classes whichever groups a draw picks (a
+        label present in a single group still counts).
 
     Raises
     ------
@@ -500,6 +505,11 @@ class GroupedSampler:
             )
         self.support_sizes = ns
         self.query_sizes = nq
+        # the model's class count is a property of the whole table, not of the groups one draw happens to pick
+        used = self.y if keep.size == ids.size else self.y[np.isin(codes, keep)]
+        if used.size and used.min() < 0:
+            raise ValueError(f"y: labels must be class ids >= 0, got {int(used.min())}")
+        self.n_classes = max(2, int(used.max()) + 1) if used.size else 2
         self._rng = check_random_state(random_state)
         self.task_groups = None
 

@@ -1,0 +1,317 @@
+// Binary MAML / first-order MAML meta-gradient with one step size per step
+// (scalar or per-step inner_lr, any L2), built on the tiled kernels of
+// tile.hpp and the vectorised link of vmath.hpp (PROTOTYPE, issue 13).
+//
+// Two exact paths, the same mathematics as model.hpp (MetaWorker) and
+// gram.hpp (GramMetaWorker) and the same per-task slot layout
+// [loss, grad (D), hyper (lr.size()), grad_l2], so they run under the
+// existing batch driver (run_tasks: fixed 64-task reduction blocks).
+//   FastPlainWorker  2 fused passes over the support rows per step (forward:
+//                    logits + X^T r; reverse: X u + X^T (s X u)/n).
+//   FastGramWorker   the sweep in the span of the support rows: the Gram
+//                    matrix once (4 x 4 register tiles), then O(n^2) a step.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "gram.hpp"
+#include "model.hpp"
+#include "tile.hpp"
+#include "vmath.hpp"
+
+namespace fastmaml {
+
+// Query side of task t at phi (D): returns the mean loss and writes the
+// gradient X~^T (p - y) / m into grad (D).
+template <class T>
+double query_pass(const TaskSet<T>& ts, index_t t, const T* phi, std::vector<const T*>& rows,
+                  std::vector<double>& z, std::vector<double>& r, std::vector<double>& tails, T* grad) {
+  const index_t d = ts.d;
+  const index_t m = ts.query.gather(t, d, rows);
+  const std::int32_t* y = ts.query.y + ts.query.begin(t);
+  z.resize(static_cast<size_t>(m));
+  r.resize(static_cast<size_t>(m));
+  tails.resize(static_cast<size_t>(m));
+  tile::xv(rows.data(), m, d, phi, z.data());
+  const double b = static_cast<double>(phi[d]);
+  for (index_t i = 0; i < m; ++i) z[i] += b;
+  const double inv_m = 1.0 / static_cast<double>(m);
+  const double hinge = vmath::binary_rows(z.data(), y, m, inv_m, r.data(), nullptr, tails.data());
+  const double loss = (hinge + vmath::sum_log1p(tails.data(), m)) * inv_m;
+  tile::xtr(rows.data(), m, d, r.data(), 0.0, static_cast<const T*>(nullptr), grad);
+  double rb = 0.0;
+  for (index_t i = 0; i < m; ++i) rb += r[i];
+  grad[d] = static_cast<T>(rb);
+  return loss;
+}
+
+template <class T>
+struct FastGramWorker {
+  const TaskSet<T>* ts;
+  const T* theta;
+  const T* alpha;  // (K, D) table; alpha[j * D] is step j's size
+  index_t K;
+  LrLayout lr;
+  double lam;
+  Mode mode;
+  std::vector<const T*> rows;
+  std::vector<double> G, z0w, U, Z, R, curv, Cc, KC, a, work, V, Gam, XG, H, colR, qz, qr, tails;
+  std::vector<double> neg;
+  std::vector<T> wvec, gbar;
+
+  ErrorCode operator()(index_t t, double* slot, index_t* step) {
+    const index_t d = ts->d, D = d + 1;
+    const auto& sup = ts->support;
+    const index_t n = sup.gather(t, d, rows);
+    const std::int32_t* y = sup.y + sup.begin(t);
+    G.resize(static_cast<size_t>(n * n));
+    if (ts->kernel && sup.idx) {
+      const index_t* idx = sup.idx + sup.begin(t);
+      for (index_t i = 0; i < n; ++i) {
+        const T* krow = ts->kernel + idx[i] * ts->kernel_rows;
+        for (index_t k = 0; k < n; ++k) G[i * n + k] = static_cast<double>(krow[idx[k]]);
+      }
+    } else {
+      tile::gram(rows.data(), n, d, G.data());
+    }
+    const double inv_n = 1.0 / static_cast<double>(n);
+    z0w.resize(static_cast<size_t>(n));
+    tile::xv(rows.data(), n, d, theta, z0w.data());
+    U = z0w;
+    double B = static_cast<double>(theta[d]);
+    const index_t Kc = std::max<index_t>(K, 1);
+    R.resize(static_cast<size_t>(Kc * n));
+    curv.resize(static_cast<size_t>(Kc * n));
+    Cc.assign(static_cast<size_t>((K + 1) * n), 0.0);
+    KC.assign(static_cast<size_t>((K + 1) * n), 0.0);
+    a.assign(static_cast<size_t>(K + 1), 1.0);
+    colR.resize(static_cast<size_t>(Kc));
+    Z.resize(static_cast<size_t>(n));
+    work.resize(static_cast<size_t>(n));
+    for (index_t j = 0; j < K; ++j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      double* Rj = R.data() + j * n;
+      for (index_t i = 0; i < n; ++i) Z[i] = U[i] + B;
+      vmath::binary_rows(Z.data(), y, n, inv_n, Rj, curv.data() + j * n, nullptr);
+      double col = 0.0;
+      for (index_t i = 0; i < n; ++i) col += Rj[i];
+      colR[j] = col;
+      tile::gram_mul(G.data(), n, Rj, work.data());
+      const double* Ccj = Cc.data() + j * n;
+      const double* KCj = KC.data() + j * n;
+      double* Ccn = Cc.data() + (j + 1) * n;
+      double* KCn = KC.data() + (j + 1) * n;
+      double fin = 0.0;  // a sum propagates any inf / NaN
+      for (index_t i = 0; i < n; ++i) {
+        U[i] = rho * U[i] - al * work[i];
+        Ccn[i] = rho * Ccj[i] + al * Rj[i];
+        KCn[i] = rho * KCj[i] + al * work[i];
+        fin += U[i] * 0.0;
+      }
+      B -= al * col;
+      a[j + 1] = rho * a[j];
+      if (!(fin == 0.0 && std::isfinite(B))) {
+        *step = j;
+        return ErrorCode::diverged;
+      }
+    }
+    // phi_K explicitly (one pass): W_K = a_K W_0 - X^T Cc_K, then the query side.
+    wvec.resize(static_cast<size_t>(D));
+    neg.resize(static_cast<size_t>(n));
+    for (index_t i = 0; i < n; ++i) neg[i] = -Cc[K * n + i];
+    tile::xtr(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
+    wvec[d] = static_cast<T>(B);
+    if (!all_finite(wvec.data(), D)) {
+      *step = K - 1;
+      return ErrorCode::diverged;
+    }
+    gbar.resize(static_cast<size_t>(D));
+    const double loss = query_pass(*ts, t, wvec.data(), rows, qz, qr, tails, gbar.data());
+    if (!std::isfinite(loss)) {
+      *step = K;
+      return ErrorCode::nonfinite_query;
+    }
+    slot[0] = loss;
+    double* hyper = slot + 1 + D;
+    std::fill(hyper, hyper + lr.size(), 0.0);
+    double grad_l2 = 0.0;
+    // Reverse sweep in n-space: gbar_w = beta gK_w - X^T Gam, gbar_b = gb.
+    sup.gather(t, d, rows);
+    V.resize(static_cast<size_t>(n));
+    tile::xv(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
+    double gk_w0 = 0.0;
+    for (index_t q = 0; q < d; ++q) gk_w0 += static_cast<double>(gbar[q]) * static_cast<double>(theta[q]);
+    double beta = 1.0;
+    Gam.assign(static_cast<size_t>(n), 0.0);
+    double gb = static_cast<double>(gbar[d]);
+    XG.resize(static_cast<size_t>(n));
+    H.resize(static_cast<size_t>(n));
+    for (index_t j = K - 1; j >= 0; --j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      const double* Rj = R.data() + j * n;
+      const double* Ccj = Cc.data() + j * n;
+      const double* KCj = KC.data() + j * n;
+      tile::gram_mul(G.data(), n, Gam.data(), work.data());
+      double xg_r = 0.0, v_c = 0.0, g_z = 0.0, g_kc = 0.0;
+      for (index_t q = 0; q < n; ++q) {
+        XG[q] = beta * V[q] - work[q];
+        xg_r += XG[q] * Rj[q];
+        v_c += V[q] * Ccj[q];
+        g_z += Gam[q] * z0w[q];
+        g_kc += Gam[q] * KCj[q];
+      }
+      const double gb_col = gb * colR[j];
+      const double gw_wj = beta * a[j] * gk_w0 - beta * v_c - a[j] * g_z + g_kc;  // <gbar_w, W_j>
+      hyper[lr.ks > 1 ? j : 0] -= xg_r + lam * gw_wj + gb_col;
+      grad_l2 -= al * gw_wj;
+      if (mode == Mode::maml) {
+        const double* cj = curv.data() + j * n;
+        double hs = 0.0;
+        for (index_t i = 0; i < n; ++i) {
+          H[i] = cj[i] * (XG[i] + gb);
+          hs += H[i];
+        }
+        for (index_t q = 0; q < n; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
+        gb -= al * hs * inv_n;
+        beta *= rho;
+      }
+    }
+    // dtheta = [beta gK_w - X^T Gam ; gb]  (one pass)
+    for (index_t i = 0; i < n; ++i) neg[i] = -Gam[i];
+    tile::xtr(rows.data(), n, d, neg.data(), beta, gbar.data(), wvec.data());
+    for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
+    slot[1 + d] = gb;
+    slot[1 + D + lr.size()] = grad_l2;
+    if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
+    return ErrorCode::ok;
+  }
+};
+
+template <class T>
+struct FastPlainWorker {
+  const TaskSet<T>* ts;
+  const T* theta;
+  const T* alpha;
+  index_t K;
+  LrLayout lr;
+  double lam;
+  Mode mode;
+  std::vector<const T*> rows;
+  std::vector<T> phi_path, g_path, gbar, u, hu;
+  std::vector<double> curv, coef, qz, qr, tails;
+
+  ErrorCode operator()(index_t t, double* slot, index_t* step) {
+    const index_t d = ts->d, D = d + 1;
+    const auto& sup = ts->support;
+    const index_t n = sup.gather(t, d, rows);
+    const std::int32_t* y = sup.y + sup.begin(t);
+    const double inv_n = 1.0 / static_cast<double>(n);
+    const index_t Kc = std::max<index_t>(K, 1);
+    phi_path.resize(static_cast<size_t>((K + 1) * D));
+    g_path.resize(static_cast<size_t>(Kc * D));
+    curv.resize(static_cast<size_t>(Kc * n));
+    coef.resize(static_cast<size_t>(n));
+    std::copy(theta, theta + D, phi_path.begin());
+    for (index_t j = 0; j < K; ++j) {
+      const T* phi = phi_path.data() + j * D;
+      T* next = phi_path.data() + (j + 1) * D;
+      T* g = g_path.data() + j * D;
+      g[d] = static_cast<T>(tile::fused_rows(rows.data(), n, d, phi, static_cast<double>(phi[d]), 0, y, inv_n,
+                                             coef.data(), curv.data() + j * n, g));
+      if (lam != 0.0) axpy(g, phi, d, lam);
+      const T al = alpha[j * D];
+      for (index_t k = 0; k < D; ++k) next[k] = phi[k] - al * g[k];
+      if (!all_finite(next, D)) {
+        *step = j;
+        return ErrorCode::diverged;
+      }
+    }
+    gbar.resize(static_cast<size_t>(D));
+    const T* phiK = phi_path.data() + K * D;
+    const double loss = query_pass(*ts, t, phiK, rows, qz, qr, tails, gbar.data());
+    if (!std::isfinite(loss)) {
+      *step = K;
+      return ErrorCode::nonfinite_query;
+    }
+    slot[0] = loss;
+    sup.gather(t, d, rows);
+    double* hyper = slot + 1 + D;
+    std::fill(hyper, hyper + lr.size(), 0.0);
+    double grad_l2 = 0.0;
+    u.resize(static_cast<size_t>(D));
+    hu.resize(static_cast<size_t>(D));
+    for (index_t j = K - 1; j >= 0; --j) {
+      const T* g = g_path.data() + j * D;
+      const T* phi = phi_path.data() + j * D;
+      const T al = alpha[j * D];
+      double gg = 0.0, wu = 0.0;
+      for (index_t k = 0; k < D; ++k) {
+        u[k] = al * gbar[k];
+        gg += static_cast<double>(gbar[k]) * static_cast<double>(g[k]);
+      }
+      for (index_t k = 0; k < d; ++k) wu += static_cast<double>(u[k]) * static_cast<double>(phi[k]);
+      hyper[lr.ks > 1 ? j : 0] -= gg;
+      grad_l2 -= wu;
+      if (mode == Mode::maml) {
+        hu[d] = static_cast<T>(tile::fused_rows(rows.data(), n, d, u.data(), static_cast<double>(u[d]), 1, y,
+                                                inv_n, coef.data(), curv.data() + j * n, hu.data()));
+        if (lam != 0.0) axpy(hu.data(), u.data(), d, lam);
+        for (index_t k = 0; k < D; ++k) gbar[k] -= hu[k];
+      }
+    }
+    for (index_t p = 0; p < D; ++p) slot[1 + p] = static_cast<double>(gbar[p]);
+    slot[1 + D + lr.size()] = grad_l2;
+    if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
+    return ErrorCode::ok;
+  }
+};
+
+// Cost model of the new kernels, in cycles-like units (shapes only).
+// Plain: 2K fused passes (each reads X once, ~1 FMA per element, L2-bound
+// when n d no longer fits L1). Gram: the Gram matrix at register-tile speed
+// (~4x a matrix-vector pass per multiply-add), 4 passes, 4 K n^2 in n-space.
+inline bool fast_use_gram(index_t n, index_t d, index_t K, bool have_kernel) {
+  const double nd = static_cast<double>(n) * d;
+  const double plain = 2.0 * K * nd;
+  const double gram = (have_kernel ? 0.0 : 0.5 * n * nd / 4.0) + 4.0 * nd + 4.0 * K * static_cast<double>(n) * n / 4.0;
+  return gram < plain;
+}
+
+template <class T>
+TaskStatus fast_meta_value_and_grad(const TaskSet<T>& ts, const T* theta, const T* alpha, index_t K, LrLayout lr,
+                                    double lam, Mode mode, int n_threads, double* loss, T* grad, T* hyper,
+                                    double* grad_l2, Sweep sweep = Sweep::automatic) {
+  Model<T, BinaryLink> model(&ts, BinaryLink{});
+  const index_t H = lr.size();
+  const double rows = rows_per_task(ts.support, ts.n_tasks);
+  const double qrows = rows_per_task(ts.query, ts.n_tasks);
+  const index_t ni = static_cast<index_t>(std::ceil(rows));
+  const bool kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
+  const bool gram = sweep == Sweep::gram || (sweep == Sweep::automatic && fast_use_gram(ni, ts.d, K, kernel));
+  const double work = (4.0 * K + 2.0) * (rows + qrows) * static_cast<double>(model.P);
+  if (gram) {
+    auto make = [&]() {
+      FastGramWorker<T> w;
+      w.ts = &ts, w.theta = theta, w.alpha = alpha, w.K = K, w.lr = lr, w.lam = lam, w.mode = mode;
+      return w;
+    };
+    return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2, nullptr);
+  }
+  auto make = [&]() {
+    FastPlainWorker<T> w;
+    w.ts = &ts, w.theta = theta, w.alpha = alpha, w.K = K, w.lr = lr, w.lam = lam, w.mode = mode;
+    return w;
+  };
+  return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2, nullptr);
+}
+
+}  // namespace fastmaml

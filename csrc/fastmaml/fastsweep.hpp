@@ -30,19 +30,15 @@ double query_pass(const TaskSet<T>& ts, index_t t, const T* phi, std::vector<con
   const index_t d = ts.d;
   const index_t m = ts.query.gather(t, d, rows);
   const std::int32_t* y = ts.query.y + ts.query.begin(t);
-  z.resize(static_cast<size_t>(m));
   r.resize(static_cast<size_t>(m));
   tails.resize(static_cast<size_t>(m));
-  tile::xv(rows.data(), m, d, phi, z.data());
-  const double b = static_cast<double>(phi[d]);
-  for (index_t i = 0; i < m; ++i) z[i] += b;
+  (void)z;
   const double inv_m = 1.0 / static_cast<double>(m);
-  const double hinge = vmath::binary_rows(z.data(), y, m, inv_m, r.data(), nullptr, tails.data());
-  const double loss = (hinge + vmath::sum_log1p(tails.data(), m)) * inv_m;
-  tile::xtr(rows.data(), m, d, r.data(), 0.0, static_cast<const T*>(nullptr), grad);
-  double rb = 0.0;
-  for (index_t i = 0; i < m; ++i) rb += r[i];
+  double hinge = 0.0;
+  const double rb = tile::fused_rows(rows.data(), m, d, phi, static_cast<double>(phi[d]), 2, y, inv_m, r.data(),
+                                     tails.data(), grad, &hinge);
   grad[d] = static_cast<T>(rb);
+  const double loss = (hinge + vmath::sum_log1p(tails.data(), m)) * inv_m;
   return loss;
 }
 
@@ -57,7 +53,7 @@ struct FastGramWorker {
   Mode mode;
   std::vector<const T*> rows;
   std::vector<double> G, z0w, U, Z, R, curv, Cc, KC, a, work, V, Gam, XG, H, colR, qz, qr, tails;
-  std::vector<double> neg;
+  std::vector<double> neg, G1;
   std::vector<T> wvec, gbar;
 
   ErrorCode operator()(index_t t, double* slot, index_t* step) {
@@ -73,11 +69,21 @@ struct FastGramWorker {
         for (index_t k = 0; k < n; ++k) G[i * n + k] = static_cast<double>(krow[idx[k]]);
       }
     } else {
-      tile::gram(rows.data(), n, d, G.data());
+      // theta's weights ride along as row n: X theta comes out of the same
+      // tiles while the rows are in L1 (one pass fewer over X).
+      rows.push_back(theta);
+      G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
+      tile::gram(rows.data(), n + 1, d, G1.data());
+      rows.pop_back();
+      for (index_t i = 0; i < n; ++i) std::copy(G1.data() + i * (n + 1), G1.data() + i * (n + 1) + n, G.data() + i * n);
     }
     const double inv_n = 1.0 / static_cast<double>(n);
     z0w.resize(static_cast<size_t>(n));
-    tile::xv(rows.data(), n, d, theta, z0w.data());
+    if (ts->kernel && sup.idx) {
+      tile::xv(rows.data(), n, d, theta, z0w.data());
+    } else {
+      for (index_t i = 0; i < n; ++i) z0w[i] = G1[n * (n + 1) + i];
+    }
     U = z0w;
     double B = static_cast<double>(theta[d]);
     const index_t Kc = std::max<index_t>(K, 1);
@@ -88,13 +94,14 @@ struct FastGramWorker {
     a.assign(static_cast<size_t>(K + 1), 1.0);
     colR.resize(static_cast<size_t>(Kc));
     Z.resize(static_cast<size_t>(n));
+    tails.resize(static_cast<size_t>(n));
     work.resize(static_cast<size_t>(n));
     for (index_t j = 0; j < K; ++j) {
       const double al = static_cast<double>(alpha[j * D]);
       const double rho = 1.0 - al * lam;
       double* Rj = R.data() + j * n;
       for (index_t i = 0; i < n; ++i) Z[i] = U[i] + B;
-      vmath::binary_rows(Z.data(), y, n, inv_n, Rj, curv.data() + j * n, nullptr);
+      vmath::binary_rows(Z.data(), y, n, inv_n, Rj, curv.data() + j * n, tails.data());
       double col = 0.0;
       for (index_t i = 0; i < n; ++i) col += Rj[i];
       colR[j] = col;

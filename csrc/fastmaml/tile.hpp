@@ -79,7 +79,7 @@ __attribute__((always_inline)) inline double hsum(vd4 v) { return (v[0] + v[2]) 
 
 // out[a][b] = <A_a, B_b> for 4 x NB rows (NB <= 4): one register tile.
 template <class T, int NB>
-inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4]) {
+FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4]) {
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr index_t W = L::W;
@@ -108,7 +108,7 @@ inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*o
 }
 
 template <class T>
-inline void gram_body(const T* const* rows, index_t n, index_t d, double* __restrict G) {
+FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* __restrict G) {
   const T* A[4];
   const T* B[4];
   double tileo[4][4];
@@ -130,7 +130,7 @@ inline void gram_body(const T* const* rows, index_t n, index_t d, double* __rest
 
 // z[i] = <x_i, v> (weights only; no bias)
 template <class T>
-inline void xv_body(const T* const* rows, index_t n, index_t d, const T* v, double* __restrict z) {
+FASTMAML_INLINE inline void xv_body(const T* const* rows, index_t n, index_t d, const T* v, double* __restrict z) {
   const T* A[4];
   const T* B[1] = {v};
   double o[4][4];
@@ -144,7 +144,7 @@ inline void xv_body(const T* const* rows, index_t n, index_t d, const T* v, doub
 // out[k] = c0 * base[k] + sum_i coef[i] x_i[k]  for k < d, in T, rows in order
 // (base may be null: c0 ignored). 32 features at a time stay in registers.
 template <class T>
-inline void xtr_body(const T* const* rows, index_t n, index_t d, const double* coef, double c0, const T* base,
+FASTMAML_INLINE inline void xtr_body(const T* const* rows, index_t n, index_t d, const double* coef, double c0, const T* base,
                      T* __restrict out) {
   using L = Lanes<T>;
   using V = typename L::V;
@@ -184,8 +184,9 @@ inline void xtr_body(const T* const* rows, index_t n, index_t d, const double* c
 // (y, scale -> coef = (p - y) scale, curv = p (1 - p)); mode 1: HVP
 // (coef = curv z scale).
 template <class T>
-inline double fused_rows_body(const T* const* rows, index_t n, index_t d, const T* v, double vb, int mode,
-                              const std::int32_t* y, double scale, double* coef, double* curv, T* __restrict out) {
+FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, index_t d, const T* v, double vb, int mode,
+                              const std::int32_t* y, double scale, double* coef, double* curv, T* __restrict out,
+                              double* hinge) {
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr index_t W = L::W;
@@ -203,12 +204,17 @@ inline double fused_rows_body(const T* const* rows, index_t n, index_t d, const 
     for (int a = 0; a < 4; ++a) z[a] = o[a][0] + vb;
     for (index_t a = 0; a < nb; ++a) {
       const index_t i = i0 + a;
-      if (mode == 0) {
+      if (mode != 1) {
         const double e = vmath::exp_nonpos(-std::fabs(z[a]));
         const double big = 1.0 / (1.0 + e), small = e * big;
         const double pz = z[a] >= 0.0 ? big : small, pm = z[a] >= 0.0 ? small : big;
         coef[i] = (y[i] == 1 ? -pm : pz) * scale;
-        curv[i] = big * small;
+        // mode 2 (query): curv receives exp(-|z|) and hinge the max(+-z, 0) sum
+        curv[i] = mode == 0 ? big * small : e;
+        if (mode == 2) {
+          const double h = y[i] == 1 ? -z[a] : z[a];
+          *hinge += h > 0.0 ? h : 0.0;
+        }
       } else {
         coef[i] = curv[i] * z[a] * scale;
       }
@@ -246,23 +252,26 @@ inline double fused_rows_body(const T* const* rows, index_t n, index_t d, const 
 
 FASTMAML_CLONES inline double fused_rows(const float* const* rows, index_t n, index_t d, const float* v, double vb,
                                          int mode, const std::int32_t* y, double scale, double* coef, double* curv,
-                                         float* out) {
-  return fused_rows_body(rows, n, d, v, vb, mode, y, scale, coef, curv, out);
+                                         float* out, double* hinge = nullptr) {
+  return fused_rows_body(rows, n, d, v, vb, mode, y, scale, coef, curv, out, hinge);
 }
 FASTMAML_CLONES inline double fused_rows(const double* const* rows, index_t n, index_t d, const double* v, double vb,
                                          int mode, const std::int32_t* y, double scale, double* coef, double* curv,
-                                         double* out) {
-  return fused_rows_body(rows, n, d, v, vb, mode, y, scale, coef, curv, out);
+                                         double* out, double* hinge = nullptr) {
+  return fused_rows_body(rows, n, d, v, vb, mode, y, scale, coef, curv, out, hinge);
 }
 
-// out (n) = G in (n), G row-major n x n, in double.
-FASTMAML_CLONES inline void gram_mul(const double* G, index_t n, const double* in, double* out) {
-  for (index_t i = 0; i < n; ++i) {
-    const double* gi = G + i * n;
-    double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-    for (index_t k = 0; k < n; ++k) acc += gi[k] * in[k];
-    out[i] = acc;
+// out (n) = G in (n), G symmetric n x n, in double: column form
+// out += G[:, k] in[k] (rows of G are its columns), vectorised over the
+// output with no horizontal sums; k in order, so each out[i] is the same
+// fixed-order sum for any n.
+FASTMAML_CLONES inline void gram_mul(const double* G, index_t n, const double* in, double* __restrict out) {
+  for (index_t i = 0; i < n; ++i) out[i] = 0.0;
+  for (index_t k = 0; k < n; ++k) {
+    const double* gk = G + k * n;
+    const double c = in[k];
+#pragma omp simd
+    for (index_t i = 0; i < n; ++i) out[i] += gk[i] * c;
   }
 }
 

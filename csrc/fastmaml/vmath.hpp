@@ -19,10 +19,14 @@
 
 #include "kernels.hpp"
 
+// Bodies are force-inlined into the per-ISA clones (FASTMAML_CLONES): a
+// body left out of line would be compiled once, for baseline x86-64.
+#define FASTMAML_INLINE __attribute__((always_inline))
+
 namespace fastmaml {
 namespace vmath {
 
-inline double exp_nonpos(double x) {
+FASTMAML_INLINE inline double exp_nonpos(double x) {
   const double xc = x > -745.0 ? x : -745.0;  // NaN -> -745 here, restored below
   const double shifter = 6755399441055744.0;  // 0x1.8p52: round to nearest integer
   const double t = xc * 1.4426950408889634 + shifter;
@@ -59,8 +63,11 @@ inline double exp_nonpos(double x) {
 // and, when tails is non-null, tails_i = exp(-|z_i|) and the returned value
 // is sum_i max(+-z_i, 0) (the non-log part of the row losses).
 template <class Y>
-inline double binary_rows_body(const double* __restrict z, const Y* __restrict y, index_t n, double scale,
-                               double* __restrict r, double* __restrict s, double* __restrict tails) {
+FASTMAML_INLINE inline double binary_rows_body(const double* __restrict z, const Y* __restrict y, index_t n,
+                                               double scale, double* __restrict r, double* __restrict s,
+                                               double* __restrict tails) {
+  // Every output is written unconditionally (callers pass scratch for what
+  // they do not need): conditional stores keep GCC from vectorising.
   double hinge = 0.0;
 #pragma omp simd reduction(+ : hinge)
   for (index_t i = 0; i < n; ++i) {
@@ -72,12 +79,10 @@ inline double binary_rows_body(const double* __restrict z, const Y* __restrict y
     const double pm = pos ? small : big;
     const bool one = y[i] == 1;
     r[i] = (one ? -pm : pz) * scale;
-    if (s) s[i] = big * small;
-    if (tails) {
-      tails[i] = e;
-      const double h = one ? -zi : zi;
-      hinge += h > 0.0 ? h : 0.0;
-    }
+    s[i] = big * small;
+    tails[i] = e;
+    const double h = one ? -zi : zi;
+    hinge += h > 0.0 ? h : 0.0;
   }
   return hinge;
 }

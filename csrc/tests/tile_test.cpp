@@ -157,9 +157,9 @@ static void test_vmath() {
   check(worst_r < 1e-15 && std::fabs(loss - loss0) < 1e-15 * loss0,
         "binary_rows residual / curvature / loss match links.hpp elementwise at |z| up to 5000");
   // tiny losses keep their digits (all rows confidently right)
-  std::vector<double> zt = {40.0, -40.0, 60.0}, rt(3), tt(3);
+  std::vector<double> zt = {40.0, -40.0, 60.0}, rt(3), tt(3), st(3);
   std::vector<std::int32_t> yt = {1, 0, 1};
-  double l1 = vmath::binary_rows(zt.data(), yt.data(), 3, 1.0, rt.data(), nullptr, tt.data()) + vmath::sum_log1p(tt.data(), 3);
+  double l1 = vmath::binary_rows(zt.data(), yt.data(), 3, 1.0, rt.data(), st.data(), tt.data()) + vmath::sum_log1p(tt.data(), 3);
   double l0 = 0.0, rr, cc;
   for (int i = 0; i < 3; ++i) l0 += link.row(&zt[i], yt[i], &rr, &cc);
   check(std::fabs(l1 - l0) < 1e-14 * l0, "tiny losses (1e-17) keep relative accuracy");
@@ -298,6 +298,20 @@ int main(int argc, char** argv) {
   std::vector<Work> works = {{"W1", 32, 20, 30, 784, 5}, {"W2", 256, 100, 100, 784, 10},
                              {"W3", 4096, 10, 10, 64, 5}, {"W4", 32, 20, 30, 784, 50}};
   const bool do_bench = argc > 1 && std::strcmp(argv[1], "bench") == 0;
+  if (argc > 3 && std::strcmp(argv[1], "one") == 0) {  // one [W1..W4] [new|core] [f32|f64] threads reps
+    const Work& w = works[static_cast<size_t>(argv[2][1] - '1')];
+    const bool mine = std::strcmp(argv[3], "new") == 0;
+    const bool f32 = argc <= 4 || std::strcmp(argv[4], "f32") == 0;
+    const int thr = argc > 5 ? std::atoi(argv[5]) : 1;
+    const int reps = argc > 6 ? std::atoi(argv[6]) : 50;
+    Batch<float> b32(w.T, w.n, w.m, w.d, 11);
+    Batch<double> b64(b32);
+    const auto theta = make_theta(w.d, 0.05, 3);
+    const double ms = f32 ? best_ms([&] { run(b32, mine, Sweep::automatic, theta, 0.02, false, w.K, 0.0, Mode::maml, thr); }, reps)
+                          : best_ms([&] { run(b64, mine, Sweep::automatic, theta, 0.02, false, w.K, 0.0, Mode::maml, thr); }, reps);
+    std::printf("%s %s %s thr=%d best %.3f ms\n", w.name, mine ? "new" : "core", f32 ? "f32" : "f64", thr, ms);
+    return 0;
+  }
   if (!do_bench) {
     test_vmath();
     test_tiles<float>();

@@ -25,7 +25,7 @@ namespace fastmaml {
 // Query side of task t at phi (D): returns the mean loss and writes the
 // gradient X~^T (p - y) / m into grad (D).
 template <class T>
-double query_pass(const TaskSet<T>& ts, index_t t, const T* phi, std::vector<const T*>& rows,
+FASTMAML_INLINE inline double query_pass(const TaskSet<T>& ts, index_t t, const T* phi, std::vector<const T*>& rows,
                   std::vector<double>& z, std::vector<double>& r, std::vector<double>& tails, T* grad) {
   const index_t d = ts.d;
   const index_t m = ts.query.gather(t, d, rows);
@@ -35,8 +35,8 @@ double query_pass(const TaskSet<T>& ts, index_t t, const T* phi, std::vector<con
   (void)z;
   const double inv_m = 1.0 / static_cast<double>(m);
   double hinge = 0.0;
-  const double rb = tile::fused_rows(rows.data(), m, d, phi, static_cast<double>(phi[d]), 2, y, inv_m, r.data(),
-                                     tails.data(), grad, &hinge);
+  const double rb = tile::fused_rows_body(rows.data(), m, d, phi, static_cast<double>(phi[d]), 2, y, inv_m, r.data(),
+                                          tails.data(), grad, &hinge);
   grad[d] = static_cast<T>(rb);
   const double loss = (hinge + vmath::sum_log1p(tails.data(), m)) * inv_m;
   return loss;
@@ -56,7 +56,10 @@ struct FastGramWorker {
   std::vector<double> neg, G1;
   std::vector<T> wvec, gbar;
 
-  ErrorCode operator()(index_t t, double* slot, index_t* step) {
+  ErrorCode operator()(index_t t, double* slot, index_t* step);
+  // The whole per-task sweep is compiled once per ISA (gram_task below), so
+  // every kernel and the n-space loops inline into one dispatched function.
+  FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
     const index_t d = ts->d, D = d + 1;
     const auto& sup = ts->support;
     const index_t n = sup.gather(t, d, rows);
@@ -73,14 +76,14 @@ struct FastGramWorker {
       // tiles while the rows are in L1 (one pass fewer over X).
       rows.push_back(theta);
       G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
-      tile::gram(rows.data(), n + 1, d, G1.data());
+      tile::gram_body(rows.data(), n + 1, d, G1.data());
       rows.pop_back();
       for (index_t i = 0; i < n; ++i) std::copy(G1.data() + i * (n + 1), G1.data() + i * (n + 1) + n, G.data() + i * n);
     }
     const double inv_n = 1.0 / static_cast<double>(n);
     z0w.resize(static_cast<size_t>(n));
     if (ts->kernel && sup.idx) {
-      tile::xv(rows.data(), n, d, theta, z0w.data());
+      tile::xv_body(rows.data(), n, d, theta, z0w.data());
     } else {
       for (index_t i = 0; i < n; ++i) z0w[i] = G1[n * (n + 1) + i];
     }
@@ -101,11 +104,11 @@ struct FastGramWorker {
       const double rho = 1.0 - al * lam;
       double* Rj = R.data() + j * n;
       for (index_t i = 0; i < n; ++i) Z[i] = U[i] + B;
-      vmath::binary_rows(Z.data(), y, n, inv_n, Rj, curv.data() + j * n, tails.data());
+      vmath::binary_rows_body(Z.data(), y, n, inv_n, Rj, curv.data() + j * n, tails.data());
       double col = 0.0;
       for (index_t i = 0; i < n; ++i) col += Rj[i];
       colR[j] = col;
-      tile::gram_mul(G.data(), n, Rj, work.data());
+      tile::gram_mul_body(G.data(), n, Rj, work.data());
       const double* Ccj = Cc.data() + j * n;
       const double* KCj = KC.data() + j * n;
       double* Ccn = Cc.data() + (j + 1) * n;
@@ -128,7 +131,7 @@ struct FastGramWorker {
     wvec.resize(static_cast<size_t>(D));
     neg.resize(static_cast<size_t>(n));
     for (index_t i = 0; i < n; ++i) neg[i] = -Cc[K * n + i];
-    tile::xtr(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
+    tile::xtr_body(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
     wvec[d] = static_cast<T>(B);
     if (!all_finite(wvec.data(), D)) {
       *step = K - 1;
@@ -147,9 +150,13 @@ struct FastGramWorker {
     // Reverse sweep in n-space: gbar_w = beta gK_w - X^T Gam, gbar_b = gb.
     sup.gather(t, d, rows);
     V.resize(static_cast<size_t>(n));
-    tile::xv(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
+    tile::xv_body(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
     double gk_w0 = 0.0;
-    for (index_t q = 0; q < d; ++q) gk_w0 += static_cast<double>(gbar[q]) * static_cast<double>(theta[q]);
+    {
+      const T* gq = gbar.data();
+#pragma omp simd reduction(+ : gk_w0)
+      for (index_t q = 0; q < d; ++q) gk_w0 += static_cast<double>(gq[q]) * static_cast<double>(theta[q]);
+    }
     double beta = 1.0;
     Gam.assign(static_cast<size_t>(n), 0.0);
     double gb = static_cast<double>(gbar[d]);
@@ -161,7 +168,7 @@ struct FastGramWorker {
       const double* Rj = R.data() + j * n;
       const double* Ccj = Cc.data() + j * n;
       const double* KCj = KC.data() + j * n;
-      tile::gram_mul(G.data(), n, Gam.data(), work.data());
+      tile::gram_mul_body(G.data(), n, Gam.data(), work.data());
       double xg_r = 0.0, v_c = 0.0, g_z = 0.0, g_kc = 0.0;
       for (index_t q = 0; q < n; ++q) {
         XG[q] = beta * V[q] - work[q];
@@ -188,7 +195,7 @@ struct FastGramWorker {
     }
     // dtheta = [beta gK_w - X^T Gam ; gb]  (one pass)
     for (index_t i = 0; i < n; ++i) neg[i] = -Gam[i];
-    tile::xtr(rows.data(), n, d, neg.data(), beta, gbar.data(), wvec.data());
+    tile::xtr_body(rows.data(), n, d, neg.data(), beta, gbar.data(), wvec.data());
     for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
     slot[1 + d] = gb;
     slot[1 + D + lr.size()] = grad_l2;
@@ -213,7 +220,8 @@ struct FastPlainWorker {
   std::vector<T> phi_path, g_path, gbar, u, hu;
   std::vector<double> curv, coef, qz, qr, tails;
 
-  ErrorCode operator()(index_t t, double* slot, index_t* step) {
+  ErrorCode operator()(index_t t, double* slot, index_t* step);
+  FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
     const index_t d = ts->d, D = d + 1;
     const auto& sup = ts->support;
     const index_t n = sup.gather(t, d, rows);
@@ -229,8 +237,8 @@ struct FastPlainWorker {
       const T* phi = phi_path.data() + j * D;
       T* next = phi_path.data() + (j + 1) * D;
       T* g = g_path.data() + j * D;
-      g[d] = static_cast<T>(tile::fused_rows(rows.data(), n, d, phi, static_cast<double>(phi[d]), 0, y, inv_n,
-                                             coef.data(), curv.data() + j * n, g));
+      g[d] = static_cast<T>(tile::fused_rows_body(rows.data(), n, d, phi, static_cast<double>(phi[d]), 0, y, inv_n,
+                                                  coef.data(), curv.data() + j * n, g, nullptr));
       if (lam != 0.0) axpy(g, phi, d, lam);
       const T al = alpha[j * D];
       for (index_t k = 0; k < D; ++k) next[k] = phi[k] - al * g[k];
@@ -258,16 +266,20 @@ struct FastPlainWorker {
       const T* phi = phi_path.data() + j * D;
       const T al = alpha[j * D];
       double gg = 0.0, wu = 0.0;
+      T* up = u.data();
+      const T* gb = gbar.data();
+#pragma omp simd reduction(+ : gg)
       for (index_t k = 0; k < D; ++k) {
-        u[k] = al * gbar[k];
-        gg += static_cast<double>(gbar[k]) * static_cast<double>(g[k]);
+        up[k] = al * gb[k];
+        gg += static_cast<double>(gb[k]) * static_cast<double>(g[k]);
       }
-      for (index_t k = 0; k < d; ++k) wu += static_cast<double>(u[k]) * static_cast<double>(phi[k]);
+#pragma omp simd reduction(+ : wu)
+      for (index_t k = 0; k < d; ++k) wu += static_cast<double>(up[k]) * static_cast<double>(phi[k]);
       hyper[lr.ks > 1 ? j : 0] -= gg;
       grad_l2 -= wu;
       if (mode == Mode::maml) {
-        hu[d] = static_cast<T>(tile::fused_rows(rows.data(), n, d, u.data(), static_cast<double>(u[d]), 1, y,
-                                                inv_n, coef.data(), curv.data() + j * n, hu.data()));
+        hu[d] = static_cast<T>(tile::fused_rows_body(rows.data(), n, d, u.data(), static_cast<double>(u[d]), 1, y,
+                                                     inv_n, coef.data(), curv.data() + j * n, hu.data(), nullptr));
         if (lam != 0.0) axpy(hu.data(), u.data(), d, lam);
         for (index_t k = 0; k < D; ++k) gbar[k] -= hu[k];
       }
@@ -281,6 +293,27 @@ struct FastPlainWorker {
     return ErrorCode::ok;
   }
 };
+
+FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<float>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<double>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<float>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<double>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+template <class T>
+ErrorCode FastGramWorker<T>::operator()(index_t t, double* slot, index_t* step) {
+  return gram_task(*this, t, slot, step);
+}
+template <class T>
+ErrorCode FastPlainWorker<T>::operator()(index_t t, double* slot, index_t* step) {
+  return plain_task(*this, t, slot, step);
+}
 
 // Cost model of the new kernels, in cycles-like units (shapes only).
 // Plain: 2K fused passes (each reads X once, ~1 FMA per element, L2-bound

@@ -77,14 +77,33 @@ __attribute__((always_inline)) inline double hsum(vf8 v) {
 }
 __attribute__((always_inline)) inline double hsum(vd4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 
-// out[a][b] = <A_a, B_b> for 4 x NB rows (NB <= 4): one register tile.
+// Four accumulators reduced at once by a shuffle tree (one transpose-add
+// instead of four horizontal sums): returns their lane sums, each formed in
+// the same fixed order.
+FASTMAML_INLINE inline void reduce4(vf8 v0, vf8 v1, vf8 v2, vf8 v3, double* out) {
+  const vf8 s01 = __builtin_shufflevector(v0, v1, 0, 8, 1, 9, 2, 10, 3, 11) +
+                  __builtin_shufflevector(v0, v1, 4, 12, 5, 13, 6, 14, 7, 15);
+  const vf8 s23 = __builtin_shufflevector(v2, v3, 0, 8, 1, 9, 2, 10, 3, 11) +
+                  __builtin_shufflevector(v2, v3, 4, 12, 5, 13, 6, 14, 7, 15);
+  const vf8 u = __builtin_shufflevector(s01, s23, 0, 1, 8, 9, 2, 3, 10, 11) +
+                __builtin_shufflevector(s01, s23, 4, 5, 12, 13, 6, 7, 14, 15);
+  for (int q = 0; q < 4; ++q) out[q] += static_cast<double>(u[q]) + static_cast<double>(u[q + 4]);
+}
+FASTMAML_INLINE inline void reduce4(vd4 v0, vd4 v1, vd4 v2, vd4 v3, double* out) {
+  const vd4 s01 = __builtin_shufflevector(v0, v1, 0, 4, 1, 5) + __builtin_shufflevector(v0, v1, 2, 6, 3, 7);
+  const vd4 s23 = __builtin_shufflevector(v2, v3, 0, 4, 1, 5) + __builtin_shufflevector(v2, v3, 2, 6, 3, 7);
+  const vd4 u = __builtin_shufflevector(s01, s23, 0, 1, 4, 5) + __builtin_shufflevector(s01, s23, 2, 3, 6, 7);
+  for (int q = 0; q < 4; ++q) out[q] += u[q];
+}
+
+// out[a][b] = <A_a, B_b> for 4 x NB rows (NB = 1 or 4): one register tile.
 template <class T, int NB>
 FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4]) {
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr index_t W = L::W;
   for (int a = 0; a < 4; ++a)
-    for (int b = 0; b < NB; ++b) out[a][b] = 0.0;
+    for (int b = 0; b < 4; ++b) out[a][b] = 0.0;
   const index_t dv = d - d % W;
   for (index_t k0 = 0; k0 < dv; k0 += L::kBlock) {
     const index_t k1 = std::min(dv, k0 + L::kBlock);
@@ -99,8 +118,13 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
         for (int b = 0; b < NB; ++b) acc[a][b] += av * bv[b];
       }
     }
-    for (int a = 0; a < 4; ++a)
-      for (int b = 0; b < NB; ++b) out[a][b] += hsum(acc[a][b]);
+    if constexpr (NB == 4) {
+      for (int a = 0; a < 4; ++a) reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3], out[a]);
+    } else {
+      double col[4] = {out[0][0], out[1][0], out[2][0], out[3][0]};
+      reduce4(acc[0][0], acc[1][0], acc[2][0], acc[3][0], col);
+      for (int a = 0; a < 4; ++a) out[a][0] = col[a];
+    }
   }
   for (index_t k = dv; k < d; ++k)  // feature tail, scalar in double
     for (int a = 0; a < 4; ++a)
@@ -265,7 +289,7 @@ FASTMAML_CLONES inline double fused_rows(const double* const* rows, index_t n, i
 // out += G[:, k] in[k] (rows of G are its columns), vectorised over the
 // output with no horizontal sums; k in order, so each out[i] is the same
 // fixed-order sum for any n.
-FASTMAML_CLONES inline void gram_mul(const double* G, index_t n, const double* in, double* __restrict out) {
+FASTMAML_INLINE inline void gram_mul_body(const double* G, index_t n, const double* in, double* __restrict out) {
   for (index_t i = 0; i < n; ++i) out[i] = 0.0;
   for (index_t k = 0; k < n; ++k) {
     const double* gk = G + k * n;
@@ -273,6 +297,10 @@ FASTMAML_CLONES inline void gram_mul(const double* G, index_t n, const double* i
 #pragma omp simd
     for (index_t i = 0; i < n; ++i) out[i] += gk[i] * c;
   }
+}
+
+FASTMAML_CLONES inline void gram_mul(const double* G, index_t n, const double* in, double* out) {
+  gram_mul_body(G, n, in, out);
 }
 
 FASTMAML_CLONES inline void gram(const float* const* rows, index_t n, index_t d, double* G) { gram_body(rows, n, d, G); }

@@ -290,12 +290,34 @@ FASTMAML_CLONES inline double fused_rows(const double* const* rows, index_t n, i
 // output with no horizontal sums; k in order, so each out[i] is the same
 // fixed-order sum for any n.
 FASTMAML_INLINE inline void gram_mul_body(const double* G, index_t n, const double* in, double* __restrict out) {
-  for (index_t i = 0; i < n; ++i) out[i] = 0.0;
-  for (index_t k = 0; k < n; ++k) {
-    const double* gk = G + k * n;
-    const double c = in[k];
-#pragma omp simd
-    for (index_t i = 0; i < n; ++i) out[i] += gk[i] * c;
+  // 16 outputs held in registers across all k (no store-to-load chain
+  // through out), then 4 at a time, then single outputs: each out[i] is the
+  // same k-ordered sum in every variant.
+  index_t i0 = 0;
+  for (; i0 + 16 <= n; i0 += 16) {
+    vd4 a0{}, a1{}, a2{}, a3{};
+    for (index_t k = 0; k < n; ++k) {
+      const double c = in[k];
+      const double* g = G + k * n + i0;
+      a0 += c * vload<vd4>(g);
+      a1 += c * vload<vd4>(g + 4);
+      a2 += c * vload<vd4>(g + 8);
+      a3 += c * vload<vd4>(g + 12);
+    }
+    vstore(out + i0, a0);
+    vstore(out + i0 + 4, a1);
+    vstore(out + i0 + 8, a2);
+    vstore(out + i0 + 12, a3);
+  }
+  for (; i0 + 4 <= n; i0 += 4) {
+    vd4 a0{};
+    for (index_t k = 0; k < n; ++k) a0 += in[k] * vload<vd4>(G + k * n + i0);
+    vstore(out + i0, a0);
+  }
+  for (; i0 < n; ++i0) {
+    vd4 a0{};  // lane 0 only: the same operation as one lane above
+    for (index_t k = 0; k < n; ++k) a0[0] += in[k] * G[k * n + i0];
+    out[i0] = a0[0];
   }
 }
 

@@ -315,6 +315,320 @@ ErrorCode FastPlainWorker<T>::operator()(index_t t, double* slot, index_t* step)
   return plain_task(*this, t, slot, step);
 }
 
+// Lock-step groups (tiny tasks, W3: n = 10, d = 64). The per-task products
+// over d (Gram, X v, X^T r, the query side) run per task with the tile
+// kernels; everything in n-space (the K-step forward recursion, the link,
+// the reverse sweep) runs on kLanes tasks at once, lane-major (entry i of
+// lane l at i * kLanes + l), so SIMD lanes are full where a task alone has
+// only n = 10 numbers. Every operation is elementwise over lanes, so a
+// task's result is the same in any lane and any group, alone or not (unused
+// lanes repeat lane 0 and are discarded). alpha and lam are shared by all
+// tasks, so rho, a_j and beta are scalars.
+constexpr index_t kLanes = 8;
+
+template <class T>
+struct LockstepGram {
+  const TaskSet<T>* ts;
+  const T* theta;
+  const T* alpha;
+  index_t K;
+  LrLayout lr;
+  double lam;
+  Mode mode;
+  std::vector<const T*> rows;
+  std::vector<double> G1, G, z0w, U, B, R, curv, tails, Cc, KC, a, work, V, Gam, XG, H, colR, gkw0, yv, neg, qz, qr,
+      qt, hyper, gl2, gb, beta_l;
+  std::vector<std::int32_t> ylab;
+  std::vector<T> wvec, gK;
+  std::vector<index_t> bad_step;
+  std::vector<int> bad_code;
+
+  // Runs tasks t0 .. t0 + g - 1 (same n and m); writes their slots.
+  FASTMAML_INLINE void run(index_t t0, index_t g, double* slots, index_t slot_len) {
+    constexpr index_t L = kLanes;
+    const index_t d = ts->d, D = d + 1;
+    const auto& sup = ts->support;
+    const index_t n = sup.size(t0);
+    const index_t nL = n * L;
+    const index_t Kc = std::max<index_t>(K, 1);
+    G.resize(static_cast<size_t>(n * nL));
+    z0w.resize(static_cast<size_t>(nL));
+    ylab.resize(static_cast<size_t>(nL));
+    bad_step.assign(L, -1);
+    bad_code.assign(L, 0);
+    // Phase 1, per task: Gram matrix and X theta (theta as row n).
+    for (index_t l = 0; l < L; ++l) {
+      const index_t t = t0 + (l < g ? l : 0);
+      sup.gather(t, d, rows);
+      const std::int32_t* y = sup.y + sup.begin(t);
+      rows.push_back(theta);
+      G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
+      tile::gram_body(rows.data(), n + 1, d, G1.data());
+      for (index_t i = 0; i < n; ++i) {
+        for (index_t k = 0; k < n; ++k) G[(i * n + k) * L + l] = G1[i * (n + 1) + k];
+        z0w[i * L + l] = G1[n * (n + 1) + i];
+        ylab[i * L + l] = y[i];
+      }
+    }
+    const double inv_n = 1.0 / static_cast<double>(n);
+    // Phase 2, lanes: the forward recursion.
+    U = z0w;
+    B.assign(L, static_cast<double>(theta[d]));
+    R.resize(static_cast<size_t>(Kc * nL));
+    curv.resize(static_cast<size_t>(Kc * nL));
+    tails.resize(static_cast<size_t>(nL));
+    Cc.assign(static_cast<size_t>((K + 1) * nL), 0.0);
+    KC.assign(static_cast<size_t>((K + 1) * nL), 0.0);
+    a.assign(static_cast<size_t>(K + 1), 1.0);
+    colR.resize(static_cast<size_t>(Kc * L));
+    work.resize(static_cast<size_t>(nL));
+    std::vector<double>& Z = XG;
+    Z.resize(static_cast<size_t>(nL));
+    for (index_t j = 0; j < K; ++j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      double* Rj = R.data() + j * nL;
+      for (index_t i = 0; i < n; ++i)
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) Z[i * L + l] = U[i * L + l] + B[l];
+      vmath::binary_rows_body(Z.data(), ylab.data(), nL, inv_n, Rj, curv.data() + j * nL, tails.data());
+      double* col = colR.data() + j * L;
+      for (index_t l = 0; l < L; ++l) col[l] = 0.0;
+      for (index_t i = 0; i < n; ++i)
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) col[l] += Rj[i * L + l];
+      lanes_gram_mul(n, Rj, work.data());
+      const double* Ccj = Cc.data() + j * nL;
+      const double* KCj = KC.data() + j * nL;
+      double* Ccn = Cc.data() + (j + 1) * nL;
+      double* KCn = KC.data() + (j + 1) * nL;
+#pragma omp simd
+      for (index_t q = 0; q < nL; ++q) {
+        U[q] = rho * U[q] - al * work[q];
+        Ccn[q] = rho * Ccj[q] + al * Rj[q];
+        KCn[q] = rho * KCj[q] + al * work[q];
+      }
+      for (index_t l = 0; l < L; ++l) B[l] -= al * col[l];
+      a[j + 1] = rho * a[j];
+      for (index_t l = 0; l < L; ++l) {
+        if (bad_code[l]) continue;
+        double fin = B[l] * 0.0;
+        for (index_t i = 0; i < n; ++i) fin += U[i * L + l] * 0.0;
+        if (!(fin == 0.0)) {
+          bad_code[l] = static_cast<int>(ErrorCode::diverged);
+          bad_step[l] = j;
+        }
+      }
+    }
+    // Phase 3, per task: phi_K, the query side, X gK and <gK_w, W0>.
+    V.resize(static_cast<size_t>(nL));
+    gkw0.assign(L, 0.0);
+    gK.resize(static_cast<size_t>(L * D));
+    wvec.resize(static_cast<size_t>(D));
+    neg.resize(static_cast<size_t>(n));
+    gb.resize(L);
+    for (index_t l = 0; l < L; ++l) {
+      if (l >= g) {  // unused lane: a copy of lane 0
+        for (index_t i = 0; i < n; ++i) V[i * L + l] = V[i * L];
+        gkw0[l] = gkw0[0];
+        gb[l] = gb[0];
+        continue;
+      }
+      const index_t t = t0 + l;
+      double* slot = slots + l * slot_len;
+      if (bad_code[l]) continue;
+      sup.gather(t, d, rows);
+      for (index_t i = 0; i < n; ++i) neg[i] = -Cc[K * nL + i * L + l];
+      tile::xtr_body(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
+      wvec[d] = static_cast<T>(B[l]);
+      if (!all_finite(wvec.data(), D)) {
+        bad_code[l] = static_cast<int>(ErrorCode::diverged);
+        bad_step[l] = K - 1;
+        continue;
+      }
+      T* gk = gK.data() + l * D;
+      const double loss = query_pass(*ts, t, wvec.data(), rows, qz, qr, qt, gk);
+      if (!std::isfinite(loss)) {
+        bad_code[l] = static_cast<int>(ErrorCode::nonfinite_query);
+        bad_step[l] = K;
+        continue;
+      }
+      slot[0] = loss;
+      sup.gather(t, d, rows);
+      qz.resize(static_cast<size_t>(n));
+      tile::xv_body(rows.data(), n, d, gk, qz.data());
+      for (index_t i = 0; i < n; ++i) V[i * L + l] = qz[i];
+      double s0 = 0.0;
+#pragma omp simd reduction(+ : s0)
+      for (index_t q = 0; q < d; ++q) s0 += static_cast<double>(gk[q]) * static_cast<double>(theta[q]);
+      gkw0[l] = s0;
+      gb[l] = static_cast<double>(gk[d]);
+    }
+    // Phase 4, lanes: the reverse sweep in n-space.
+    const index_t Hn = lr.size();
+    hyper.assign(static_cast<size_t>(Hn * L), 0.0);
+    gl2.assign(L, 0.0);
+    Gam.assign(static_cast<size_t>(nL), 0.0);
+    XG.resize(static_cast<size_t>(nL));
+    H.resize(static_cast<size_t>(nL));
+    double beta = 1.0;
+    double xg_r[L], v_c[L], g_z[L], g_kc[L], hs[L];
+    for (index_t j = K - 1; j >= 0; --j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      const double* Rj = R.data() + j * nL;
+      const double* Ccj = Cc.data() + j * nL;
+      const double* KCj = KC.data() + j * nL;
+      lanes_gram_mul(n, Gam.data(), work.data());
+      for (index_t l = 0; l < L; ++l) xg_r[l] = v_c[l] = g_z[l] = g_kc[l] = hs[l] = 0.0;
+      for (index_t i = 0; i < n; ++i) {
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) {
+          const index_t q = i * L + l;
+          XG[q] = beta * V[q] - work[q];
+          xg_r[l] += XG[q] * Rj[q];
+          v_c[l] += V[q] * Ccj[q];
+          g_z[l] += Gam[q] * z0w[q];
+          g_kc[l] += Gam[q] * KCj[q];
+        }
+      }
+      const index_t hj = lr.ks > 1 ? j : 0;
+#pragma omp simd
+      for (index_t l = 0; l < L; ++l) {
+        const double gb_col = gb[l] * colR[j * L + l];
+        const double gw_wj = beta * a[j] * gkw0[l] - beta * v_c[l] - a[j] * g_z[l] + g_kc[l];
+        hyper[hj * L + l] -= xg_r[l] + lam * gw_wj + gb_col;
+        gl2[l] -= al * gw_wj;
+      }
+      if (mode == Mode::maml) {
+        const double* cj = curv.data() + j * nL;
+        for (index_t i = 0; i < n; ++i) {
+#pragma omp simd
+          for (index_t l = 0; l < L; ++l) {
+            const index_t q = i * L + l;
+            H[q] = cj[q] * (XG[q] + gb[l]);
+            hs[l] += H[q];
+          }
+        }
+#pragma omp simd
+        for (index_t q = 0; q < nL; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
+        for (index_t l = 0; l < L; ++l) gb[l] -= al * hs[l] * inv_n;
+        beta *= rho;
+      }
+    }
+    // Phase 5, per task: dtheta = [beta gK_w - X^T Gam ; gb].
+    for (index_t l = 0; l < g; ++l) {
+      if (bad_code[l]) continue;
+      const index_t t = t0 + l;
+      double* slot = slots + l * slot_len;
+      sup.gather(t, d, rows);
+      for (index_t i = 0; i < n; ++i) neg[i] = -Gam[i * L + l];
+      tile::xtr_body(rows.data(), n, d, neg.data(), beta, gK.data() + l * D, wvec.data());
+      for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
+      slot[1 + d] = gb[l];
+      for (index_t h = 0; h < Hn; ++h) slot[1 + D + h] = hyper[h * L + l];
+      slot[1 + D + Hn] = gl2[l];
+      if (!all_finite(slot, 1 + D + Hn + 1)) {
+        bad_code[l] = static_cast<int>(ErrorCode::nonfinite_grad);
+        bad_step[l] = -1;
+      }
+    }
+  }
+
+  // out = G in, per lane, k in order (the same sum as gram_mul_body).
+  FASTMAML_INLINE void lanes_gram_mul(index_t n, const double* in, double* __restrict out) const {
+    constexpr index_t L = kLanes;
+    for (index_t i = 0; i < n; ++i) {
+      double acc[L] = {};
+      for (index_t k = 0; k < n; ++k) {
+        const double* gik = G.data() + (i * n + k) * L;
+        const double* ink = in + k * L;
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) acc[l] += gik[l] * ink[l];
+      }
+      for (index_t l = 0; l < L; ++l) out[i * L + l] = acc[l];
+    }
+  }
+};
+
+FASTMAML_CLONES inline void lockstep_group(LockstepGram<float>& w, index_t t0, index_t g, double* slots,
+                                           index_t slot_len) {
+  w.run(t0, g, slots, slot_len);
+}
+FASTMAML_CLONES inline void lockstep_group(LockstepGram<double>& w, index_t t0, index_t g, double* slots,
+                                           index_t slot_len) {
+  w.run(t0, g, slots, slot_len);
+}
+
+// Driver for lock-step groups: groups are runs of consecutive tasks with the
+// same support and query sizes, at most kLanes long, never crossing a
+// kReduceBlock boundary (shape-only, thread-independent); slots are summed
+// in blocks exactly as run_tasks does.
+template <class T>
+TaskStatus lockstep_meta_value_and_grad(const TaskSet<T>& ts, const T* theta, const T* alpha, index_t K, LrLayout lr,
+                                        double lam, Mode mode, int n_threads, double* loss, T* grad, T* hyper,
+                                        double* grad_l2, std::vector<double>* slots_out = nullptr) {
+  const index_t nt = ts.n_tasks, D = ts.d + 1, H = lr.size();
+  const index_t slot_len = 1 + D + H + 1;
+  std::vector<index_t> starts;
+  for (index_t t = 0; t < nt;) {
+    starts.push_back(t);
+    index_t e = t + 1;
+    const index_t block_end = std::min(nt, (t / kReduceBlock + 1) * kReduceBlock);
+    while (e < block_end && e - t < kLanes && ts.support.size(e) == ts.support.size(t) &&
+           ts.query.size(e) == ts.query.size(t))
+      ++e;
+    t = e;
+  }
+  starts.push_back(nt);
+  const index_t n_groups = static_cast<index_t>(starts.size()) - 1;
+  std::vector<double> slots(static_cast<size_t>(nt * slot_len), 0.0);
+  std::vector<TaskStatus> status(static_cast<size_t>(nt));
+  const int threads = resolve_threads(n_threads);
+#pragma omp parallel num_threads(threads) default(none) \
+    shared(ts, theta, alpha, K, lr, lam, mode, starts, n_groups, slots, status, slot_len)
+  {
+    LockstepGram<T> w;
+    w.ts = &ts, w.theta = theta, w.alpha = alpha, w.K = K, w.lr = lr, w.lam = lam, w.mode = mode;
+#pragma omp for schedule(dynamic, 4)
+    for (index_t gi = 0; gi < n_groups; ++gi) {
+      const index_t t0 = starts[gi], g = starts[gi + 1] - t0;
+      try {
+        lockstep_group(w, t0, g, slots.data() + t0 * slot_len, slot_len);
+        for (index_t l = 0; l < g; ++l)
+          if (w.bad_code[l]) {
+            status[t0 + l].code = static_cast<ErrorCode>(w.bad_code[l]);
+            status[t0 + l].task = t0 + l;
+            status[t0 + l].step = w.bad_step[l];
+          }
+      } catch (const std::bad_alloc&) {
+        status[t0].code = ErrorCode::no_memory;
+        status[t0].task = t0;
+      } catch (const std::exception& e) {
+        status[t0].code = ErrorCode::internal;
+        status[t0].task = t0;
+        status[t0].message = e.what();
+      }
+    }
+  }
+  for (const auto& st : status)
+    if (!st.ok()) return st;
+  if (slots_out) *slots_out = slots;
+  std::vector<double> total(static_cast<size_t>(slot_len), 0.0), block(static_cast<size_t>(slot_len));
+  for (index_t b0 = 0; b0 < nt; b0 += kReduceBlock) {
+    std::fill(block.begin(), block.end(), 0.0);
+    for (index_t i = b0; i < std::min(nt, b0 + kReduceBlock); ++i)
+      for (index_t k = 0; k < slot_len; ++k) block[k] += slots[i * slot_len + k];
+    for (index_t k = 0; k < slot_len; ++k) total[k] += block[k];
+  }
+  const double inv_T = 1.0 / static_cast<double>(nt);
+  *loss = total[0] * inv_T;
+  for (index_t p = 0; p < D; ++p) grad[p] = static_cast<T>(total[1 + p] * inv_T);
+  for (index_t k = 0; k < H; ++k) hyper[k] = static_cast<T>(total[1 + D + k] * inv_T);
+  *grad_l2 = total[1 + D + H] * inv_T;
+  return TaskStatus{};
+}
+
 // Cost model of the new kernels, in cycles-like units (shapes only).
 // Plain: 2K fused passes (each reads X once, ~1 FMA per element, L2-bound
 // when n d no longer fits L1). Gram: the Gram matrix at register-tile speed
@@ -336,6 +650,7 @@ TaskStatus fast_meta_value_and_grad(const TaskSet<T>& ts, const T* theta, const 
   const double qrows = rows_per_task(ts.query, ts.n_tasks);
   const index_t ni = static_cast<index_t>(std::ceil(rows));
   const bool kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
+  if (static_cast<int>(sweep) == 3) return lockstep_meta_value_and_grad(ts, theta, alpha, K, lr, lam, mode, n_threads, loss, grad, hyper, grad_l2);
   const bool gram = sweep == Sweep::gram || (sweep == Sweep::automatic && fast_use_gram(ni, ts.d, K, kernel));
   const double work = (4.0 * K + 2.0) * (rows + qrows) * static_cast<double>(model.P);
   if (gram) {

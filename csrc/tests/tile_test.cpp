@@ -101,6 +101,9 @@ static Result run(const Batch<T>& b, int which, Sweep sweep, const std::vector<d
     Preconditioner<T> none;
     st = meta_value_and_grad<T>(b.ts, BinaryLink{}, theta.data(), alpha.data(), none, K, lr, lam, mode, threads,
                                 &r.loss, grad.data(), hyper.data(), &r.gl2, sweep);
+  } else if (which == 2) {
+    st = lockstep_meta_value_and_grad<T>(b.ts, theta.data(), alpha.data(), K, lr, lam, mode, threads, &r.loss,
+                                         grad.data(), hyper.data(), &r.gl2);
   } else {
     st = fast_meta_value_and_grad<T>(b.ts, theta.data(), alpha.data(), K, lr, lam, mode, threads, &r.loss, grad.data(),
                                      hyper.data(), &r.gl2, sweep);
@@ -225,6 +228,34 @@ static void test_tiles() {
                                                                    ": products agree with long double on tails; entries independent of tile position");
 }
 
+// A task's lock-step result is the same whatever group or lane it lands in
+// (and alone), tails included.
+template <class S>
+static void test_lanes() {
+  Batch<S> b(21, 7, 5, 19, 9);  // 21 tasks: groups of 8, 8, 5
+  const index_t D = 20, K = 3;
+  const auto th = make_theta(19, 0.3, 2);
+  std::vector<S> theta(th.begin(), th.end()), alpha(static_cast<size_t>(K * D), static_cast<S>(0.3)), grad(D), hyper(1);
+  double loss, gl2;
+  std::vector<double> all, one;
+  lockstep_meta_value_and_grad<S>(b.ts, theta.data(), alpha.data(), K, LrLayout{}, 0.1, Mode::maml, 2, &loss, grad.data(),
+                                  hyper.data(), &gl2, &all);
+  const index_t slot_len = 1 + D + 1 + 1;
+  bool same = true;
+  for (index_t t : {0, 5, 7, 8, 13, 20}) {
+    TaskSet<S> ts1 = b.ts;
+    ts1.n_tasks = 1;
+    std::vector<index_t> sp = {b.sptr[t], b.sptr[t + 1]}, qp = {b.qptr[t], b.qptr[t + 1]};
+    ts1.support.ptr = sp.data();
+    ts1.query.ptr = qp.data();
+    lockstep_meta_value_and_grad<S>(ts1, theta.data(), alpha.data(), K, LrLayout{}, 0.1, Mode::maml, 1, &loss,
+                                    grad.data(), hyper.data(), &gl2, &one);
+    for (index_t k = 0; k < slot_len; ++k) same = same && one[k] == all[t * slot_len + k];
+  }
+  check(same, std::string("lock-step ") + (sizeof(S) == 4 ? "f32" : "f64") +
+                  ": a task alone is bitwise equal to the same task in any group / lane (tails included)");
+}
+
 static void test_workload(const Work& w) {
   Batch<double> b64(std::min<index_t>(w.T, 256), w.n, w.m, w.d, 11);
   Batch<float> b32(b64);
@@ -249,6 +280,9 @@ static void test_workload(const Work& w) {
     Result g32 = run(b32, 1, Sweep::gram, theta, c.lr0, c.per_step, w.K, c.lam, c.mode, 1);
     Result g32b = run(b32, 1, Sweep::gram, theta, c.lr0, c.per_step, w.K, c.lam, c.mode, 2);
     Result p32b = run(b32, 1, Sweep::plain, theta, c.lr0, c.per_step, w.K, c.lam, c.mode, 1);
+    Result l64 = run(b64, 2, Sweep::plain, theta, c.lr0, c.per_step, w.K, c.lam, c.mode, 2);
+    Result l32 = run(b32, 2, Sweep::plain, theta, c.lr0, c.per_step, w.K, c.lam, c.mode, 1);
+    Result l32b = run(b32, 2, Sweep::plain, theta, c.lr0, c.per_step, w.K, c.lam, c.mode, 2);
     auto e = [&](const Result& a) {
       double m = 0;
       m = std::max(m, rel_err(a.grad, ref.grad));
@@ -266,6 +300,9 @@ static void test_workload(const Work& w) {
     check(ref.ok && p64.ok && g64.ok && p32.ok && g32.ok && e(p64) < 1e-12 && e(g64) < 1e-10 && e(p32) < 2e-4 &&
               e(g32) < 2e-4,
           buf);
+    std::snprintf(buf, sizeof buf, "%s %s: lock-step groups: f64 %.1e, f32 %.1e", w.name, c.what, e(l64), e(l32));
+    check(l64.ok && l32.ok && e(l64) < 1e-10 && e(l32) < 2e-4, buf);
+    check(l32.all() == l32b.all(), std::string(w.name) + " " + c.what + ": lock-step bitwise equal at 1 and 2 threads");
     check(g32.all() == g32b.all() && p32.all() == p32b.all(), std::string(w.name) + " " + c.what + ": bitwise equal at 1 and 2 threads");
   }
 }
@@ -289,8 +326,9 @@ static void bench(const Work& w, const Batch<T>& b, int threads, int reps) {
   auto t_new = [&](Sweep s) { return best_ms([&] { run(b, 1, s, theta, 0.02, false, w.K, 0.0, Mode::maml, threads); }, reps); };
   const double ca = t_core(Sweep::automatic), na = t_new(Sweep::automatic);
   const double np = t_new(Sweep::plain), ng = t_new(Sweep::gram);
-  std::printf("%-3s %s thr=%d  core(auto) %8.3f ms | new(auto) %8.3f ms  [plain %8.3f, gram %8.3f]  speedup %.2fx\n",
-              w.name, sizeof(T) == 4 ? "f32" : "f64", threads, ca, na, np, ng, ca / na);
+  const double nl = best_ms([&] { run(b, 2, Sweep::plain, theta, 0.02, false, w.K, 0.0, Mode::maml, threads); }, reps);
+  std::printf("%-3s %s thr=%d  core(auto) %8.3f ms | new(auto) %8.3f ms  [plain %8.3f, gram %8.3f, lock-step gram %8.3f]  speedup auto %.2fx, best %.2fx\n",
+              w.name, sizeof(T) == 4 ? "f32" : "f64", threads, ca, na, np, ng, nl, ca / na, ca / std::min({na, np, ng, nl}));
   std::fflush(stdout);
 }
 
@@ -300,7 +338,7 @@ int main(int argc, char** argv) {
   const bool do_bench = argc > 1 && std::strcmp(argv[1], "bench") == 0;
   if (argc > 3 && std::strcmp(argv[1], "one") == 0) {  // one [W1..W4] [new|core] [f32|f64] threads reps
     const Work& w = works[static_cast<size_t>(argv[2][1] - '1')];
-    const bool mine = std::strcmp(argv[3], "new") == 0;
+    const int mine = std::strcmp(argv[3], "new") == 0 ? 1 : std::strcmp(argv[3], "lock") == 0 ? 2 : 0;
     const bool f32 = argc <= 4 || std::strcmp(argv[4], "f32") == 0;
     const int thr = argc > 5 ? std::atoi(argv[5]) : 1;
     const int reps = argc > 6 ? std::atoi(argv[6]) : 50;
@@ -309,13 +347,15 @@ int main(int argc, char** argv) {
     const auto theta = make_theta(w.d, 0.05, 3);
     const double ms = f32 ? best_ms([&] { run(b32, mine, Sweep::automatic, theta, 0.02, false, w.K, 0.0, Mode::maml, thr); }, reps)
                           : best_ms([&] { run(b64, mine, Sweep::automatic, theta, 0.02, false, w.K, 0.0, Mode::maml, thr); }, reps);
-    std::printf("%s %s %s thr=%d best %.3f ms\n", w.name, mine ? "new" : "core", f32 ? "f32" : "f64", thr, ms);
+    std::printf("%s %s %s thr=%d best %.3f ms\n", w.name, argv[3], f32 ? "f32" : "f64", thr, ms);
     return 0;
   }
   if (!do_bench) {
     test_vmath();
     test_tiles<float>();
     test_tiles<double>();
+    test_lanes<float>();
+    test_lanes<double>();
     for (const auto& w : works) test_workload(w);
     // odd shapes: tails in n, m, d
     test_workload({"odd n7 m5 d13 K3", 70, 7, 5, 13, 3});

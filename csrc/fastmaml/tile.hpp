@@ -68,19 +68,10 @@ __attribute__((always_inline)) inline void vstore(T* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-// Lanes of one accumulator summed in a fixed tree, in double.
-__attribute__((always_inline)) inline double hsum(vf8 v) {
-  return ((static_cast<double>(v[0]) + static_cast<double>(v[4])) +
-          (static_cast<double>(v[2]) + static_cast<double>(v[6]))) +
-         ((static_cast<double>(v[1]) + static_cast<double>(v[5])) +
-          (static_cast<double>(v[3]) + static_cast<double>(v[7])));
-}
-__attribute__((always_inline)) inline double hsum(vd4 v) { return (v[0] + v[2]) + (v[1] + v[3]); }
-
 // Four accumulators reduced at once by a shuffle tree (one transpose-add
 // instead of four horizontal sums): returns their lane sums, each formed in
 // the same fixed order.
-FASTMAML_INLINE inline void reduce4(vf8 v0, vf8 v1, vf8 v2, vf8 v3, double* out) {
+FASTMAML_INLINE inline void reduce4(const vf8& v0, const vf8& v1, const vf8& v2, const vf8& v3, double* out) {
   const vf8 s01 = __builtin_shufflevector(v0, v1, 0, 8, 1, 9, 2, 10, 3, 11) +
                   __builtin_shufflevector(v0, v1, 4, 12, 5, 13, 6, 14, 7, 15);
   const vf8 s23 = __builtin_shufflevector(v2, v3, 0, 8, 1, 9, 2, 10, 3, 11) +
@@ -89,7 +80,7 @@ FASTMAML_INLINE inline void reduce4(vf8 v0, vf8 v1, vf8 v2, vf8 v3, double* out)
                 __builtin_shufflevector(s01, s23, 4, 5, 12, 13, 6, 7, 14, 15);
   for (int q = 0; q < 4; ++q) out[q] += static_cast<double>(u[q]) + static_cast<double>(u[q + 4]);
 }
-FASTMAML_INLINE inline void reduce4(vd4 v0, vd4 v1, vd4 v2, vd4 v3, double* out) {
+FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2, const vd4& v3, double* out) {
   const vd4 s01 = __builtin_shufflevector(v0, v1, 0, 4, 1, 5) + __builtin_shufflevector(v0, v1, 2, 6, 3, 7);
   const vd4 s23 = __builtin_shufflevector(v2, v3, 0, 4, 1, 5) + __builtin_shufflevector(v2, v3, 2, 6, 3, 7);
   const vd4 u = __builtin_shufflevector(s01, s23, 0, 1, 4, 5) + __builtin_shufflevector(s01, s23, 2, 3, 6, 7);

@@ -64,7 +64,7 @@ __attribute__((always_inline)) inline V vload(const T* p) {
   return v;
 }
 template <class V, class T>
-__attribute__((always_inline)) inline void vstore(T* p, V v) {
+__attribute__((always_inline)) inline void vstore(T* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
 }
 

@@ -1,7 +1,7 @@
 """Workloads and peer implementations for the fastmaml benchmarks.
 
 Everything here computes the same thing as ``fastmaml.meta_value_and_grad``
-for a binary logistic-regression model (DESIGN.md section 1, ``l2 = 0``, one
+for a binary logistic-regression model (docs/design.md section 1, ``l2 = 0``, one
 scalar ``inner_lr``): the mean over tasks of the query loss after ``K`` plain
 gradient steps on the support loss, and its exact (second-order) gradient with
 respect to the initialization ``theta``.
@@ -9,7 +9,13 @@ respect to the initialization ``theta``.
 Peers (each optional; ``HAVE_JAX`` / ``HAVE_TORCH`` say what is installed, the
 ``bench`` extra installs both):
 
-* NumPy: ``tests/reference.py`` (a Python loop over tasks and steps);
+* NumPy: ``numpy_batched.py``, vectorised across tasks (batched matrix-vector
+  products over the task axis, the faster of np.matmul and np.einsum for the
+  shape), computing in the features' dtype; frozen, checked against
+  ``tests/reference.py`` by ``test_numpy_batched.py``. The per-task loop of
+  ``tests/reference.py`` is the correctness oracle, not a speed peer: it is
+  offered as ``"numpy loop"`` (``OPTIONAL_PEERS``, off by default) only to
+  show how much a loop over tasks costs;
 * JAX: ``jax.jit(jax.value_and_grad(meta_loss))``, ``jax.vmap`` over tasks of
   the unrolled K-step inner loop (``jax.grad`` inside);
 * torch.func: ``torch.func.grad_and_value`` of the meta-loss, ``torch.func.vmap``
@@ -26,8 +32,10 @@ of the process to the first ``n`` CPUs while a measurement runs (and restores
 it afterwards). Each implementation is timed inside the same
 ``limit_threads(n)``.
 
-Also here: the E1 episodic meta-training loops (fastmaml and JAX), the
-workload table and the flop model used by ``report.py``.
+Also here: the E1 episodic meta-training loops (``MAML.fit`` on an
+``EpisodeSampler``, the path users run; a hand-written fastmaml loop; JAX),
+the workload table, the flop model and the task-data byte count used by
+``report.py``.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ _TESTS = os.path.join(_HERE, "..", "tests")
 if _TESTS not in sys.path:
     sys.path.insert(0, _TESTS)
 import reference  # noqa: E402  (tests/reference.py, the plain NumPy ground truth)
+
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import numpy_batched  # noqa: E402  (the NumPy speed peer, vectorised across tasks)
 
 try:  # optional peers ---------------------------------------------------------
     import jax
@@ -132,6 +144,11 @@ class Workload:
     def flops(self) -> float:
         return meta_flops(**self.shape)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the task data as passed to every implementation (features and labels)."""
+        return int(sum(a.nbytes for a in self.tasks))
+
 
 def meta_flops(T: int, n: int, m: int, d: int, K: int) -> float:
     """Flop model of one exact meta-gradient: F = T (d+1) (8 K n + 4 m).
@@ -160,7 +177,7 @@ def make_workload(name: str, dtype="float64", T: int | None = None, seed: int = 
 
 
 def rel_error(a, b) -> float:
-    """max|a - b| / max|b| (DESIGN.md's relative error of an array)."""
+    """max|a - b| / max|b| (docs/design.md's relative error of an array)."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
@@ -231,7 +248,17 @@ def prepare_fastmaml(w: Workload, n_threads: int | None = None) -> Callable:
 
 
 def prepare_numpy(w: Workload) -> Callable:
-    """tests/reference.py (computes in float64 whatever the input dtype)."""
+    """numpy_batched.py: vectorised across tasks, in the features' dtype.
+
+    The returned callable picks the faster of its two kernels (np.matmul,
+    np.einsum) on its first call under each CPU count (a warm-up call);
+    ``run.plan`` records the choice.
+    """
+    return numpy_batched.make_runner(w.theta, w.tasks, w.inner_lr, w.K)
+
+
+def prepare_numpy_loop(w: Workload) -> Callable:
+    """tests/reference.py, the correctness oracle: a Python loop over tasks and steps, always float64."""
 
     def run():
         r = reference.meta_value_and_grad(w.theta, w.tasks, w.inner_lr, w.K)
@@ -325,6 +352,9 @@ if HAVE_JAX:
 if HAVE_TORCH:
     PEERS["torch.func"] = prepare_torch
 
+#: Implementations timed only on request (report.py --numpy-loop): not speed peers.
+OPTIONAL_PEERS = {"numpy loop": prepare_numpy_loop}
+
 
 def to_numpy(result) -> tuple:
     """(loss, grad) of any implementation as (float, float64 ndarray)."""
@@ -381,16 +411,52 @@ class _Adam:
         self.theta -= (self.lr * mhat / (np.sqrt(vhat) + self.eps)).astype(self.theta.dtype)
 
 
-class FastmamlEpisodic:
-    """E1 with fastmaml: EpisodeSampler + meta_value_and_grad + NumPy Adam."""
+def e1_sampler(X, y, seed=0):
+    """The E1 EpisodeSampler: 2-way 5-shot, 15 queries per class, over the meta-training digits."""
+    e = E1
+    return fastmaml.EpisodeSampler(
+        X, y, n_way=e["n_way"], k_shot=e["k_shot"], n_query=e["n_query"], classes=list(e["classes"]),
+        random_state=seed,
+    )
+
+
+class FitEpisodic:
+    """E1 through ``MAML.fit`` itself, the path users run.
+
+    ``run(n)`` fits a fresh ``MAML(inner_steps=5, inner_lr=0.1, meta_lr=1e-3,
+    meta_batch_size=32, progress=False, n_iterations=n)`` on one
+    ``EpisodeSampler`` (whose stream continues across runs): no validation,
+    checkpoints or callbacks, i.e. the JAX loop's work. Each run includes
+    fit's own start-up once (configuration checks, the zero start, the
+    step-size probe on 8 episodes); with runs of a few hundred iterations
+    that is a small share, and it is part of what a user pays.
+    """
 
     def __init__(self, X, y, n_threads=None, seed=0):
+        self.sampler = e1_sampler(X, y, seed)
+        self.n_threads = n_threads
+        self.loss = float("nan")
+        self.model = None
+
+    def make_model(self, iterations: int):
         e = E1
-        self.sampler = fastmaml.EpisodeSampler(
-            X, y, n_way=e["n_way"], k_shot=e["k_shot"], n_query=e["n_query"], classes=list(e["classes"]),
-            random_state=seed,
+        return fastmaml.MAML(
+            inner_steps=e["K"], inner_lr=e["inner_lr"], meta_lr=e["meta_lr"], meta_batch_size=e["T"],
+            n_iterations=int(iterations), progress=False, n_threads=self.n_threads,
         )
-        self.opt = _Adam(np.zeros(X.shape[1] + 1, dtype=X.dtype), e["meta_lr"])
+
+    def run(self, iterations: int) -> float:
+        self.model = self.make_model(iterations).fit(self.sampler)
+        self.loss = self.model.history_[-1]["loss"] if self.model.history_ else float("nan")
+        return self.loss
+
+
+class FastmamlEpisodic:
+    """E1 with fastmaml by hand: EpisodeSampler + meta_value_and_grad + NumPy Adam (the "hand loop")."""
+
+    def __init__(self, X, y, n_threads=None, seed=0):
+        self.sampler = e1_sampler(X, y, seed)
+        self.opt = _Adam(np.zeros(X.shape[1] + 1, dtype=X.dtype), E1["meta_lr"])
         self.n_threads = n_threads
         self.loss = float("nan")
 

@@ -4,11 +4,13 @@ Usage::
 
     python benchmarks/report.py [--quick] [--workloads W1,W2,W3,W4,E1]
                                 [--dtypes float32,float64] [--threads 1,2]
-                                [--json out.json]
+                                [--numpy-loop] [--json out.json]
 
 In one process, for every workload x dtype x thread count, times the exact
 second-order meta-gradient of fastmaml and of every installed peer (NumPy
-reference, JAX, torch.func; see peers.py): each implementation's gradient is
+vectorised across tasks, JAX, torch.func; see peers.py and numpy_batched.py;
+with --numpy-loop also the per-task loop of tests/reference.py, which is a
+correctness oracle and not a speed peer): each implementation's gradient is
 first checked against fastmaml's (float64: relative error <= 1e-8, float32:
 <= 2e-3), warmed up (JAX compiles), then timed timeit-style; the
 implementations of one row are timed in interleaved repeats, so that a change
@@ -16,8 +18,21 @@ of background load hits them alike. The table gives medians, the ratios
 peer time / fastmaml time (> 1: fastmaml is faster), and fastmaml's effective
 GFLOP/s by the model F = T (d+1) (8 K n + 4 m) beside the machine's measured
 matrix-multiply peak (numpy's a @ b, 2048 x 2048, with the same number of BLAS
-threads). E1 rows give meta-iterations per second of episodic training on
-MNIST digit pairs, sampling included, fastmaml vs JAX.
+threads).
+
+Roofline, per row: F / P, the time the work would take at the machine's
+measured matrix-multiply peak P (same dtype and thread count; when
+OPENBLAS_CORETYPE is set, the larger of the peaks with and without it), and
+B / BW, the time to read the row's task data once (B bytes: features and
+labels as passed) at BW, the best streaming-read bandwidth measured over a
+buffer of B bytes with the same thread count (several read kernels, best of
+several runs, at the start and at the end). Beside them fastmaml's time and
+its ratio to the issue's bound max(2.5 F/P, 2 B/BW) (<= 1: within it).
+
+E1 rows give meta-iterations per second of episodic training on MNIST digit
+pairs, sampling included: ``MAML.fit`` on an ``EpisodeSampler`` (the path
+users run), a hand-written fastmaml loop (sampler + meta_value_and_grad +
+NumPy Adam) and the JAX loop.
 
 The run prints the configuration it measured (CPU, BLAS and its threads,
 OPENBLAS_CORETYPE, library versions, load average): this script changes no
@@ -28,6 +43,7 @@ measured in a child process without it, for reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,7 +59,8 @@ _ENV_AT_START = dict(os.environ)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import peers  # noqa: E402
 
-IMPLS = ["fastmaml", "numpy", "jax", "torch.func"]
+IMPLS = ["fastmaml", "numpy", "jax", "torch.func", "numpy loop"]
+E1_LOOPS = ["fastmaml fit", "fastmaml hand loop", "jax"]
 NOISY = 0.25  # CPUs used by other processes above which a row counts as noisy
 GEMM_N = 2048
 
@@ -150,6 +167,47 @@ def gemm_peak_child(dtype: str, n_threads: int, reps: int, drop_coretype: bool) 
 
 
 # ---------------------------------------------------------------------------
+# Streaming-read bandwidth
+# ---------------------------------------------------------------------------
+
+#: Read kernels: each reads every byte of its chunk once and does little else
+#: (the best of them is taken, so that no single kernel's compute limits BW).
+_READ_KERNELS = {
+    "max": lambda chunk: chunk.view(np.float32).max(),
+    "bitwise_or": lambda chunk: np.bitwise_or.reduce(chunk.view(np.uint64)),
+    "dot": lambda chunk: np.dot(chunk.view(np.float32), chunk.view(np.float32)),
+}
+
+
+def read_bandwidth(nbytes: int, n_threads: int, reps: int) -> float:
+    """Best GB/s reading a buffer of about ``nbytes`` bytes once, split over ``n_threads`` threads.
+
+    The buffer holds float32 values in [0, 1) (like the task data); each of
+    ``n_threads`` Python threads runs a NumPy reduction (which releases the
+    GIL; BLAS limited to one thread per caller) over its contiguous share, on
+    the first ``n_threads`` CPUs (``peers.limit_threads``). Best of ``reps``
+    runs of each read kernel.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    unit = 8 * n_threads
+    nbytes = max(unit, (int(nbytes) // unit) * unit)
+    buf = np.random.default_rng(0).random(nbytes // 4, dtype=np.float32).view(np.uint8)
+    chunks = np.split(buf, n_threads)
+    best = np.inf
+    one_blas_thread = (peers.threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+                       if peers.threadpoolctl is not None else contextlib.nullcontext())
+    with peers.limit_threads(n_threads), one_blas_thread, ThreadPoolExecutor(n_threads) as pool:
+        for kernel in _READ_KERNELS.values():
+            list(pool.map(kernel, chunks))  # warm-up: pages touched, caches filled
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                list(pool.map(kernel, chunks))
+                best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9
+
+
+# ---------------------------------------------------------------------------
 # Background load: CPU time used by other processes while we measure
 # ---------------------------------------------------------------------------
 
@@ -246,8 +304,9 @@ def time_interleaved(fns: dict, *, min_time: float, repeat: int, max_total: floa
 class Runner:
     """Measures one row (workload, dtype, threads) at a time; inputs and compiled peers are cached."""
 
-    def __init__(self, budget: dict, log, quiet_wait: float):
+    def __init__(self, budget: dict, log, quiet_wait: float, peer_set: dict | None = None):
         self.budget, self.log, self.quiet_wait = budget, log, quiet_wait
+        self.peer_set = dict(peers.PEERS) if peer_set is None else peer_set
         self._prepared: dict = {}
         self._digits = None
 
@@ -260,7 +319,7 @@ class Runner:
             self.log(f"{name} {dtype}: T={s['T']} n={s['n']} m={s['m']} d={s['d']} K={w.K}")
             ours = peers.to_numpy(peers.prepare_fastmaml(w)())[1]
             prepared, errors = {}, {}
-            for impl, prepare in peers.PEERS.items():
+            for impl, prepare in self.peer_set.items():
                 fn = prepare(w)
                 try:
                     errors[impl] = peers.check_agreement(fn(), ours, dtype, impl)  # also the warm-up
@@ -283,11 +342,14 @@ class Runner:
             probe = ForeignLoad()
             res = time_interleaved(fns, **self.budget)
             foreign = probe.read()
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        kernel = getattr(fns.get("numpy"), "plan", {}).get(cpus)  # which of its kernels the numpy peer ran
         self.log(f"  {name} {dtype} {nt} thread(s): "
                  + ", ".join(f"{k} {_fmt_time(v['median'])}" for k, v in res.items())
+                 + (f"  (numpy kernel: {kernel})" if kernel else "")
                  + f"  [other processes: {_fmt_load(foreign)} CPUs]")
-        return dict(workload=name, dtype=dtype, threads=nt, shape=w.shape, flops=w.flops, times=res,
-                    grad_rel_error=errors, foreign_load=foreign)
+        return dict(workload=name, dtype=dtype, threads=nt, shape=w.shape, flops=w.flops, nbytes=w.nbytes,
+                    times=res, grad_rel_error=errors, numpy_kernel=kernel, foreign_load=foreign)
 
     def e1_row(self, dtype: str, nt: int) -> dict:
         """Meta-iterations per second of the E1 loops (fresh loops; JAX compiles in the warm-up)."""
@@ -295,7 +357,8 @@ class Runner:
             self._digits = peers.load_digits("float64")
         X64, y = self._digits
         X = np.ascontiguousarray(X64, dtype=dtype)
-        loops = {"fastmaml": peers.FastmamlEpisodic(X, y, n_threads=nt)}
+        loops = {"fastmaml fit": peers.FitEpisodic(X, y, n_threads=nt),
+                 "fastmaml hand loop": peers.FastmamlEpisodic(X, y, n_threads=nt)}
         if peers.HAVE_JAX:
             loops["jax"] = peers.JaxEpisodic(X, y)
         wait_for_quiet(self.log, max_wait=self.quiet_wait)
@@ -367,15 +430,49 @@ def print_table(rows, e1_rows, peaks, out=sys.stdout):
         _print_cols(head, table, out)
     if e1_rows:
         print("\nE1: episodic meta-training on MNIST digit pairs (T=32, 2-way 5-shot, 15 queries/class, K=5), "
-              "meta-iterations per second including sampling", file=out)
-        head = ["workload", "dtype", "thr", "fastmaml it/s", "jax it/s", "fastmaml:jax", "bg"]
+              "meta-iterations per second including sampling.", file=out)
+        print("fit = MAML(inner_steps=5, inner_lr=0.1, meta_lr=1e-3, meta_batch_size=32, progress=False).fit(sampler), "
+              "a fresh fit per timed chunk (its start-up included);", file=out)
+        print("hand = EpisodeSampler + meta_value_and_grad + NumPy Adam written by hand; jax = sampling in NumPy, "
+              "gather + meta-gradient + Adam in one jit step", file=out)
+        head = ["workload", "dtype", "thr", "fit it/s", "hand it/s", "jax it/s", "fit:jax", "hand:jax", "bg"]
         table = []
         for r in e1_rows:
             its = r["iterations_per_second"]
-            fm, jx = its.get("fastmaml"), its.get("jax")
-            table.append([r["workload"], r["dtype"], str(r["threads"]), f"{fm:.0f}",
-                          f"{jx:.0f}" if jx else "-", _fmt_ratio(fm / jx) if jx else "-",
-                          _fmt_load(r.get("foreign_load"))])
+            fit, hand, jx = its.get("fastmaml fit"), its.get("fastmaml hand loop"), its.get("jax")
+            table.append([r["workload"], r["dtype"], str(r["threads"]), f"{fit:.0f}", f"{hand:.0f}",
+                          f"{jx:.0f}" if jx else "-", _fmt_ratio(fit / jx) if jx else "-",
+                          _fmt_ratio(hand / jx) if jx else "-", _fmt_load(r.get("foreign_load"))])
+        _print_cols(head, table, out)
+
+
+def roofline_peak(peaks, peaks_child, dtype, nt):
+    """P: the matmul peak of this dtype and thread count (the larger with / without OPENBLAS_CORETYPE)."""
+    values = [v for v in (peaks.get((dtype, nt)), peaks_child.get((dtype, nt))) if v]
+    return max(values) if values else None
+
+
+def print_roofline(rows, peaks, peaks_child, bandwidth, out=sys.stdout):
+    """Per row: F/P, B/BW, fastmaml's time and its ratio to the issue's bound max(2.5 F/P, 2 B/BW)."""
+    head = ["workload", "dtype", "thr", "F MFLOP", "B MB", "P GFLOP/s", "BW GB/s", "F/P", "B/BW",
+            "fastmaml", "fm/(F/P)", "fm/(B/BW)", "bound", "fm/bound", "numpy/bound"]
+    table = []
+    for r in rows:
+        fm = r["times"]["fastmaml"]["median"]
+        peak = roofline_peak(peaks, peaks_child, r["dtype"], r["threads"])
+        bw = bandwidth.get((r["nbytes"], r["threads"]))
+        t_flop = r["flops"] / (peak * 1e9) if peak else None
+        t_byte = r["nbytes"] / (bw * 1e9) if bw else None
+        bound = max(2.5 * t_flop if t_flop else 0.0, 2.0 * t_byte if t_byte else 0.0) or None
+        np_t = r["times"]["numpy"]["median"] if "numpy" in r["times"] else None
+        table.append([
+            r["workload"], r["dtype"], str(r["threads"]), f"{r['flops'] / 1e6:.1f}", f"{r['nbytes'] / 1e6:.2f}",
+            f"{peak:.1f}" if peak else "-", f"{bw:.1f}" if bw else "-", _fmt_time(t_flop), _fmt_time(t_byte),
+            _fmt_time(fm), _fmt_ratio(fm / t_flop) if t_flop else "-", _fmt_ratio(fm / t_byte) if t_byte else "-",
+            _fmt_time(bound), f"{fm / bound:.2f}" if bound else "-",
+            f"{np_t / bound:.2f}" if (bound and np_t) else "-",
+        ])
+    if table:
         _print_cols(head, table, out)
 
 
@@ -395,6 +492,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
+    ap.add_argument("--numpy-loop", action="store_true",
+                    help="also time tests/reference.py's per-task loop (the correctness oracle, "
+                         "slow; not a speed peer)")
     ap.add_argument("--retries", type=int, default=None, metavar="N",
                     help=f"re-measure rows taken while other processes used > {NOISY} CPUs, up to N times "
                          "(default 2, 0 with --quick)")
@@ -423,8 +523,13 @@ def main(argv=None) -> int:
     cfg = machine_config()
     print("== configuration measured ==")
     print_config(cfg)
-    print(f"peers installed: {', '.join(peers.PEERS)}  (missing: "
-          f"{', '.join(p for p in IMPLS[1:] if p not in peers.PEERS) or 'none'})")
+    peer_set = dict(peers.PEERS)
+    if args.numpy_loop:
+        peer_set.update(peers.OPTIONAL_PEERS)
+    print(f"peers timed: {', '.join(peer_set)}  (missing: "
+          f"{', '.join(p for p in IMPLS[1:4] if p not in peers.PEERS) or 'none'})")
+    print("numpy = numpy_batched.py, vectorised across tasks (frozen; checked against tests/reference.py)"
+          + ("; numpy loop = tests/reference.py, the per-task correctness oracle" if args.numpy_loop else ""))
 
     reps = 3 if args.quick else 7
 
@@ -443,8 +548,21 @@ def main(argv=None) -> int:
                     if child is not None:
                         peaks_child[key] = max(peaks_child.get(key, 0.0), child)
 
+    # Streaming-read bandwidth over a buffer of each W workload's task-data size,
+    # also the best of the start and the end of the run.
+    bandwidth: dict = {}
+    sizes = sorted({peers.make_workload(name, dtype, T=1).nbytes * peers.WORKLOADS[name]["T"]
+                    for name in workloads if name != "E1" for dtype in dtypes})
+
+    def measure_bandwidth():
+        wait_for_quiet(log, max_wait=quiet_wait)
+        for nbytes in sizes:
+            for nt in threads:
+                bandwidth[(nbytes, nt)] = max(bandwidth.get((nbytes, nt), 0.0), read_bandwidth(nbytes, nt, reps))
+
     measure_peaks()
-    runner = Runner(budget, log, quiet_wait)
+    measure_bandwidth()
+    runner = Runner(budget, log, quiet_wait, peer_set)
     units = [(name, dtype, nt) for name in workloads for dtype in dtypes for nt in threads]
     results: dict = {}
     skipped: set = set()
@@ -472,6 +590,7 @@ def main(argv=None) -> int:
 
     if rows:
         measure_peaks()
+        measure_bandwidth()
     print(f"\n== numpy matmul peak ({GEMM_N}x{GEMM_N} a @ b, best of {reps} at the start and at the end, GFLOP/s) ==")
     for (dtype, nt), gf in peaks.items():
         extra = ""
@@ -481,13 +600,25 @@ def main(argv=None) -> int:
         print(f"  {dtype} {nt} thread(s): {gf:.1f}{extra}")
     if peers.threadpoolctl is None:
         print("  NOTE: threadpoolctl is not installed; BLAS thread count was not limited")
+    if bandwidth:
+        print(f"\n== streaming-read bandwidth (buffer of a workload's task data; best of {reps} runs of "
+              f"{len(_READ_KERNELS)} read kernels ({', '.join(_READ_KERNELS)}), at the start and at the end, GB/s) ==")
+        for (nbytes, nt), gbs in sorted(bandwidth.items()):
+            print(f"  {nbytes / 1e6:8.2f} MB {nt} thread(s): {gbs:.1f}")
 
     print("\n== exact second-order meta-gradient, median time per call; peer:fm = peer time / fastmaml time ==")
     print("flop model F = T (d+1) (8 K n + 4 m); GEMM peak = numpy a @ b with the same BLAS thread count;")
     print("% peak above 100 means fastmaml does fewer flops than the model counts (the support-side")
-    print("recursion in the span of the support rows, DESIGN.md section 3: O(K n^2) per task for deep K);")
+    print("recursion in the span of the support rows, docs/design.md section 3: O(K n^2) per task for deep K);")
     print(f"bg = CPUs kept busy by other processes during the row (> {NOISY}: noisy, read with care)\n")
     print_table(rows, e1_rows, peaks)
+    if rows:
+        print("\n== roofline: F/P = time at the matmul peak P, B/BW = time to read the task data once at BW; "
+              "bound = max(2.5 F/P, 2 B/BW), the issue's W1 target is fastmaml/bound <= 1 ==")
+        print("F by the flop model above; B = bytes of the task arrays as passed (features and labels); "
+              "P = matmul peak (same dtype and threads; the larger with/without OPENBLAS_CORETYPE);")
+        print("BW = streaming-read bandwidth with the same threads over a buffer of B bytes\n")
+        print_roofline(rows, peaks, peaks_child, bandwidth)
     cfg["loadavg_end"] = _loadavg()
     elapsed = time.perf_counter() - t_start
     print(f"\nload average at start {cfg['loadavg_start']}, at end {cfg['loadavg_end']}; run took {elapsed:.0f} s")
@@ -497,6 +628,7 @@ def main(argv=None) -> int:
             json.dump(dict(config=cfg, budget=budget,
                            gemm_peak_gflops={f"{d} {t}": v for (d, t), v in peaks.items()},
                            gemm_peak_gflops_without_coretype={f"{d} {t}": v for (d, t), v in peaks_child.items()},
+                           read_bandwidth_gbs={f"{b} bytes {t}": v for (b, t), v in bandwidth.items()},
                            workloads=rows, e1=e1_rows, elapsed_seconds=elapsed),
                       f, indent=2, default=str)
         print(f"wrote {args.json}")

@@ -1,4 +1,4 @@
-"""fastmaml vs NumPy, JAX and torch.func on the workloads of the performance issue.
+"""fastmaml vs batched NumPy, JAX and torch.func on the workloads of the performance issue.
 
 Each pytest-benchmark group ("W1 float32 2 threads", ..., "E1 float64 1 thread")
 holds fastmaml and every installed peer on the same input, so they sit side by
@@ -11,9 +11,13 @@ side. Run for real with::
 
 Workloads W1-W4 time one exact second-order meta-gradient (``peers.WORKLOADS``);
 a peer's gradient is checked against fastmaml's (float64: relative error
-<= 1e-8, float32: <= 2e-3) before it is timed. E1 times episodic
-meta-training on MNIST digit pairs, sampling included: one round is
-``E1_ITERATIONS`` meta-iterations (sample 32 episodes, meta-gradient, Adam).
+<= 1e-8, float32: <= 2e-3) before it is timed. The NumPy peer is
+``numpy_batched.py``, vectorised across tasks (the per-task loop of
+tests/reference.py is a correctness oracle, not a speed peer; it is not timed
+here). E1 times episodic meta-training on MNIST digit pairs, sampling
+included: one round is ``E1_ITERATIONS`` meta-iterations (sample 32 episodes,
+meta-gradient, Adam), through ``MAML.fit`` (a fresh fit per round), a
+hand-written fastmaml loop, and the JAX loop.
 
 The test command runs benchmarks/ with --benchmark-disable: each test then
 runs its function once as a smoke test, on shapes shrunk along T
@@ -111,15 +115,15 @@ def test_fastmaml(benchmark, name, dtype, n_threads):
     with peers.limit_threads(n_threads):
         loss, grad = benchmark(fn)
     assert np.isfinite(loss) and grad.shape == w.theta.shape
-    # deterministic whatever the thread count (DESIGN.md section 1)
+    # deterministic whatever the thread count (docs/design.md section 1)
     np.testing.assert_array_equal(grad, _fastmaml_grad(w, smoke))
 
 
 @pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(peers.WORKLOADS))
-def test_numpy_reference(benchmark, name, dtype, n_threads):
-    """tests/reference.py: a Python loop over tasks and steps (BLAS threads limited)."""
+def test_numpy_batched(benchmark, name, dtype, n_threads):
+    """numpy_batched.py: vectorised across tasks, in the features' dtype (BLAS threads limited)."""
     _bench_peer(benchmark, "numpy", name, dtype, n_threads)
 
 
@@ -157,8 +161,25 @@ def digits():
 
 @pytest.mark.parametrize("n_threads", THREADS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_e1_fastmaml(benchmark, digits, dtype, n_threads):
-    """EpisodeSampler + meta_value_and_grad + NumPy Adam; a round is E1_ITERATIONS meta-iterations."""
+def test_e1_fastmaml_fit(benchmark, digits, dtype, n_threads):
+    """MAML(...).fit(EpisodeSampler), the path users run; a round is one fit of E1_ITERATIONS meta-iterations."""
+    Xs, y = digits
+    benchmark.group = _group("E1", dtype, n_threads)
+    benchmark.extra_info["meta_iterations_per_round"] = E1_ITERATIONS
+    loop = peers.FitEpisodic(Xs[dtype], y, n_threads=n_threads)
+    iterations = 1 if benchmark.disabled else E1_ITERATIONS
+    with peers.limit_threads(n_threads):
+        if not benchmark.disabled:
+            loop.run(3)
+        loss = benchmark(loop.run, iterations)
+    assert np.isfinite(loss)
+    assert loop.model.n_iter_ == iterations and len(loop.model.history_) == iterations
+
+
+@pytest.mark.parametrize("n_threads", THREADS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_e1_fastmaml_hand_loop(benchmark, digits, dtype, n_threads):
+    """EpisodeSampler + meta_value_and_grad + NumPy Adam by hand; a round is E1_ITERATIONS meta-iterations."""
     Xs, y = digits
     benchmark.group = _group("E1", dtype, n_threads)
     benchmark.extra_info["meta_iterations_per_round"] = E1_ITERATIONS

@@ -1,20 +1,28 @@
-// The only file that knows pybind11. It checks dtypes, layouts, shapes,
-// index bounds and labels with the GIL held, releases the GIL, runs the core
-// and returns NumPy arrays. Arrays are taken as they are (no conversion): the
-// Python layer (fastmaml/_api.py) converts once, so a C-contiguous float32 or
-// float64 X reaches the core without a copy.
+// The only file that knows pybind11. The Python layer (fastmaml/functional.py)
+// validates every argument once, naming it, and converts once; this file
+// keeps only the checks that protect memory (dtypes, layouts, sizes, offsets,
+// index bounds and labels the core reads through), with the GIL held, then
+// releases the GIL, runs the core and returns NumPy arrays. Arrays are taken
+// as they are (no conversion), so a C-contiguous float32 or float64 X reaches
+// the core without a copy.
+//
+// The call path: one `Side` object per side of a meta-batch (X, idx, ptr, y),
+// the mode (`Mode`) and path (`Sweep`) as enums, the rest as named
+// arguments; `choose_sweep` exports the dispatcher's decision (meta.hpp).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 
-#include "fastmaml/batch.hpp"
-#include "fastmaml/gram.hpp"
 #include "fastmaml/imaml.hpp"
-#include "fastmaml/model.hpp"
+#include "fastmaml/kernels.hpp"
+#include "fastmaml/meta.hpp"
+#include "fastmaml/parallel.hpp"
 #include "fastmaml/sampling.hpp"
 #include "fastmaml/tasks.hpp"
 
@@ -129,24 +137,38 @@ void raise_status(const fastmaml::TaskStatus& st) {
   }
 }
 
-struct Sides {
+index_t feature_count(const py::array& X) {
+  if (X.ndim() < 2) value_error("X: expected at least 2 dimensions, got shape " + shape_str(X));
+  return X.shape(X.ndim() - 1);
+}
+
+// One side (support or query) of every task of a meta-batch, as the Python
+// layer hands it over: rows X, optional row indices idx (None: dense), task
+// offsets ptr (n_tasks + 1) and labels y. fastmaml.Tasks builds one per side.
+struct Side {
   py::array X;
   py::object idx;
   py::array ptr;
   py::array y;
-  py::object kernel = py::none();
 };
 
+index_t n_tasks_of(const Side& s) {
+  if (s.ptr.ndim() != 1 || s.ptr.size() < 1) value_error("ptr: expected shape (n_tasks + 1,), got " + shape_str(s.ptr));
+  return s.ptr.size() - 1;
+}
+
 template <class T>
-fastmaml::TaskSet<T> make_taskset(index_t n_tasks, index_t d, index_t C, const Sides& s, const Sides* q) {
+fastmaml::TaskSet<T> make_taskset(index_t C, const Side& s, const Side* q, const py::object& kernel) {
+  const index_t n_tasks = n_tasks_of(s);
+  const index_t d = feature_count(s.X);
   if (n_tasks < 1) value_error("tasks: expected at least one task, got 0");
   fastmaml::TaskSet<T> ts;
   ts.n_tasks = n_tasks;
   ts.d = d;
   ts.support = make_side<T>(s.X, s.idx, s.ptr, s.y, n_tasks, d, "support");
   check_labels(ts.support, s.y.size(), C, "support");
-  if (!s.kernel.is_none()) {
-    py::array k = s.kernel.cast<py::array>();
+  if (!kernel.is_none()) {
+    py::array k = kernel.cast<py::array>();
     const index_t rows = d > 0 ? s.X.size() / d : 0;
     if (k.ndim() != 2 || k.shape(0) != rows || k.shape(1) != rows)
       value_error("kernel: expected shape (" + std::to_string(rows) + ", " + std::to_string(rows) +
@@ -155,18 +177,14 @@ fastmaml::TaskSet<T> make_taskset(index_t n_tasks, index_t d, index_t C, const S
     ts.kernel_rows = rows;
   }
   if (q) {
-    if (q->ptr.size() - 1 != n_tasks)
+    if (feature_count(q->X) != d) value_error("query_X: feature count differs from support_X");
+    if (n_tasks_of(*q) != n_tasks)
       value_error("query: expected " + std::to_string(n_tasks) + " tasks like the support sets, got " +
-                  std::to_string(q->ptr.size() - 1));
+                  std::to_string(n_tasks_of(*q)));
     ts.query = make_side<T>(q->X, q->idx, q->ptr, q->y, n_tasks, d, "query");
     check_labels(ts.query, q->y.size(), C, "query");
   }
   return ts;
-}
-
-index_t feature_count(const py::array& X) {
-  if (X.ndim() < 2) value_error("X: expected at least 2 dimensions, got shape " + shape_str(X));
-  return X.shape(X.ndim() - 1);
 }
 
 template <class T>
@@ -202,37 +220,36 @@ auto with_link(index_t C, F&& body) {
   return body(link);
 }
 
+fastmaml::LrLayout lr_layout_of(const std::tuple<index_t, index_t, index_t>& t) {
+  return fastmaml::LrLayout{std::get<0>(t), std::get<1>(t), std::get<2>(t)};
+}
+
 template <class T>
-py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale,
-                    py::object U, index_t K, double l2, int mode, int n_threads, index_t C, const Sides& s,
-                    const Sides& q, int sweep, bool want_blocks) {
-  const index_t d = feature_count(s.X), D = d + 1, P = D * C;
-  if (feature_count(q.X) != d) value_error("query_X: feature count differs from support_X");
-  const index_t n_tasks = s.ptr.size() - 1;
+py::tuple meta_impl(const py::array& theta, const Side& s, const Side& q, index_t C, index_t K, double l2,
+                    fastmaml::Mode mode, fastmaml::Sweep sweep, int n_threads, const py::object& alpha,
+                    fastmaml::LrLayout lr, const py::object& log_scale, const py::object& U,
+                    const py::object& kernel, bool want_blocks) {
+  auto ts = make_taskset<T>(C, s, &q, kernel);
+  const index_t d = ts.d, D = d + 1, P = D * C, n_tasks = ts.n_tasks;
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
   auto pre = make_precond<T>(log_scale, U, D);
   const T* al = step_table<T>(alpha, pre, K, P);
-  if (al && !((ks == 1 || ks == K) && (pr == 1 || pr == D) && (pc == 1 || pc == C))) value_error("inner_lr: bad layout");
-  auto ts = make_taskset<T>(n_tasks, d, C, s, &q);
-  fastmaml::LrLayout lr{ks, pr, pc};
+  if (al && !((lr.ks == 1 || lr.ks == K) && (lr.pr == 1 || lr.pr == D) && (lr.pc == 1 || lr.pc == C)))
+    value_error("lr_layout: each extent must be 1 or the full (inner_steps, n_features + 1, n_classes) size");
   const index_t H = pre.active() ? D * (1 + pre.rank) : lr.size();
-  if (sweep == 2 && !fastmaml::gram_applies(pre.active(), lr, static_cast<fastmaml::Mode>(mode), K))
-    value_error("sweep: 'gram' needs one step size per step (scalar or per-step inner_lr), no preconditioner, "
-                "MAML or first-order MAML, and inner_steps >= 1");
   py::array_t<T> grad(P);
   py::array_t<T> hyper(H);
   const index_t n_blocks = (n_tasks + fastmaml::kReduceBlock - 1) / fastmaml::kReduceBlock;
-  const index_t slot_len = fastmaml::meta_slot_len(P, H, static_cast<fastmaml::Mode>(mode));
+  const index_t slot_len = fastmaml::meta_slot_len(P, H, mode);
   py::array_t<double> blocks = want_blocks ? py::array_t<double>({n_blocks, slot_len}) : py::array_t<double>(0);
   double loss = 0.0, grad_l2 = 0.0;
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
     st = with_link<T>(C, [&](auto link) {
-      return fastmaml::meta_value_and_grad<T>(ts, link, th, al, pre, K, lr, l2, static_cast<fastmaml::Mode>(mode),
-                                              n_threads, &loss, grad.mutable_data(), hyper.mutable_data(),
-                                              &grad_l2, static_cast<fastmaml::Sweep>(sweep),
+      return fastmaml::meta_value_and_grad<T>(ts, link, th, al, pre, K, lr, l2, mode, n_threads, &loss,
+                                              grad.mutable_data(), hyper.mutable_data(), &grad_l2, sweep,
                                               want_blocks ? blocks.mutable_data() : nullptr);
     });
   }
@@ -242,21 +259,20 @@ py::tuple meta_impl(py::array theta, py::object alpha, index_t ks, index_t pr, i
 }
 
 template <class T>
-py::array adapt_impl(py::array theta, bool per_task, py::object alpha, py::object log_scale, py::object U,
-                     index_t K, double l2, bool keep_path, int n_threads, index_t C, const Sides& s) {
-  const index_t d = feature_count(s.X), D = d + 1, P = D * C;
-  const index_t n_tasks = s.ptr.size() - 1;
+py::array adapt_impl(const py::array& theta, const Side& s, index_t C, index_t K, double l2, bool keep_path,
+                     int n_threads, const py::object& alpha, const py::object& log_scale, const py::object& U) {
+  auto ts = make_taskset<T>(C, s, nullptr, py::none());
+  const index_t D = ts.d + 1, P = D * C, n_tasks = ts.n_tasks;
   const T* th = checked<T>(theta, "theta");
-  if (theta.size() != (per_task ? n_tasks * P : P)) value_error("theta: wrong number of values");
+  if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
   auto pre = make_precond<T>(log_scale, U, D);
   const T* al = step_table<T>(alpha, pre, K, P);
-  auto ts = make_taskset<T>(n_tasks, d, C, s, nullptr);
   py::array_t<T> out = keep_path ? py::array_t<T>({n_tasks, K + 1, P}) : py::array_t<T>({n_tasks, P});
   fastmaml::TaskStatus st;
   {
     py::gil_scoped_release release;
     st = with_link<T>(C, [&](auto link) {
-      return fastmaml::adapt<T>(ts, link, th, per_task, al, pre, K, l2, keep_path, n_threads, out.mutable_data());
+      return fastmaml::adapt<T>(ts, link, th, false, al, pre, K, l2, keep_path, n_threads, out.mutable_data());
     });
   }
   raise_status(st);
@@ -264,9 +280,10 @@ py::array adapt_impl(py::array theta, bool per_task, py::object alpha, py::objec
 }
 
 template <class T>
-py::tuple loss_grad_hvp_impl(py::array params, py::object v, double l2, int n_threads, index_t C, const Sides& s) {
-  const index_t d = feature_count(s.X), P = (d + 1) * C;
-  const index_t n_tasks = s.ptr.size() - 1;
+py::tuple loss_grad_hvp_impl(const py::array& params, const Side& s, index_t C, double l2, int n_threads,
+                             const py::object& v) {
+  auto ts = make_taskset<T>(C, s, nullptr, py::none());
+  const index_t P = (ts.d + 1) * C, n_tasks = ts.n_tasks;
   const T* p = checked<T>(params, "params");
   if (params.size() != n_tasks * P) value_error("params: expected one parameter vector per task");
   const T* vp = nullptr;
@@ -275,7 +292,6 @@ py::tuple loss_grad_hvp_impl(py::array params, py::object v, double l2, int n_th
     vp = checked<T>(va, "v");
     if (va.size() != n_tasks * P) value_error("v: expected one vector per task");
   }
-  auto ts = make_taskset<T>(n_tasks, d, C, s, nullptr);
   py::array_t<T> loss(n_tasks);
   py::array_t<T> out({n_tasks, P});
   fastmaml::TaskStatus st;
@@ -290,19 +306,16 @@ py::tuple loss_grad_hvp_impl(py::array params, py::object v, double l2, int n_th
 }
 
 template <class T>
-py::tuple imaml_impl(py::array theta, double mu, double l2, double tol, index_t max_iter, double cg_tol,
-                     index_t cg_max_iter, int n_threads, index_t C, const Sides& s, const Sides& q) {
-  const index_t d = feature_count(s.X), P = (d + 1) * C;
-  if (feature_count(q.X) != d) value_error("query_X: feature count differs from support_X");
-  const index_t n_tasks = s.ptr.size() - 1;
+py::tuple imaml_impl(const py::array& theta, const Side& s, const Side& q, index_t C,
+                     const fastmaml::ImamlSettings& cfg, int n_threads) {
+  auto ts = make_taskset<T>(C, s, &q, py::none());
+  const index_t P = (ts.d + 1) * C, n_tasks = ts.n_tasks;
   const T* th = checked<T>(theta, "theta");
   if (theta.size() != P) value_error("theta: expected " + std::to_string(P) + " values");
-  auto ts = make_taskset<T>(n_tasks, d, C, s, &q);
   py::array_t<T> grad(P);
   py::array_t<double> inner_res(n_tasks), cg_res(n_tasks);
   py::array_t<std::int32_t> inner_it(n_tasks), cg_it(n_tasks);
   py::array_t<std::uint8_t> inner_ok(n_tasks), cg_ok(n_tasks);
-  fastmaml::ImamlSettings cfg{mu, l2, tol, max_iter, cg_tol, cg_max_iter};
   fastmaml::ImamlReport rep{inner_res.mutable_data(), inner_it.mutable_data(), inner_ok.mutable_data(),
                             cg_res.mutable_data(),    cg_it.mutable_data(),    cg_ok.mutable_data()};
   double loss = 0.0;
@@ -329,62 +342,114 @@ bool is_f32(const py::array& X) { return py::isinstance<py::array_t<float>>(X); 
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
+  using fastmaml::Mode;
+  using fastmaml::Sweep;
+  using Layout = std::tuple<index_t, index_t, index_t>;
   m.doc() = "fastmaml compiled core (private; use the fastmaml package)";
   py::register_exception<DivergenceError>(m, "DivergenceError", PyExc_FloatingPointError);
 
+  // Plain `type` as metaclass: the classes behave like ordinary Python
+  // classes (and their .pyi stub says so, checked by mypy.stubtest).
+  const auto plain_type = py::metaclass(reinterpret_cast<PyObject*>(&PyType_Type));
+  py::enum_<Mode>(m, "Mode", plain_type, "What the reverse sweep computes: exact MAML, first-order MAML or Reptile.")
+      .value("maml", Mode::maml)
+      .value("first_order", Mode::first_order)
+      .value("reptile", Mode::reptile);
+  py::enum_<Sweep>(m, "Sweep", plain_type, "Which exact path computes a meta-gradient (auto: the cost model decides).")
+      .value("auto", Sweep::automatic)
+      .value("plain", Sweep::plain)
+      .value("gram", Sweep::gram);
+
+  py::class_<Side>(m, "Side", plain_type, "One side (support or query) of a meta-batch: rows, indices, offsets, labels.")
+      .def(py::init<py::array, py::object, py::array, py::array>(), py::arg("X"), py::arg("idx"), py::arg("ptr"),
+           py::arg("y"))
+      .def_readonly("X", &Side::X)
+      .def_readonly("idx", &Side::idx)
+      .def_readonly("ptr", &Side::ptr)
+      .def_readonly("y", &Side::y);
+
   m.def(
       "meta_value_and_grad",
-      [](py::array theta, py::object alpha, index_t ks, index_t pr, index_t pc, py::object log_scale, py::object U,
-         index_t K, double l2, int mode, int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr,
-         py::array sy, py::array qX, py::object qidx, py::array qptr, py::array qy, int sweep, bool blocks,
-         py::object kernel) {
-        Sides s{sX, sidx, sptr, sy, kernel}, q{qX, qidx, qptr, qy};
-        if (is_f32(sX))
-          return meta_impl<float>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep, blocks);
-        return meta_impl<double>(theta, alpha, ks, pr, pc, log_scale, U, K, l2, mode, n_threads, C, s, q, sweep, blocks);
+      [](py::array theta, const Side& support, const Side& query, index_t n_classes, index_t inner_steps, double l2,
+         Mode mode, Sweep sweep, int n_threads, py::object inner_lr, Layout lr_layout, py::object log_scale,
+         py::object U, py::object kernel, bool block_sums) {
+        const auto lr = lr_layout_of(lr_layout);
+        if (is_f32(support.X))
+          return meta_impl<float>(theta, support, query, n_classes, inner_steps, l2, mode, sweep, n_threads,
+                                  inner_lr, lr, log_scale, U, kernel, block_sums);
+        return meta_impl<double>(theta, support, query, n_classes, inner_steps, l2, mode, sweep, n_threads,
+                                 inner_lr, lr, log_scale, U, kernel, block_sums);
       },
-      py::arg("theta"), py::arg("inner_lr"), py::arg("lr_steps"), py::arg("lr_rows"), py::arg("lr_cols"),
-      py::arg("log_scale"), py::arg("U"), py::arg("inner_steps"), py::arg("l2"), py::arg("mode"),
-      py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"), py::arg("support_idx"),
-      py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"), py::arg("query_idx"), py::arg("query_ptr"),
-      py::arg("query_y"), py::arg("sweep") = 0, py::arg("block_sums") = false, py::arg("kernel") = py::none());
+      py::arg("theta"), py::arg("support"), py::arg("query"), py::kw_only(), py::arg("n_classes"),
+      py::arg("inner_steps"), py::arg("l2"), py::arg("mode"), py::arg("sweep"), py::arg("n_threads"),
+      py::arg("inner_lr") = py::none(), py::arg("lr_layout") = Layout{1, 1, 1}, py::arg("log_scale") = py::none(),
+      py::arg("U") = py::none(), py::arg("kernel") = py::none(), py::arg("block_sums") = false);
 
   m.def(
       "adapt",
-      [](py::array theta, bool per_task, py::object alpha, py::object log_scale, py::object U, index_t K, double l2,
-         bool keep_path, int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr, py::array sy) {
-        Sides s{sX, sidx, sptr, sy};
-        if (is_f32(sX)) return adapt_impl<float>(theta, per_task, alpha, log_scale, U, K, l2, keep_path, n_threads, C, s);
-        return adapt_impl<double>(theta, per_task, alpha, log_scale, U, K, l2, keep_path, n_threads, C, s);
+      [](py::array theta, const Side& support, index_t n_classes, index_t inner_steps, double l2, bool keep_path,
+         int n_threads, py::object inner_lr, py::object log_scale, py::object U) {
+        if (is_f32(support.X))
+          return adapt_impl<float>(theta, support, n_classes, inner_steps, l2, keep_path, n_threads, inner_lr,
+                                   log_scale, U);
+        return adapt_impl<double>(theta, support, n_classes, inner_steps, l2, keep_path, n_threads, inner_lr,
+                                  log_scale, U);
       },
-      py::arg("theta"), py::arg("per_task_theta"), py::arg("inner_lr"), py::arg("log_scale"), py::arg("U"),
-      py::arg("inner_steps"), py::arg("l2"), py::arg("keep_path"), py::arg("n_threads"), py::arg("n_classes"),
-      py::arg("X"), py::arg("idx"), py::arg("ptr"), py::arg("y"));
+      py::arg("theta"), py::arg("support"), py::kw_only(), py::arg("n_classes"), py::arg("inner_steps"),
+      py::arg("l2"), py::arg("keep_path"), py::arg("n_threads"), py::arg("inner_lr") = py::none(),
+      py::arg("log_scale") = py::none(), py::arg("U") = py::none());
 
   m.def(
       "loss_grad_hvp",
-      [](py::array params, py::object v, double l2, int n_threads, index_t C, py::array sX, py::object sidx,
-         py::array sptr, py::array sy) {
-        Sides s{sX, sidx, sptr, sy};
-        if (is_f32(sX)) return loss_grad_hvp_impl<float>(params, v, l2, n_threads, C, s);
-        return loss_grad_hvp_impl<double>(params, v, l2, n_threads, C, s);
+      [](py::array params, const Side& support, index_t n_classes, double l2, int n_threads, py::object v) {
+        if (is_f32(support.X)) return loss_grad_hvp_impl<float>(params, support, n_classes, l2, n_threads, v);
+        return loss_grad_hvp_impl<double>(params, support, n_classes, l2, n_threads, v);
       },
-      py::arg("params"), py::arg("v"), py::arg("l2"), py::arg("n_threads"), py::arg("n_classes"), py::arg("X"),
-      py::arg("idx"), py::arg("ptr"), py::arg("y"));
+      py::arg("params"), py::arg("support"), py::kw_only(), py::arg("n_classes"), py::arg("l2"),
+      py::arg("n_threads"), py::arg("v") = py::none());
 
   m.def(
       "imaml_value_and_grad",
-      [](py::array theta, double mu, double l2, double tol, index_t max_iter, double cg_tol, index_t cg_max_iter,
-         int n_threads, index_t C, py::array sX, py::object sidx, py::array sptr, py::array sy, py::array qX,
-         py::object qidx, py::array qptr, py::array qy) {
-        Sides s{sX, sidx, sptr, sy}, q{qX, qidx, qptr, qy};
-        if (is_f32(sX)) return imaml_impl<float>(theta, mu, l2, tol, max_iter, cg_tol, cg_max_iter, n_threads, C, s, q);
-        return imaml_impl<double>(theta, mu, l2, tol, max_iter, cg_tol, cg_max_iter, n_threads, C, s, q);
+      [](py::array theta, const Side& support, const Side& query, index_t n_classes, double mu, double l2,
+         double tol, index_t max_iter, double cg_tol, index_t cg_max_iter, int n_threads) {
+        const fastmaml::ImamlSettings cfg{mu, l2, tol, max_iter, cg_tol, cg_max_iter};
+        if (is_f32(support.X)) return imaml_impl<float>(theta, support, query, n_classes, cfg, n_threads);
+        return imaml_impl<double>(theta, support, query, n_classes, cfg, n_threads);
       },
-      py::arg("theta"), py::arg("mu"), py::arg("l2"), py::arg("tol"), py::arg("max_iter"), py::arg("cg_tol"),
-      py::arg("cg_max_iter"), py::arg("n_threads"), py::arg("n_classes"), py::arg("support_X"),
-      py::arg("support_idx"), py::arg("support_ptr"), py::arg("support_y"), py::arg("query_X"),
-      py::arg("query_idx"), py::arg("query_ptr"), py::arg("query_y"));
+      py::arg("theta"), py::arg("support"), py::arg("query"), py::kw_only(), py::arg("n_classes"), py::arg("mu"),
+      py::arg("l2"), py::arg("tol"), py::arg("max_iter"), py::arg("cg_tol"), py::arg("cg_max_iter"),
+      py::arg("n_threads"));
+
+  m.def(
+      "choose_sweep",
+      [](index_t support_rows, index_t n_tasks, index_t n_features, index_t n_classes, index_t inner_steps,
+         Layout lr_layout, bool preconditioned, Mode mode, bool kernel, Sweep requested) {
+        if (n_tasks < 1) value_error("n_tasks: expected at least 1, got " + std::to_string(n_tasks));
+        fastmaml::CallShape shape;
+        shape.support_rows_per_task = static_cast<double>(support_rows) / static_cast<double>(n_tasks);
+        shape.d = n_features;
+        shape.C = n_classes;
+        shape.K = inner_steps;
+        shape.kernel = kernel;
+        shape.preconditioned = preconditioned;
+        shape.lr = lr_layout_of(lr_layout);
+        shape.mode = mode;
+        return fastmaml::choose_sweep(shape, requested);
+      },
+      py::arg("support_rows"), py::arg("n_tasks"), py::arg("n_features"), py::arg("n_classes"),
+      py::arg("inner_steps"), py::kw_only(), py::arg("lr_layout") = Layout{1, 1, 1},
+      py::arg("preconditioned") = false, py::arg("mode") = Mode::maml, py::arg("kernel") = false,
+      py::arg("requested") = Sweep::automatic,
+      "The path (Sweep.plain or Sweep.gram) the core takes for a call of these shapes: the same rule as the "
+      "dispatcher. A requested gram that does not apply gives plain.");
+
+  m.def(
+      "uses_gram",
+      [](index_t n, index_t d, index_t C, index_t K, bool kernel) {
+        return fastmaml::gram_is_cheaper(n, d, C, K, kernel);
+      },
+      py::arg("n"), py::arg("d"), py::arg("n_classes"), py::arg("inner_steps"), py::arg("kernel") = false,
+      "The cost model alone (no applicability check): whether the Gram sweep is cheaper for n support rows.");
 
   m.def(
       "sample_without_replacement",
@@ -406,6 +471,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("openmp_enabled", &fastmaml::built_with_openmp);
   m.def("multiversioned", []() { return FASTMAML_MULTIVERSIONED == 1; });
+  m.def("portable_fallbacks", []() { return FASTMAML_PORTABLE_FALLBACKS == 1; });
   m.def("simd_level", []() -> std::string {
 #if FASTMAML_MULTIVERSIONED
     __builtin_cpu_init();
@@ -434,12 +500,6 @@ PYBIND11_MODULE(_core, m) {
 #else
       "unknown";
 #endif
-  m.def(
-      "uses_gram",
-      [](index_t n, index_t d, index_t C, index_t K, bool kernel) {
-        return fastmaml::gram_cost(n, d, C, K, kernel) < fastmaml::plain_cost(n, d, C, K);
-      },
-      py::arg("n"), py::arg("d"), py::arg("n_classes"), py::arg("inner_steps"), py::arg("kernel") = false);
   m.def("max_threads", []() { return fastmaml::resolve_threads(0); });
   m.attr("reduce_block") = fastmaml::kReduceBlock;
 #ifdef FASTMAML_VERSION

@@ -13,7 +13,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from ._api import (
+from .functional import (
     REDUCE_BLOCK,
     BlockSums,
     combine_block_sums,
@@ -37,7 +37,9 @@ from ._api import (
 from ._config import show_config
 from ._tasks import Tasks
 from .estimator import MAML, LogisticModel, StepSizeWarning
-from .samplers import EpisodeSampler, GroupedSampler, make_grouped_tasks, split_groups, split_rows
+from .datasets import make_grouped_tasks
+from .samplers import EpisodeSampler, GroupedSampler
+from .splits import split_groups, split_rows
 
 try:
     __version__ = _version("fastmaml")

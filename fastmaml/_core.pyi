@@ -1,6 +1,6 @@
 """Type stub of the compiled core (checked against the extension by mypy.stubtest in CI)."""
 
-from typing import Any, Tuple
+from typing import Any, ClassVar, Dict, Tuple
 
 import numpy as np
 
@@ -11,60 +11,101 @@ reduce_block: int
 
 class DivergenceError(FloatingPointError): ...
 
+class Mode:
+    """What the reverse sweep computes: exact MAML, first-order MAML or Reptile."""
+
+    __members__: ClassVar[Dict[str, Mode]]
+    maml: ClassVar[Mode]
+    first_order: ClassVar[Mode]
+    reptile: ClassVar[Mode]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __ne__(self, other: object) -> bool: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class Sweep:
+    """Which exact path computes a meta-gradient (auto: the cost model decides)."""
+
+    __members__: ClassVar[Dict[str, Sweep]]
+    auto: ClassVar[Sweep]
+    plain: ClassVar[Sweep]
+    gram: ClassVar[Sweep]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __ne__(self, other: object) -> bool: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+class Side:
+    """One side (support or query) of a meta-batch: rows, indices, offsets, labels."""
+
+    def __init__(self, X: np.ndarray, idx: object, ptr: np.ndarray, y: np.ndarray) -> None: ...
+    @property
+    def X(self) -> np.ndarray: ...
+    @property
+    def idx(self) -> Any: ...
+    @property
+    def ptr(self) -> np.ndarray: ...
+    @property
+    def y(self) -> np.ndarray: ...
+
 def meta_value_and_grad(
     theta: np.ndarray,
-    inner_lr: object,
-    lr_steps: int,
-    lr_rows: int,
-    lr_cols: int,
-    log_scale: object,
-    U: object,
+    support: Side,
+    query: Side,
+    *,
+    n_classes: int,
     inner_steps: int,
     l2: float,
-    mode: int,
+    mode: Mode,
+    sweep: Sweep,
     n_threads: int,
-    n_classes: int,
-    support_X: np.ndarray,
-    support_idx: object,
-    support_ptr: np.ndarray,
-    support_y: np.ndarray,
-    query_X: np.ndarray,
-    query_idx: object,
-    query_ptr: np.ndarray,
-    query_y: np.ndarray,
-    sweep: int = 0,
-    block_sums: bool = False,
+    inner_lr: object = None,
+    lr_layout: Tuple[int, int, int] = (1, 1, 1),
+    log_scale: object = None,
+    U: object = None,
     kernel: object = None,
+    block_sums: bool = False,
 ) -> Tuple[Any, ...]: ...
 def adapt(
     theta: np.ndarray,
-    per_task_theta: bool,
-    inner_lr: object,
-    log_scale: object,
-    U: object,
+    support: Side,
+    *,
+    n_classes: int,
     inner_steps: int,
     l2: float,
     keep_path: bool,
     n_threads: int,
-    n_classes: int,
-    X: np.ndarray,
-    idx: object,
-    ptr: np.ndarray,
-    y: np.ndarray,
+    inner_lr: object = None,
+    log_scale: object = None,
+    U: object = None,
 ) -> np.ndarray: ...
 def loss_grad_hvp(
     params: np.ndarray,
-    v: object,
+    support: Side,
+    *,
+    n_classes: int,
     l2: float,
     n_threads: int,
-    n_classes: int,
-    X: np.ndarray,
-    idx: object,
-    ptr: np.ndarray,
-    y: np.ndarray,
+    v: object = None,
 ) -> Tuple[np.ndarray, np.ndarray]: ...
 def imaml_value_and_grad(
     theta: np.ndarray,
+    support: Side,
+    query: Side,
+    *,
+    n_classes: int,
     mu: float,
     l2: float,
     tol: float,
@@ -72,19 +113,24 @@ def imaml_value_and_grad(
     cg_tol: float,
     cg_max_iter: int,
     n_threads: int,
-    n_classes: int,
-    support_X: np.ndarray,
-    support_idx: object,
-    support_ptr: np.ndarray,
-    support_y: np.ndarray,
-    query_X: np.ndarray,
-    query_idx: object,
-    query_ptr: np.ndarray,
-    query_y: np.ndarray,
 ) -> Tuple[float, np.ndarray, dict]: ...
+def choose_sweep(
+    support_rows: int,
+    n_tasks: int,
+    n_features: int,
+    n_classes: int,
+    inner_steps: int,
+    *,
+    lr_layout: Tuple[int, int, int] = (1, 1, 1),
+    preconditioned: bool = False,
+    mode: Mode = ...,
+    kernel: bool = False,
+    requested: Sweep = ...,
+) -> Sweep: ...
+def uses_gram(n: int, d: int, n_classes: int, inner_steps: int, kernel: bool = False) -> bool: ...
 def sample_without_replacement(bit_generator_capsule: object, counts: np.ndarray, m: int) -> np.ndarray: ...
 def openmp_enabled() -> bool: ...
 def max_threads() -> int: ...
 def multiversioned() -> bool: ...
+def portable_fallbacks() -> bool: ...
 def simd_level() -> str: ...
-def uses_gram(n: int, d: int, n_classes: int, inner_steps: int, kernel: bool = False) -> bool: ...

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _core
 from ._validation import as_feature_array, as_index, as_labels, shape_str
 
 __all__ = ["Tasks"]
@@ -20,8 +21,9 @@ class _Side:
         self.ptr = ptr
         self.y = y
 
-    def core_args(self):
-        return self.X, self.idx, self.ptr, self.y
+    def core(self) -> "_core.Side":
+        """This side as the compiled core takes it (no array is copied)."""
+        return _core.Side(self.X, self.idx, self.ptr, self.y)
 
     def sizes(self) -> np.ndarray:
         return np.diff(self.ptr)
@@ -118,7 +120,7 @@ class Tasks:
         check_finite : bool, default=True
             Check X for NaN/infinity. A sampler that checked X once passes False.
         kernel : ndarray of shape (n_samples, n_samples), optional
-            X X^T in X's dtype (see :func:`fastmaml.samplers.dataset_kernel`):
+            X X^T in X's dtype (see :func:`fastmaml.datasets.dataset_kernel`):
             the Gram path then gathers each episode's Gram matrix from it.
         """
         self = cls.__new__(cls)

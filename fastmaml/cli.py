@@ -155,7 +155,7 @@ def _support(value: float):
 
 
 def _cmd_demo(args) -> int:
-    from . import experiment
+    from . import demo, plots
 
     overrides = {"seed": args.seed, "data": args.data, "n_threads": args.threads,
                  "progress": not args.no_progress and sys.stderr.isatty()}
@@ -167,14 +167,14 @@ def _cmd_demo(args) -> int:
         overrides["test_episodes"] = args.test_episodes
     if args.inner_steps:
         overrides["inner_steps"] = args.inner_steps
-    make = experiment.DemoConfig.quick if args.quick else experiment.DemoConfig
+    make = demo.DemoConfig.quick if args.quick else demo.DemoConfig
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.family == "grouped":
-        results = experiment.run_grouped(make(**overrides), log=log)
-        print(experiment.format_table(results))
+        results = demo.run_grouped(make(**overrides), log=log)
+        print(demo.format_table(results))
     elif args.all_pairs:
-        results = experiment.run_all_pairs(make(**overrides), log=log)
-        print(experiment.format_all_pairs(results))
+        results = demo.run_all_pairs(make(**overrides), log=log)
+        print(demo.format_all_pairs(results))
     else:
         default_holdout = (2, 3, 5, 8, 9, 0, 1, 4, 6, 7)[: args.ways]
         holdout = args.holdout or default_holdout
@@ -184,24 +184,25 @@ def _cmd_demo(args) -> int:
             raise CLIError("--ways: expected at least 2")
         overrides["holdout"] = holdout
         overrides["n_way"] = args.ways
-        results = experiment.run_digit_pairs(make(**overrides), log=log)
-        print(experiment.format_table(results))
+        results = demo.run_digit_pairs(make(**overrides), log=log)
+        print(demo.format_table(results))
     if args.plot and not args.all_pairs:
         try:
-            experiment.plot_results(results, args.plot)
+            plots.plot_results(results, args.plot)
             print(f"plot written to {args.plot}")
         except ImportError as exc:
             print(f"no plot: {exc}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            fh.write(experiment.to_json(results))
+            fh.write(demo.to_json(results))
         print(f"results written to {args.json}")
     return 0
 
 
 def _cmd_train(args) -> int:
     from .estimator import MAML
-    from .samplers import GroupedSampler, split_groups
+    from .samplers import GroupedSampler
+    from .splits import split_groups
 
     X, y, groups = load_table(args.data, args.label_col, args.group_col)
     if not 0 < args.val_fraction < 1:
@@ -274,7 +275,7 @@ def _dask_source(args, sampler):
 
 
 def _cmd_evaluate(args) -> int:
-    from ._scoring import mean_ci
+    from .evaluation import paired_difference
     from .estimator import MAML
     from .samplers import GroupedSampler
 
@@ -292,16 +293,16 @@ def _cmd_evaluate(args) -> int:
         warnings.simplefilter("ignore")
         zero.fit(tasks)
     base = zero.evaluate(tasks)
-    diff = mean_ci(res["per_task_accuracy"] - base["per_task_accuracy"])
+    diff = paired_difference(res["per_task_accuracy"], base["per_task_accuracy"])
     print(f"{tasks.n_tasks} groups: meta-learned start {100 * res['accuracy']:.1f}% +/- {100 * res['accuracy_ci95']:.1f}; "
           f"zero start with the same steps {100 * base['accuracy']:.1f}% +/- {100 * base['accuracy_ci95']:.1f}; "
-          f"difference {100 * diff[0]:+.1f} +/- {100 * diff[1]:.1f} points")
+          f"difference {100 * diff['mean']:+.1f} +/- {100 * diff['ci95']:.1f} points")
     if args.json:
         import json
 
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"accuracy": res["accuracy"], "ci95": res["accuracy_ci95"], "loss": res["loss"],
-                       "zero_start_accuracy": base["accuracy"], "difference": diff[0], "difference_ci95": diff[1],
+                       "zero_start_accuracy": base["accuracy"], "difference": diff["mean"], "difference_ci95": diff["ci95"],
                        "n_groups": tasks.n_tasks}, fh, indent=1)
     return 0
 
@@ -309,7 +310,7 @@ def _cmd_evaluate(args) -> int:
 def main(argv=None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
-    from ._checkpoint import CheckpointError
+    from .checkpoint import CheckpointError
 
     try:
         if args.command == "demo":

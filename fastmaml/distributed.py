@@ -85,12 +85,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from ._api import (
+from .functional import (
     REDUCE_BLOCK,
     BlockSums,
     DivergenceError,
     MetaGradient,
+    choose_sweep,
     combine_block_sums,
     meta_block_sums,
 )
@@ -428,14 +428,15 @@ def _fold_unaligned(parts) -> MetaGradient:
     return combine_block_sums([one])
 
 
-def _sweep_for(n_rows: int, n_tasks: int, d: int, C: int, K: int, kernel: bool) -> str:
-    """The exact path the core's cost model picks for a whole batch with `n_rows` support rows in all.
+def _sweep_for(n_rows: int, n_tasks: int, d: int, C: int, K: int, kernel: bool, inner_lr, first_order: bool) -> str:
+    """The exact path the core takes for a whole batch with `n_rows` support rows in all.
 
-    ("gram" where the Gram sweep does not apply falls back to "plain" in the
-    core, exactly as "auto" does.)
+    The core's own decision (:func:`fastmaml.functional.choose_sweep`): its
+    cost model and its check that the Gram sweep applies (never for a
+    per-parameter inner_lr), so the forced sweep is one the core accepts.
     """
-    n = math.ceil(n_rows / n_tasks)  # as the core: ceil of the mean support size, in double
-    return "gram" if _core.uses_gram(n, d, C, K, kernel) else "plain"
+    return choose_sweep(n_rows, n_tasks, d, inner_steps=K, inner_lr=inner_lr, n_classes=C,
+                        first_order=first_order, kernel=kernel)
 
 
 class DaskTaskSource:
@@ -499,7 +500,7 @@ class DaskTaskSource:
     def __init__(self, client, shards, *, meta_batch_size=None, random_state=None, n_threads_per_worker=None,
                  max_retries: int = 5, timeout=None) -> None:
         distributed = _import_distributed()
-        from .samplers import _check_random_state
+        from ._random import check_random_state as _check_random_state
 
         for attr in ("submit", "scatter", "gather"):
             if not callable(getattr(client, attr, None)):
@@ -673,7 +674,7 @@ class DaskTaskSource:
         """JSON-serialisable state: the minibatch generator's (``{}`` in full-batch mode)."""
         if self._chunks is None:
             return {}
-        from .samplers import _get_rng_state
+        from ._random import get_rng_state as _get_rng_state
 
         return {"rng": _get_rng_state(self._rng)}
 
@@ -683,7 +684,7 @@ class DaskTaskSource:
             raise ValueError(f"state: expected a dict from get_state(), got {type(state).__name__}")
         if self._chunks is None or not state:
             return
-        from .samplers import _set_rng_state
+        from ._random import set_rng_state as _set_rng_state
 
         self._rng = _set_rng_state(self._rng, state["rng"])
 
@@ -704,7 +705,7 @@ class DaskTaskSource:
         self.last_batch_ = np.concatenate([self._offsets[s] + idx for s, idx in enumerate(sel)])
         return sel
 
-    def _sweeps(self, selections, K: int, theta_ndim: int, theta_cols: int) -> list:
+    def _sweeps(self, selections, K: int, theta_ndim: int, theta_cols: int, inner_lr, first_order: bool) -> list:
         """"auto" for every shard, unless ragged shards would make a shard's cost model differ from the batch's."""
         C = 1 if theta_ndim == 1 else theta_cols
         totals, counts = [], []
@@ -717,7 +718,8 @@ class DaskTaskSource:
         whole = math.ceil(batch_rows / batch_tasks)
         if all(math.ceil(totals[i] / counts[i]) == whole for i in used):
             return ["auto"] * len(selections)
-        return [_sweep_for(batch_rows, batch_tasks, self.n_features, C, K, self._kernel)] * len(selections)
+        return [_sweep_for(batch_rows, batch_tasks, self.n_features, C, K, self._kernel, inner_lr,
+                           first_order)] * len(selections)
 
     def _submit_iteration(self, todo, selections, sweeps, args):
         """Submit one shard computation per index in `todo`; returns {shard: future}."""
@@ -785,7 +787,8 @@ class DaskTaskSource:
         if isinstance(inner_lr, np.ndarray):
             inner_lr = inner_lr.copy()
         selections = self._draw()
-        sweeps = self._sweeps(selections, int(inner_steps), theta.ndim, theta.shape[-1] if theta.ndim > 1 else 1)
+        sweeps = self._sweeps(selections, int(inner_steps), theta.ndim, theta.shape[-1] if theta.ndim > 1 else 1,
+                              inner_lr, bool(first_order))
         args = (theta, inner_lr, inner_steps, l2, bool(first_order))
         todo = [i for i, sel in enumerate(selections) if sel is None or sel.size]
         results = {}

@@ -6,23 +6,27 @@ meta-iteration only samples, updates a handful of arrays and records history.
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import inspect
 import math
+import numbers
 import signal
 import sys
 import threading
+import textwrap
 import time
 import warnings
 from typing import Callable, Optional
 
 import numpy as np
 
-from . import _checkpoint
-from ._api import ConvergenceWarning, adapt_preconditioned, hessian_vector_product, imaml_value_and_grad
-from ._api import adapt as _adapt
-from ._api import meta_value_and_grad, precond_value_and_grad, reptile_grad
-from ._optim import SGD, Adam
-from ._scoring import mean_ci, query_scores
+from . import checkpoint as _checkpoint
+from .functional import ConvergenceWarning, adapt_preconditioned, hessian_vector_product, imaml_value_and_grad
+from .functional import adapt as _adapt
+from .functional import meta_value_and_grad, precond_value_and_grad, reptile_grad
+from .optim import SGD, Adam
+from ._links import sigmoid, softmax
+from .evaluation import mean_ci, query_scores
 from ._tasks import Tasks
 from ._validation import as_feature_array, check_float, check_int, check_threads
 
@@ -71,11 +75,9 @@ class LogisticModel:
         """Class probabilities, shape (n, n_classes), columns in the order of ``classes_``."""
         z = self.decision_function(X)
         if z.ndim == 1:
-            p1 = np.exp(-np.logaddexp(0.0, -z))
+            p1 = sigmoid(z)
             return np.column_stack([1.0 - p1, p1])
-        z = z - z.max(axis=1, keepdims=True)
-        ez = np.exp(z)
-        return ez / ez.sum(axis=1, keepdims=True)
+        return softmax(z)
 
     def predict(self, X) -> np.ndarray:
         z = self.decision_function(X)
@@ -88,7 +90,17 @@ class LogisticModel:
         return float(np.mean(self.predict(X) == np.asarray(y)))
 
     def to_sklearn(self):
-        """The same model as a fitted ``sklearn.linear_model.LogisticRegression``."""
+        """The same model as a fitted ``sklearn.linear_model.LogisticRegression``.
+
+        ``predict`` and ``decision_function`` agree exactly, and so do the
+        multinomial probabilities (both softmax). Binary probabilities agree to
+        the last bit or so: scikit-learn computes ``1 / (1 + exp(-z))``, this
+        model ``exp(-log(1 + exp(-z)))``.
+
+        Returns
+        -------
+        sklearn.linear_model.LogisticRegression
+        """
         try:
             from sklearn.linear_model import LogisticRegression
         except ImportError as exc:  # pragma: no cover
@@ -128,62 +140,152 @@ class _Interrupt:
         return False
 
 
+# --------------------------------------------------------------------------
+# the parameters of MAML: one table drives __init__, validation, the
+# docstring's Parameters section, get_params/set_params, __repr__ and the
+# configuration saved with a model
+# --------------------------------------------------------------------------
+
+
+def _one_of(options):
+    def check(value, name):
+        if value not in options:
+            raise ValueError(f"{name}: expected one of {options}, got {value!r}")
+    return check
+
+
+def _integer(minimum):
+    def check(value, name):
+        check_int(value, name, minimum=minimum)
+    return check
+
+
+def _real(minimum):
+    def check(value, name):
+        check_float(value, name, minimum=minimum)
+    return check
+
+
+def _finite_array(value, name):
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name}: expected a number or an array of numbers, got {value!r}") from None
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: contains NaN or infinity")
+
+
+def _threads(value, name):
+    check_threads(value)
+
+
+def _callables(value, name):
+    for cb in value:
+        if not callable(cb):
+            raise TypeError(f"{name}: expected callables, got {cb!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    name: str
+    default: object
+    kind: str  # the numpydoc type line after "name : "
+    doc: str
+    check: Optional[Callable] = None  # check(value, name) raises a ValueError/TypeError naming the parameter
+    saved: bool = True  # part of a saved model's configuration (else a run-time setting)
+
+
+_PARAMS = (
+    _Param("algorithm", "maml", '{"maml", "fomaml", "reptile", "imaml"}',
+           "Exact second-order MAML, first-order MAML, Reptile, or iMAML (implicit gradients of a proximal "
+           "inner problem with strength ``imaml_mu``; at adaptation time iMAML runs ``inner_steps`` gradient "
+           "steps of ``inner_lr``).", _one_of(ALGORITHMS)),
+    _Param("inner_steps", 5, "int", "Inner gradient steps K (>= 0).", _integer(0)),
+    _Param("inner_lr", 0.1, "float or array_like",
+           "Inner step size (initial value when learned). Broadcast as in :func:`fastmaml.meta_value_and_grad`. "
+           "Features scaled to [0, 1] (as the bundled datasets are) make 0.1-1 a sensible range.",
+           _finite_array),
+    _Param("learn_inner_lr", None,
+           '{None, "scalar", "per_step", "per_parameter", "per_step_parameter", "preconditioner"}',
+           "Which inner step sizes are meta-learned (in log space). None keeps ``inner_lr`` fixed; "
+           '"per_parameter" is Meta-SGD; "preconditioner" learns P = diag(exp(s)) + U U^T (U of rank '
+           "``precond_rank``) in place of the step size, starting from a scalar ``inner_lr``.", _one_of(LR_MODES)),
+    _Param("l2", 0.0, "float", "L2 strength of the inner (support) loss (>= 0).", _real(0.0)),
+    _Param("learn_l2", False, "bool", "Meta-learn l2 (in log space; needs l2 > 0 to start)."),
+    _Param("learn_init", True, "bool",
+           "Meta-learn the initialization theta (False keeps the zero start and learns only the "
+           "hyperparameters)."),
+    _Param("meta_lr", 1e-3, "float", "Step size of the meta-optimizer (>= 0).", _real(0.0)),
+    _Param("meta_optimizer", "adam", '{"adam", "sgd"}', "The meta-optimizer (:mod:`fastmaml.optim`).",
+           _one_of(("adam", "sgd"))),
+    _Param("lr_schedule", None, '{None, "cosine"}', "Decay of ``meta_lr`` over ``n_iterations``.",
+           _one_of((None, "cosine"))),
+    _Param("meta_batch_size", 32, "int",
+           "Tasks drawn from a sampler per iteration. A fixed :class:`fastmaml.Tasks` passed to :meth:`fit` "
+           "is used whole every iteration: ``meta_batch_size`` does not apply to it (slice it yourself, or "
+           "use a sampler, for minibatches).", _integer(1)),
+    _Param("n_iterations", 1000, "int", "Meta-iterations (outer steps).", _integer(0)),
+    _Param("validate_every", 50, "int", "Meta-validation period (iterations) when fit gets ``validation``.",
+           _integer(1)),
+    _Param("select", "final", '{"final", "best_accuracy", "best_loss"}',
+           "Keep the final parameters or the best on meta-validation (accuracy and log-loss can disagree, so "
+           "the criterion is explicit).", _one_of(SELECT)),
+    _Param("checkpoint_path", None, "str or None",
+           "Where to write checkpoints (atomically) every ``checkpoint_every`` iterations and when fit ends or "
+           "is interrupted.", saved=False),
+    _Param("checkpoint_every", 100, "int", "Checkpoint period (iterations).", _integer(1)),
+    _Param("imaml_mu", 1.0, "float", 'Proximal strength of iMAML (> 0; used by algorithm="imaml").'),
+    _Param("precond_rank", 4, "int", "Rank of U for the learned preconditioner.", _integer(1)),
+    _Param("n_threads", None, "int or None",
+           "Threads of the compiled core; None: OpenMP's default. Results do not depend on it.", _threads,
+           saved=False),
+    _Param("random_state", None, "int or None", "Seeds the random initial U of the learned preconditioner.",
+           saved=False),
+    _Param("progress", "auto", 'bool or "auto"',
+           'A tqdm progress bar (when tqdm is installed; "auto": only on a terminal).', saved=False),
+    _Param("callbacks", (), "sequence of callables",
+           "``callback(model, record)`` after every iteration; return True to stop.", _callables, saved=False),
+)
+_PARAM_NAMES = tuple(p.name for p in _PARAMS)
+
+
+def _params_doc() -> str:
+    """The numpydoc Parameters section of MAML, from the table."""
+    lines = ["Parameters", "----------"]
+    for p in _PARAMS:
+        lines.append(f"{p.name} : {p.kind}, default={p.default!r}")
+        lines.extend("    " + line for line in textwrap.wrap(p.doc, 88))
+    return "\n".join("    " + line if line else line for line in lines)
+
+
+def _same(value, default) -> bool:
+    """Whether a parameter value equals its default (arrays compare by value)."""
+    if isinstance(value, np.ndarray) or isinstance(default, np.ndarray):
+        return np.array_equal(value, default)
+    if type(value) is not type(default) and not (
+        isinstance(value, numbers.Real) and isinstance(default, numbers.Real)
+        and not isinstance(value, bool) and not isinstance(default, bool)
+    ):
+        return False
+    try:
+        return bool(value == default)
+    except (TypeError, ValueError):
+        return False
+
+
 class MAML:
     """Meta-learn a logistic-regression initialization and inner-loop hyperparameters.
 
-    Parameters
-    ----------
-    algorithm : {"maml", "fomaml", "reptile", "imaml"}, default="maml"
-        Exact second-order MAML, first-order MAML, Reptile, or iMAML (implicit
-        gradients of a proximal inner problem with strength ``imaml_mu``; at
-        adaptation time iMAML runs ``inner_steps`` gradient steps of ``inner_lr``).
-    inner_steps : int, default=5
-        Inner gradient steps K.
-    inner_lr : float or array_like, default=0.1
-        Inner step size (initial value when learned). Broadcast as in
-        :func:`fastmaml.meta_value_and_grad`. Features scaled to [0, 1]
-        (as the bundled datasets are) make 0.1-1 a sensible range.
-    learn_inner_lr : {None, "scalar", "per_step", "per_parameter", "per_step_parameter", "preconditioner"}
-        Which inner step sizes are meta-learned (in log space). None keeps
-        ``inner_lr`` fixed; "per_parameter" is Meta-SGD; "preconditioner"
-        learns P = diag(exp(s)) + U U^T (U of rank ``precond_rank``) in place
-        of the step size.
-    l2 : float, default=0.0
-        L2 strength of the inner (support) loss.
-    learn_l2 : bool, default=False
-        Meta-learn l2 (in log space; needs l2 > 0 to start).
-    learn_init : bool, default=True
-        Meta-learn the initialization theta (False keeps the zero start and
-        learns only the hyperparameters).
-    meta_lr : float, default=1e-3
-    meta_optimizer : {"adam", "sgd"}, default="adam"
-    lr_schedule : {None, "cosine"}
-    meta_batch_size : int, default=32
-    n_iterations : int, default=1000
-    validate_every : int, default=50
-        Meta-validation period (iterations) when fit gets ``validation``.
-    select : {"final", "best_accuracy", "best_loss"}, default="final"
-        Keep the final parameters or the best on meta-validation (accuracy and
-        log-loss can disagree, so the criterion is explicit).
-    checkpoint_path : str or None
-        Where to write checkpoints (atomically) every ``checkpoint_every``
-        iterations and when fit ends or is interrupted.
-    checkpoint_every : int, default=100
-    imaml_mu : float, default=1.0
-        Proximal strength of iMAML.
-    precond_rank : int, default=4
-        Rank of U for the learned preconditioner.
-    n_threads : int or None
-    random_state : int or None
-        Seeds the random initial U of the learned preconditioner.
-    progress : bool or "auto", default="auto"
-        A tqdm progress bar (when tqdm is installed; "auto": only on a terminal).
-    callbacks : sequence of callables
-        ``callback(model, record)`` after every iteration; return True to stop.
+    Every parameter is keyword-only; :meth:`get_params` / :meth:`set_params`
+    follow scikit-learn's estimator protocol, so ``sklearn.base.clone`` and
+    scikit-learn's model-selection tools work (scikit-learn itself is not
+    needed). Parameters are checked when :meth:`fit` starts.
+
+{parameters}
 
     Attributes
     ----------
-    theta_ : ndarray of shape (n_features + 1,)
+    theta_ : ndarray of shape (n_features + 1,) or (n_features + 1, n_classes)
     inner_lr_ : float or ndarray
     l2_ : float
     history_ : list of dict
@@ -193,73 +295,68 @@ class MAML:
     interrupted_ : bool
     """
 
-    def __init__(
-        self,
-        *,
-        algorithm="maml",
-        inner_steps=5,
-        inner_lr=0.1,
-        learn_inner_lr=None,
-        l2=0.0,
-        learn_l2=False,
-        learn_init=True,
-        meta_lr=1e-3,
-        meta_optimizer="adam",
-        lr_schedule=None,
-        meta_batch_size=32,
-        n_iterations=1000,
-        validate_every=50,
-        select="final",
-        checkpoint_path=None,
-        checkpoint_every=100,
-        imaml_mu=1.0,
-        precond_rank=4,
-        n_threads=None,
-        random_state=None,
-        progress="auto",
-        callbacks=(),
-    ):
-        self.imaml_mu = imaml_mu
-        self.precond_rank = precond_rank
-        self.algorithm = algorithm
-        self.inner_steps = inner_steps
-        self.inner_lr = inner_lr
-        self.learn_inner_lr = learn_inner_lr
-        self.l2 = l2
-        self.learn_l2 = learn_l2
-        self.learn_init = learn_init
-        self.meta_lr = meta_lr
-        self.meta_optimizer = meta_optimizer
-        self.lr_schedule = lr_schedule
-        self.meta_batch_size = meta_batch_size
-        self.n_iterations = n_iterations
-        self.validate_every = validate_every
-        self.select = select
-        self.checkpoint_path = checkpoint_path
-        self.checkpoint_every = checkpoint_every
-        self.n_threads = n_threads
-        self.random_state = random_state
-        self.progress = progress
-        self.callbacks = tuple(callbacks)
+    def __init__(self, **params):
+        unknown = [name for name in params if name not in _PARAM_NAMES]
+        if unknown:
+            raise TypeError(f"MAML() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+                            f"valid parameters are {', '.join(_PARAM_NAMES)}")
+        # stored exactly as given (sklearn.base.clone checks identity); checked when fit starts
+        for p in _PARAMS:
+            setattr(self, p.name, params.get(p.name, p.default))
 
-    # ------------------------------------------------------------------ config
-    _CONFIG_KEYS = (
-        "algorithm", "inner_steps", "learn_inner_lr", "l2", "learn_l2", "learn_init", "meta_lr",
-        "meta_optimizer", "lr_schedule", "meta_batch_size", "n_iterations", "validate_every", "select",
-        "checkpoint_every", "imaml_mu", "precond_rank",
+    # the signature help() and IDEs show: every parameter keyword-only, with its default
+    __init__.__signature__ = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=p.default) for p in _PARAMS]
     )
 
+    # ------------------------------------------------------------------ config
+    def get_params(self, deep: bool = True) -> dict:
+        """The estimator's parameters, as scikit-learn's estimator protocol defines them.
+
+        Parameters
+        ----------
+        deep : bool, default=True
+            Accepted for scikit-learn; MAML holds no sub-estimators, so it
+            changes nothing.
+
+        Returns
+        -------
+        dict
+            Parameter name -> value, for every parameter of the constructor.
+        """
+        return {name: getattr(self, name) for name in _PARAM_NAMES}
+
+    def set_params(self, **params) -> "MAML":
+        """Set parameters by name (checked when :meth:`fit` starts).
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        ValueError
+            Naming every unknown parameter (and listing the valid ones).
+        """
+        unknown = [name for name in params if name not in _PARAM_NAMES]
+        if unknown:
+            raise ValueError(f"set_params: unknown parameter(s) {', '.join(map(repr, unknown))} for MAML; "
+                             f"valid parameters are {', '.join(_PARAM_NAMES)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
+
     def _config(self) -> dict:
-        cfg = {k: getattr(self, k) for k in self._CONFIG_KEYS}
+        cfg = {p.name: getattr(self, p.name) for p in _PARAMS if p.saved}
         cfg["inner_lr"] = np.asarray(self.inner_lr, dtype=np.float64).tolist()
         return cfg
 
     def _validate_config(self):
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm: expected one of {ALGORITHMS}, got {self.algorithm!r}")
-        K = check_int(self.inner_steps, "inner_steps", minimum=0)
-        if self.learn_inner_lr not in LR_MODES:
-            raise ValueError(f"learn_inner_lr: expected one of {LR_MODES}, got {self.learn_inner_lr!r}")
+        for p in _PARAMS:
+            if p.check is not None:
+                p.check(getattr(self, p.name), p.name)
+        # constraints between parameters
         if self.algorithm in ("reptile", "imaml") and (self.learn_inner_lr or self.learn_l2):
             raise ValueError(
                 f"algorithm: {self.algorithm!r} has no hypergradients; use learn_inner_lr=None and learn_l2=False"
@@ -268,33 +365,13 @@ class MAML:
             mu = check_float(self.imaml_mu, "imaml_mu")
             if not mu > 0:
                 raise ValueError(f"imaml_mu: expected a number > 0, got {mu}")
-        check_int(self.precond_rank, "precond_rank", minimum=1)
         if self.learn_inner_lr == "preconditioner" and np.size(self.inner_lr) != 1:
             raise ValueError("inner_lr: the preconditioner starts from one scalar inner_lr (diag(inner_lr))")
-        lr = np.asarray(self.inner_lr, dtype=np.float64)
-        if not np.isfinite(lr).all():
-            raise ValueError("inner_lr: contains NaN or infinity")
-        if self.learn_inner_lr and np.any(lr <= 0):
+        if self.learn_inner_lr and np.any(np.asarray(self.inner_lr, dtype=np.float64) <= 0):
             raise ValueError("inner_lr: must be > 0 when it is learned (it is learned in log space)")
-        check_float(self.l2, "l2", minimum=0.0)
         if self.learn_l2 and not self.l2 > 0:
             raise ValueError("l2: must be > 0 when learn_l2=True (it is learned in log space)")
-        check_float(self.meta_lr, "meta_lr", minimum=0.0)
-        if self.meta_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"meta_optimizer: expected 'adam' or 'sgd', got {self.meta_optimizer!r}")
-        if self.lr_schedule not in (None, "cosine"):
-            raise ValueError(f"lr_schedule: expected None or 'cosine', got {self.lr_schedule!r}")
-        check_int(self.meta_batch_size, "meta_batch_size", minimum=1)
-        check_int(self.n_iterations, "n_iterations", minimum=0)
-        check_int(self.validate_every, "validate_every", minimum=1)
-        check_int(self.checkpoint_every, "checkpoint_every", minimum=1)
-        if self.select not in SELECT:
-            raise ValueError(f"select: expected one of {SELECT}, got {self.select!r}")
-        check_threads(self.n_threads)
-        for cb in self.callbacks:
-            if not callable(cb):
-                raise TypeError(f"callbacks: expected callables, got {cb!r}")
-        return K
+        return int(self.inner_steps)
 
     def _initial_lr(self, K: int, theta_shape: tuple) -> np.ndarray:
         lr = np.asarray(self.inner_lr, dtype=np.float64)
@@ -655,9 +732,33 @@ class MAML:
         if "U" in params:
             return adapt_preconditioned(params["theta"], X, y, log_scale=params["log_scale"], U=params["U"],
                                         inner_steps=K, l2=l2, **kw)
-        return _adapt(params["theta"], X, y, inner_lr=self._lr_for_steps(K), inner_steps=K, l2=l2, **kw)
+        return _adapt(params["theta"], X, y, inner_lr=self.inner_lr_for(K), inner_steps=K, l2=l2, **kw)
 
-    def _lr_for_steps(self, K):
+    def inner_lr_for(self, inner_steps: int):
+        """The learned (or fixed) inner step size, as :func:`fastmaml.adapt` takes it for ``inner_steps`` steps.
+
+        Parameters
+        ----------
+        inner_steps : int
+            Steps of the adaptation. A per-step schedule fixes it to the
+            number of steps it was learned for.
+
+        Returns
+        -------
+        float or ndarray
+            A float for a scalar step size, else an array broadcast by the
+            rule of :func:`fastmaml.meta_value_and_grad`. With the learned
+            preconditioner this is the diagonal of P (the preconditioner
+            itself is applied by :meth:`adapt` / :meth:`adapt_tasks`).
+
+        Raises
+        ------
+        ValueError
+            If the step size is per step and ``inner_steps`` differs from its
+            number of steps.
+        """
+        self._check_fitted()
+        K = check_int(inner_steps, "inner_steps")
         lr = self._lr_value(self._params)
         if np.ndim(lr) == self._params["theta"].ndim + 1 and lr.shape[0] != K:
             raise ValueError(
@@ -665,11 +766,31 @@ class MAML:
             )
         return float(lr) if np.ndim(lr) == 0 else lr
 
-    def adapt_tasks(self, tasks: Tasks, *, inner_steps=None) -> np.ndarray:
-        """Adapted parameters for every task's support set, shape (n_tasks, n_features + 1)."""
+    def adapt_tasks(self, tasks: Tasks, *, inner_steps=None, return_path: bool = False) -> np.ndarray:
+        """Adapt the meta-learned start to every task's support set, in one call of the core.
+
+        Parameters
+        ----------
+        tasks : Tasks
+        inner_steps : int, optional
+            Defaults to the meta-training ``inner_steps``.
+        return_path : bool, default=False
+            Return every iterate phi_0 .. phi_K instead of phi_K alone.
+
+        Returns
+        -------
+        ndarray of shape (n_tasks, *theta_.shape), or (n_tasks, inner_steps + 1, *theta_.shape) with ``return_path``
+            Per-task parameters, bias last (score them with
+            :func:`fastmaml.evaluation.query_scores`).
+
+        Raises
+        ------
+        fastmaml.DivergenceError
+            If an inner loop produces a non-finite value.
+        """
         self._check_fitted()
         K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
-        return self._adapt_batch(tasks, None, K, n_threads=self.n_threads)
+        return self._adapt_batch(tasks, None, K, n_threads=self.n_threads, return_path=bool(return_path))
 
     def evaluate(self, tasks, *, n_episodes=600, inner_steps=None) -> dict:
         """Adapt on each task's support set and score on its query set.
@@ -799,10 +920,13 @@ class MAML:
         return model
 
     def __repr__(self) -> str:
-        return (
-            f"MAML(algorithm={self.algorithm!r}, inner_steps={self.inner_steps}, inner_lr={self.inner_lr!r}, "
-            f"learn_inner_lr={self.learn_inner_lr!r}, l2={self.l2}, learn_l2={self.learn_l2})"
-        )
+        """Like scikit-learn: the parameters that differ from their defaults."""
+        shown = [f"{p.name}={getattr(self, p.name)!r}" for p in _PARAMS if not _same(getattr(self, p.name), p.default)]
+        return f"MAML({', '.join(shown)})"
+
+
+if MAML.__doc__:  # None under python -OO
+    MAML.__doc__ = MAML.__doc__.replace("{parameters}", _params_doc())
 
 
 def _is_gradient_source(obj) -> bool:

@@ -11,10 +11,11 @@ costs a few small integer arrays, not copies of feature rows.
 * :class:`GroupedSampler` -- one task per group of a table ``(X, y, groups)``
   (per-customer, per-patient, per-device models), with a random
   support/query split inside each group; ragged tasks.
-* :func:`split_groups`, :func:`split_rows` -- disjoint meta-train/val/test
-  splits of group (or class) ids and of rows.
-* :func:`make_grouped_tasks` -- a synthetic family of related logistic
-  regression tasks, for examples and tests.
+
+Splits of groups, classes and rows live in :mod:`fastmaml.splits`, the
+synthetic task family :func:`~fastmaml.datasets.make_grouped_tasks` and the
+dataset kernel :func:`~fastmaml.datasets.dataset_kernel` in
+:mod:`fastmaml.datasets`, the random-state helpers in ``fastmaml._random``.
 
 Randomness
 ----------
@@ -26,196 +27,23 @@ resumes the exact same stream of meta-batches. The stream of a seed depends
 only on the seed and the sampler's arguments (not on the platform), but may
 change between NumPy or fastmaml versions.
 
-Only NumPy is used: every draw is vectorised over all tasks of a meta-batch
-(a 32-task, 2-way, 10-shot, 15-query episode batch takes about 0.1 ms).
+Every draw is vectorised over all tasks of a meta-batch: sampling without
+replacement runs in the compiled core, driven by the Generator's bit generator.
 """
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Union
 
 import numpy as np
 
-from . import _core
-
+from ._random import RandomState, check_random_state, get_rng_state, set_rng_state, sample_without_replacement
 from ._tasks import Tasks
-from ._validation import as_feature_array, as_labels, check_float, check_int, shape_str
+from ._validation import as_feature_array, as_labels, check_int, shape_str
+from .datasets import dataset_kernel
 
-__all__ = [
-    "EpisodeSampler",
-    "GroupedSampler",
-    "split_groups",
-    "split_rows",
-    "make_grouped_tasks",
-]
-
-RandomState = Union[None, int, np.random.Generator]
-
-
-# --------------------------------------------------------------------------
-# random state helpers
-# --------------------------------------------------------------------------
-
-
-def _check_random_state(random_state, name: str = "random_state") -> np.random.Generator:
-    """None, an int seed, a SeedSequence/BitGenerator or a Generator -> Generator."""
-    if isinstance(random_state, np.random.Generator):
-        return random_state
-    if random_state is None or isinstance(random_state, (np.random.SeedSequence, np.random.BitGenerator)):
-        return np.random.default_rng(random_state)
-    if isinstance(random_state, bool) or not isinstance(random_state, numbers.Integral):
-        raise TypeError(
-            f"{name}: expected None, an integer seed or a numpy.random.Generator, got {type(random_state).__name__}"
-        )
-    if random_state < 0:
-        raise ValueError(f"{name}: expected a non-negative integer seed, got {random_state}")
-    return np.random.default_rng(int(random_state))
-
-
-def _to_json(value):
-    """Bit generator state -> plain Python (dicts, lists, ints, str)."""
-    if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def _from_json(value, template):
-    """Inverse of :func:`_to_json`: lists become arrays where the template has arrays."""
-    if isinstance(template, dict):
-        if not isinstance(value, dict):
-            raise ValueError("state: not a bit generator state (expected a dict)")
-        return {k: _from_json(value[k], template[k]) if k in template else value[k] for k in value}
-    if isinstance(template, np.ndarray):
-        return np.asarray(value, dtype=template.dtype)
-    return value
-
-
-def _get_rng_state(rng: np.random.Generator) -> dict:
-    return _to_json(rng.bit_generator.state)
-
-
-def _set_rng_state(rng: np.random.Generator, state) -> np.random.Generator:
-    """Restore `state` into `rng` (same bit generator) or a new Generator."""
-    if not isinstance(state, dict) or "bit_generator" not in state:
-        raise ValueError("state: expected a dict from get_state() with a 'bit_generator' entry")
-    name = state["bit_generator"]
-    if name != type(rng.bit_generator).__name__:
-        bg_cls = getattr(np.random, str(name), None)
-        if not (isinstance(bg_cls, type) and issubclass(bg_cls, np.random.BitGenerator)):
-            raise ValueError(f"state: unknown bit generator {name!r}")
-        rng = np.random.Generator(bg_cls())
-    template = rng.bit_generator.state
-    try:
-        rng.bit_generator.state = _from_json(state, template)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"state: not a valid {name} state ({exc})") from exc
-    return rng
-
-
-# --------------------------------------------------------------------------
-# vectorised sampling without replacement
-# --------------------------------------------------------------------------
-
-
-def _draws_needed(n: int, m: int) -> int:
-    """Draws with replacement from n values that give m distinct ones with
-    overwhelming probability (mean + 6 standard deviations of the
-    coupon-collector count)."""
-    i = np.arange(m, dtype=np.float64)
-    p = (n - i) / n  # success probability of the (i+1)-th new value
-    mean = float(np.sum(1.0 / p))
-    var = float(np.sum((1.0 - p) / p**2))
-    return int(math.ceil(mean + 6.0 * math.sqrt(var))) + 2
-
-
-_KEYS_FACTOR = 3  # sort keys when the widest population is at most this many times the draws needed
-
-
-def _sample_without_replacement(
-    rng: np.random.Generator, n: np.ndarray, m: int, method: Optional[str] = None
-) -> np.ndarray:
-    """Independent uniformly random ordered samples without replacement.
-
-    Parameters
-    ----------
-    rng : numpy.random.Generator
-    n : ndarray of int, shape (S,)
-        Population size of each row; all ``n >= m``.
-    m : int
-        Sample size.
-
-    Returns
-    -------
-    ndarray of int64, shape (S, m)
-        Row s holds m distinct positions in ``[0, n[s])``, every ordered
-        m-subset equally likely, rows independent.
-
-    Notes
-    -----
-    By default (``method=None``) the compiled core samples, driven by the
-    Generator's own bit generator (Floyd's algorithm then a Fisher-Yates
-    shuffle, unbiased bounded integers): microseconds for a meta-batch, and
-    the stream is a function of the Generator's state alone. Two NumPy
-    methods remain available (and tested) as ``method="keys"`` / ``"dedup"``:
-
-    * small populations (``max(n)`` at most 3 times the draws the other method
-      needs): sort random keys of shape (S, max n) (a random
-      permutation per row) and keep the first m columns;
-    * large populations: draw uniformly *with* replacement and keep the
-      distinct values in order of first appearance -- each new distinct value
-      is uniform over the values not yet seen, so this is an ordered sample
-      without replacement. Rows that (rarely) see fewer than m distinct values
-      are redrawn.
-    """
-    n = np.ascontiguousarray(n, dtype=np.int64)
-    S = n.shape[0]
-    if S == 0 or m == 0:
-        return np.zeros((S, m), dtype=np.int64)
-    if method is None:
-        bitgen = rng.bit_generator
-        with bitgen.lock:
-            return _core.sample_without_replacement(bitgen.capsule, n, int(m))
-    n_max = int(n.max())
-    L = _draws_needed(int(n.min()), m)
-    if method == "keys":
-        keys = rng.random((S, n_max))
-        if int(n.min()) < n_max:
-            keys[np.arange(n_max)[None, :] >= n[:, None]] = 2.0  # padding sorts last
-        if m < n_max:
-            part = np.argpartition(keys, m - 1, axis=1)[:, :m]
-            return np.take_along_axis(part, np.argsort(np.take_along_axis(keys, part, 1), axis=1), 1).astype(
-                np.int64, copy=False
-            )
-        return np.argsort(keys, axis=1).astype(np.int64, copy=False)
-    out = np.empty((S, m), dtype=np.int64)
-    todo = np.arange(S)
-    while todo.size:
-        nt = n[todo]
-        v = (rng.random((todo.size, L)) * nt[:, None]).astype(np.int64)
-        np.minimum(v, nt[:, None] - 1, out=v)  # guard against rounding up to n
-        # sort (value, draw position) pairs; the first of each run of equal
-        # values is that value's first appearance
-        comp = v * L + np.arange(L)
-        comp.sort(axis=1)
-        sv = comp // L
-        first_sorted = np.ones(v.shape, dtype=bool)
-        np.not_equal(sv[:, 1:], sv[:, :-1], out=first_sorted[:, 1:])
-        first = np.zeros(v.shape, dtype=bool)
-        r, c = np.nonzero(first_sorted)
-        first[r, comp[r, c] % L] = True
-        count = np.cumsum(first, axis=1)
-        ok = count[:, -1] >= m
-        keep = first[ok] & (count[ok] <= m)
-        out[todo[ok]] = v[ok][keep].reshape(-1, m)
-        todo = todo[~ok]
-        L *= 2
-    return out
+__all__ = ["EpisodeSampler", "GroupedSampler"]
 
 
 # --------------------------------------------------------------------------
@@ -270,43 +98,6 @@ def _fmt_list(values, limit: int = 8) -> str:
     return s
 
 
-def _check_fractions(fractions) -> np.ndarray:
-    try:
-        f = np.asarray(fractions, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise TypeError(f"fractions: expected a sequence of numbers, got {fractions!r}") from None
-    if f.ndim != 1 or f.size < 1:
-        raise ValueError(f"fractions: expected a non-empty 1-d sequence, got {fractions!r}")
-    if not np.isfinite(f).all() or (f <= 0).any():
-        raise ValueError(f"fractions: expected positive numbers, got {fractions!r}")
-    if abs(f.sum() - 1.0) > 1e-6:
-        raise ValueError(f"fractions: expected numbers summing to 1, got {fractions!r} (sum {f.sum():g})")
-    return f
-
-
-def _largest_remainder(total: int, fractions: np.ndarray) -> np.ndarray:
-    """Integer counts summing to `total`, proportional to `fractions`."""
-    raw = fractions * total
-    counts = np.floor(raw).astype(np.int64)
-    short = total - int(counts.sum())
-    if short > 0:
-        # stable: ties go to the earlier part
-        order = np.argsort(-(raw - counts), kind="stable")
-        counts[order[:short]] += 1
-    return counts
-
-
-def _fill_empty_parts(counts: np.ndarray) -> np.ndarray:
-    """Move one item from the largest part into every empty part."""
-    counts = counts.copy()
-    for i in np.flatnonzero(counts == 0):
-        counts[int(np.argmax(counts))] -= 1
-        counts[i] += 1
-    return counts
-
-
-# --------------------------------------------------------------------------
-# EpisodeSampler
 # --------------------------------------------------------------------------
 
 
@@ -375,6 +166,7 @@ class EpisodeSampler:
     Examples
     --------
     >>> import numpy as np
+    >>> from fastmaml import EpisodeSampler, split_groups
     >>> rng = np.random.default_rng(0)
     >>> X, y = rng.random((1000, 16)), rng.integers(0, 10, size=1000)
     >>> train_classes, test_classes = split_groups(y, fractions=(0.5, 0.5), random_state=0)
@@ -470,7 +262,7 @@ class EpisodeSampler:
         self._start = start.astype(np.int64)
         if self.pairs is not None:
             self._pair_idx = np.searchsorted(cls, self.pairs)
-        self._rng = _check_random_state(random_state)
+        self._rng = check_random_state(random_state)
         self.episode_classes: Optional[np.ndarray] = None
         # labels are the same for every meta-batch: class-by-class blocks
         self._sy_row = np.repeat(np.arange(self.n_way, dtype=np.int32), self.k_shot)
@@ -493,7 +285,7 @@ class EpisodeSampler:
             if self.random_labels:
                 ci = np.where((rng.random(T) < 0.5)[:, None], ci[:, ::-1], ci)
             return ci
-        ci = _sample_without_replacement(rng, np.full(T, self.classes.size, dtype=np.int64), self.n_way)
+        ci = sample_without_replacement(rng, np.full(T, self.classes.size, dtype=np.int64), self.n_way)
         if not self.random_labels:
             ci.sort(axis=1)  # classes are sorted, so positions sort like ids
         return ci
@@ -518,7 +310,7 @@ class EpisodeSampler:
         W, k, q = self.n_way, self.k_shot, self.n_query
         ci = self._draw_classes(T)
         slots = ci.reshape(-1)
-        pos = _sample_without_replacement(self._rng, self.class_counts[slots], k + q)
+        pos = sample_without_replacement(self._rng, self.class_counts[slots], k + q)
         rows = self._flat[self._start[slots][:, None] + pos].reshape(T, W, k + q)
         support_idx = np.ascontiguousarray(rows[:, :, :k]).reshape(-1)
         query_idx = np.ascontiguousarray(rows[:, :, k:]).reshape(-1)
@@ -530,11 +322,11 @@ class EpisodeSampler:
 
     def get_state(self) -> dict:
         """The Generator's bit generator state, as a JSON-serialisable dict."""
-        return _get_rng_state(self._rng)
+        return get_rng_state(self._rng)
 
     def set_state(self, state: dict) -> None:
         """Restore a state from :meth:`get_state` (resumes the same stream)."""
-        self._rng = _set_rng_state(self._rng, state)
+        self._rng = set_rng_state(self._rng, state)
 
     def __repr__(self) -> str:
         what = f"pairs={self.pairs.shape[0]}" if self.pairs is not None else f"classes={self.classes.size}"
@@ -610,6 +402,7 @@ class GroupedSampler:
 
     Examples
     --------
+    >>> from fastmaml import GroupedSampler, make_grouped_tasks, split_groups
     >>> X, y, groups = make_grouped_tasks(n_groups=100, n_per_group=40, random_state=0)
     >>> train_groups, test_groups = split_groups(groups, fractions=(0.8, 0.2), random_state=0)
     >>> sampler = GroupedSampler(X, y, groups, support_size=5, groups_subset=train_groups,
@@ -674,7 +467,7 @@ class GroupedSampler:
         tiny = n < 2
         if tiny.any():
             raise ValueError(
-                f"groups: every group needs at least 2 rows (one support, one query), but "
+                "groups: every group needs at least 2 rows (one support, one query), but "
                 + ", ".join(f"group {gid} has {c}" for gid, c in zip(self.groups[tiny][:8], n[tiny][:8]))
                 + (f" ({int(tiny.sum())} groups in all)" if tiny.sum() > 8 else "")
                 + "; leave them out with groups_subset"
@@ -705,7 +498,7 @@ class GroupedSampler:
             )
         self.support_sizes = ns
         self.query_sizes = nq
-        self._rng = _check_random_state(random_state)
+        self._rng = check_random_state(random_state)
         self.task_groups = None
 
     @property
@@ -772,7 +565,7 @@ class GroupedSampler:
         T = check_int(n_tasks, "n_tasks", minimum=1)
         G = self.groups.size
         if T <= G:
-            gi = _sample_without_replacement(self._rng, np.array([G]), T)[0]
+            gi = sample_without_replacement(self._rng, np.array([G]), T)[0]
         else:
             gi = self._rng.integers(0, G, size=T)
         return self._build(gi, self._rng)
@@ -808,15 +601,15 @@ class GroupedSampler:
             missing = self.groups[gi] != req
             if missing.any():
                 raise ValueError(f"groups: not groups of this sampler: {_fmt_list(req[missing])}")
-        return self._build(gi, _check_random_state(seed, "seed"))
+        return self._build(gi, check_random_state(seed, "seed"))
 
     def get_state(self) -> dict:
         """The Generator's bit generator state, as a JSON-serialisable dict."""
-        return _get_rng_state(self._rng)
+        return get_rng_state(self._rng)
 
     def set_state(self, state: dict) -> None:
         """Restore a state from :meth:`get_state` (resumes the same stream)."""
-        self._rng = _set_rng_state(self._rng, state)
+        self._rng = set_rng_state(self._rng, state)
 
     def __repr__(self) -> str:
         return (
@@ -824,237 +617,3 @@ class GroupedSampler:
             f"query_size={self.query_size})"
         )
 
-
-# --------------------------------------------------------------------------
-# splits
-# --------------------------------------------------------------------------
-
-
-def dataset_kernel(X, *, memory_budget: int = 2**30) -> Optional[np.ndarray]:
-    """The kernel matrix X X^T of a dataset, or None when it exceeds the memory budget.
-
-    Parameters
-    ----------
-    X : ndarray of shape (n_samples, n_features)
-    memory_budget : int, default=1 GiB
-        Bytes the (n_samples, n_samples) matrix may take (in X's dtype). For
-        n_samples = 60,000 in float64 it would need 29 GB: then None.
-
-    Returns
-    -------
-    ndarray of shape (n_samples, n_samples) or None
-    """
-    Xa = as_feature_array(X, "X", ndim=2)
-    budget = int(memory_budget)
-    need = Xa.shape[0] ** 2 * Xa.itemsize
-    if need > budget:
-        return None
-    return np.ascontiguousarray(Xa @ Xa.T)
-
-
-def split_groups(groups, *, fractions: Sequence[float] = (0.6, 0.2, 0.2), random_state: RandomState = None):
-    """Split group ids (or class ids) at random into disjoint parts.
-
-    Use it for a group split (meta-train / meta-val / meta-test customers)
-    or a class split for episodes (``split_groups(y)`` splits the classes).
-
-    Parameters
-    ----------
-    groups : array_like, shape (n_samples,) or (n_groups,)
-        Group ids, repeated or not (the distinct ids are split).
-    fractions : sequence of float, default=(0.6, 0.2, 0.2)
-        Positive fractions summing to 1, one per part. Counts are rounded by
-        largest remainder; every part gets at least one id.
-    random_state : None, int or numpy.random.Generator
-
-    Returns
-    -------
-    tuple of ndarray
-        One sorted array of distinct ids per fraction; disjoint, covering all
-        ids.
-    """
-    f = _check_fractions(fractions)
-    ids = np.unique(np.asarray(groups).reshape(-1))
-    G = ids.size
-    if G < f.size:
-        raise ValueError(f"groups: {f.size} parts need at least {f.size} distinct ids, got {G}")
-    rng = _check_random_state(random_state)
-    counts = _fill_empty_parts(_largest_remainder(G, f))
-    perm = rng.permutation(G)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    return tuple(np.sort(ids[perm[a:b]]) for a, b in zip(bounds[:-1], bounds[1:]))
-
-
-def split_rows(
-    n_rows_or_y,
-    *,
-    fractions: Sequence[float] = (0.6, 0.2, 0.2),
-    stratify: bool = True,
-    random_state: RandomState = None,
-):
-    """Split row indices at random into disjoint parts.
-
-    Use it for a row split of an episode dataset: ``EpisodeSampler(...,
-    rows=train_rows)`` and ``EpisodeSampler(..., rows=test_rows)`` never share
-    a row.
-
-    Parameters
-    ----------
-    n_rows_or_y : int or array_like of shape (n_samples,)
-        The number of rows, or the class ids of the rows (needed to stratify).
-    fractions : sequence of float, default=(0.6, 0.2, 0.2)
-        Positive fractions summing to 1, one per part.
-    stratify : bool, default=True
-        With class ids, split each class in these fractions (rounded by
-        largest remainder within each class), so every part keeps the class
-        proportions. Ignored when an int is given.
-    random_state : None, int or numpy.random.Generator
-
-    Returns
-    -------
-    tuple of ndarray of int64
-        One sorted index array per fraction; disjoint, covering
-        ``range(n_samples)``.
-    """
-    f = _check_fractions(fractions)
-    if isinstance(n_rows_or_y, numbers.Integral) and not isinstance(n_rows_or_y, (bool, np.bool_)):
-        N = check_int(n_rows_or_y, "n_rows_or_y", minimum=1)
-        y = None
-    else:
-        y = np.asarray(n_rows_or_y)
-        if y.ndim != 1 or y.size == 0:
-            raise ValueError(
-                f"n_rows_or_y: expected an int or a non-empty 1-d label array, got shape {shape_str(y.shape)}"
-            )
-        N = y.size
-    rng = _check_random_state(random_state)
-    perm = rng.permutation(N)
-    if y is None or not stratify:
-        if N < f.size:
-            raise ValueError(f"n_rows_or_y: {f.size} parts need at least {f.size} rows, got {N}")
-        counts = _fill_empty_parts(_largest_remainder(N, f))
-        part = np.repeat(np.arange(f.size), counts)
-        return tuple(np.sort(perm[part == p]) for p in range(f.size))
-    _, codes = np.unique(y, return_inverse=True)
-    codes = codes.reshape(-1)
-    # rows grouped by class, random order within each class
-    by_class = perm[np.argsort(codes[perm], kind="stable")]
-    sizes = np.bincount(codes)
-    class_start = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    rank = np.arange(N) - np.repeat(class_start, sizes)
-    # per class cumulative part boundaries: (n_classes, n_parts)
-    cum = np.cumsum(np.stack([_largest_remainder(int(s), f) for s in sizes]), axis=1)
-    cls_sorted = codes[by_class]
-    part = (rank[:, None] >= cum[cls_sorted]).sum(axis=1)
-    return tuple(np.sort(by_class[part == p]) for p in range(f.size))
-
-
-# --------------------------------------------------------------------------
-# synthetic task family
-# --------------------------------------------------------------------------
-
-TEACHER_LOGIT_STD = 4.0
-
-
-def make_grouped_tasks(
-    n_groups: int = 200,
-    n_per_group: Union[int, Tuple[int, int]] = 40,
-    n_features: int = 20,
-    *,
-    deviation: float = 0.5,
-    noise: float = 0.0,
-    random_state: RandomState = None,
-    return_teacher: bool = False,
-):
-    """A family of related binary logistic-regression tasks, one per group.
-
-    Labels mean the same thing in every group: group g's teacher is a shared
-    teacher plus a group-specific deviation,
-
-    * ``w0``: a random direction scaled so that the shared teacher's logit
-      ``x . w0 + b0`` has standard deviation ``TEACHER_LOGIT_STD = 4`` over
-      the features (``||w0|| = 4 * sqrt(12) ~= 13.9``, since each feature has
-      variance 1/12), and ``b0 = -0.5 * sum(w0)`` puts the decision boundary
-      through the centre of the cube (balanced classes);
-    * ``w_g = w0 + deviation * ||w0|| * u_g`` with ``u_g`` a uniformly random
-      unit vector (so ``||w_g - w0|| = deviation * ||w0||``), and
-      ``b_g = -0.5 * sum(w_g) + deviation * 4 * e_g``, ``e_g ~ N(0, 1)`` (the
-      boundary moves by about ``deviation`` logit standard deviations, which
-      unbalances the classes of a group somewhat);
-    * features ``X ~ Uniform[0, 1]^n_features`` (the scale of the bundled
-      datasets);
-    * labels ``y = 1[x . w_g + b_g > 0]`` when ``noise == 0``, else
-      ``y ~ Bernoulli(sigmoid((x . w_g + b_g) / noise))``: ``noise`` is a
-      temperature, ``noise=1`` is the logistic model itself (Bayes accuracy
-      about 87% on the shared teacher), larger is noisier.
-
-    With the defaults (20 features, ``deviation=0.5``, ``noise=0``) a task
-    is learnable but not from a handful of rows: scored on 40 held-out rows of
-    its group, a logistic regression (scikit-learn, C=1) fitted on 5 rows
-    reaches about 62% accuracy, one fitted on 40 rows about 78%. A MAML
-    initialisation meta-learned on other groups (it points along ``w0``:
-    cosine 0.998) adapts from the same 5 rows to about 82%, against about 61%
-    from ``theta = 0`` (5 inner steps of size 0.5; 500 Adam steps of 32
-    tasks). Larger ``deviation`` makes the groups less alike (less to
-    transfer, more to adapt).
-
-    Parameters
-    ----------
-    n_groups : int, default=200
-    n_per_group : int or (int, int), default=40
-        Rows per group, or an inclusive range ``(low, high)`` from which each
-        group's size is drawn uniformly (ragged groups).
-    n_features : int, default=20
-    deviation : float, default=0.5
-        Size of each group's deviation relative to the shared teacher (>= 0;
-        0 gives identical tasks).
-    noise : float, default=0.0
-        Label temperature (>= 0); 0 gives noiseless thresholded labels.
-    random_state : None, int or numpy.random.Generator
-    return_teacher : bool, default=False
-        Also return a dict with ``w0`` (n_features,), ``b0`` (float), ``W``
-        (n_groups, n_features) and ``b`` (n_groups,).
-
-    Returns
-    -------
-    X : ndarray of float64, shape (n_samples, n_features)
-    y : ndarray of int32, shape (n_samples,)
-        0/1 labels.
-    groups : ndarray of int64, shape (n_samples,)
-        Group id 0 .. n_groups - 1 of each row; rows are ordered by group.
-    teacher : dict, only with ``return_teacher=True``
-    """
-    G = check_int(n_groups, "n_groups", minimum=1)
-    d = check_int(n_features, "n_features", minimum=1)
-    dev = check_float(deviation, "deviation", minimum=0.0)
-    temp = check_float(noise, "noise", minimum=0.0)
-    rng = _check_random_state(random_state)
-    if isinstance(n_per_group, (tuple, list)):
-        if len(n_per_group) != 2:
-            raise ValueError(f"n_per_group: expected an int or a (low, high) pair, got {n_per_group!r}")
-        lo = check_int(n_per_group[0], "n_per_group", minimum=1)
-        hi = check_int(n_per_group[1], "n_per_group", minimum=lo)
-        sizes = rng.integers(lo, hi + 1, size=G)
-    else:
-        sizes = np.full(G, check_int(n_per_group, "n_per_group", minimum=1), dtype=np.int64)
-
-    scale = TEACHER_LOGIT_STD * math.sqrt(12.0)
-    w0 = rng.standard_normal(d)
-    w0 *= scale / np.linalg.norm(w0)
-    b0 = -0.5 * float(w0.sum())
-    u = rng.standard_normal((G, d))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    W = w0 + dev * scale * u
-    b = -0.5 * W.sum(axis=1) + dev * TEACHER_LOGIT_STD * rng.standard_normal(G)
-
-    groups = np.repeat(np.arange(G, dtype=np.int64), sizes)
-    X = rng.random((groups.size, d))
-    z = np.einsum("ij,ij->i", X, W[groups]) + b[groups]
-    if temp == 0.0:
-        y = (z > 0).astype(np.int32)
-    else:
-        p = 0.5 * (1.0 + np.tanh(0.5 * z / temp))  # sigmoid(z / noise), overflow-free
-        y = (rng.random(z.size) < p).astype(np.int32)
-    if return_teacher:
-        return X, y, groups, {"w0": w0, "b0": b0, "W": W, "b": b}
-    return X, y, groups

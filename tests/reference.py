@@ -1,4 +1,4 @@
-"""Plain float64 NumPy reference for fastmaml (DESIGN.md section 1).
+"""Plain float64 NumPy reference for fastmaml (docs/design.md section 1).
 
 This module is the ground truth the C++ core is tested against. It favours
 clarity over speed: Python loops over tasks and inner steps, vectorised NumPy
@@ -354,3 +354,315 @@ def precond_value_and_grad(theta, tasks, log_scale, U, inner_steps, l2=0.0,
         grad_U=(M + M.T) @ U,
         grad_l2=float(d_lam),
     )
+
+
+# ----------------------------------------------------------------------------
+# Extensions (issues 14 and 15): per-task hyperparameters, feature gradients,
+# index-form accumulation, task descriptor.
+# ----------------------------------------------------------------------------
+#
+# Everything below is new; the functions above keep their behaviour and
+# results (the core is tested against them). ``meta_value_and_grad_ext`` with
+# its defaults (task_axis=False, a scalar l2, grad_features=False) returns the
+# same numbers as ``meta_value_and_grad``.
+#
+# first_order=True, in both functions, differentiates docs/design.md's surrogate
+#     phi_{j+1} = phi_j - alpha_j (*) grad l_s(stopgrad(phi_j); X_s, lam):
+# phi_K = theta - sum_j alpha_j (*) g_j with every g_j a constant in phi but a
+# live function of alpha, lam and X_s. Its exact gradient is the reverse sweep
+# with gbar_j = gbar_K (no H term): dL/dtheta = gbar_K, dL/dalpha_j =
+# -gbar_K (*) g_j, dL/dlam = -sum_j <alpha_j (*) gbar_K, [w_j; 0]>, and the
+# support features get the docs/design.md formulas with u_j = alpha_j (*) gbar_K.
+# (The existing ``meta_value_and_grad`` already returns exactly this surrogate's
+# grad_inner_lr and grad_l2 for first_order=True.)
+
+
+def _task_inner_lr(inner_lr, T, task_axis):
+    """Split inner_lr into per-task step sizes.
+
+    Returns (a, shared): ``a`` the float64 array of inner_lr, and a function
+    ``lr(t)`` giving task t's inner_lr (before broadcasting to (K, *theta.shape)).
+    ``shared`` is True when one value serves every task (no task axis, or a
+    leading axis of length 1 under task_axis=True)."""
+    a = np.asarray(inner_lr, dtype=F64)
+    if not task_axis:
+        return a, True, (lambda t: inner_lr)
+    if a.ndim == 0:
+        raise ValueError(
+            f"inner_lr: with task_axis=True expected a leading axis of length {T} "
+            f"(n_tasks) or 1, got a scalar")
+    if a.shape[0] not in (T, 1):
+        raise ValueError(
+            f"inner_lr: with task_axis=True expected a leading axis of length {T} "
+            f"(n_tasks) or 1, got shape {a.shape}")
+    if a.shape[0] == 1:
+        return a, True, (lambda t: a[0])
+    return a, False, (lambda t: a[t])
+
+
+def _task_l2(l2, T):
+    """Per-task L2 strengths as a float64 (T,) array; True if l2 is one shared scalar."""
+    lam = np.asarray(l2, dtype=F64)
+    if lam.ndim == 0:
+        return np.full(T, float(lam)), True
+    if lam.shape != (T,):
+        raise ValueError(f"l2: expected a scalar or shape ({T},) = (n_tasks,), got shape {lam.shape}")
+    return lam.copy(), False
+
+
+def _is_stacked(tasks):
+    return isinstance(tasks, tuple) and len(tasks) == 4 and np.ndim(tasks[0]) == 3
+
+
+def _support_feature_grad(phi, X, y, u):
+    """-<u, d grad l_s(phi; X)/dX> for one step: (n, d), without the 1/T.
+
+    Binary:  -(1/n) [ (p_i - y_i) u_w + s_i (x~_i . u) w ]
+    Softmax: -(1/n) [ U_w (p_i - y_i) + W (p_i (*) v_i - p_i (p_i . v_i)) ],  v_i = U^T x~_i
+    (the L2 term of grad l_s does not depend on X)."""
+    phi, Xt, y = _prep(phi, X, y)
+    n = Xt.shape[0]
+    Z = Xt @ phi
+    v = Xt @ u
+    if phi.ndim == 1:
+        R = (1.0 - y) * _sigmoid(Z) - y * _sigmoid(-Z)      # p - y
+        s = _sigmoid(Z) * _sigmoid(-Z)                       # p (1 - p)
+        rows = np.outer(R, u[:-1]) + np.outer(s * v, phi[:-1])
+    else:
+        P = _softmax_rows(Z)
+        R = P - _one_hot(y, phi.shape[1])
+        PV = P * v
+        Q = PV - P * PV.sum(axis=1, keepdims=True)
+        rows = R @ u[:-1].T + Q @ phi[:-1].T
+    return -rows / n
+
+
+def _query_feature_grad(phi, X, y):
+    """d l_q(phi; X)/dX: (m, d), without the 1/T.
+
+    Binary: (1/m)(p_i - y_i) w;  softmax: (1/m) W (p_i - y_i)."""
+    phi, Xt, y = _prep(phi, X, y)
+    m = Xt.shape[0]
+    Z = Xt @ phi
+    if phi.ndim == 1:
+        R = (1.0 - y) * _sigmoid(Z) - y * _sigmoid(-Z)
+        rows = np.outer(R, phi[:-1])
+    else:
+        R = _softmax_rows(Z) - _one_hot(y, phi.shape[1])
+        rows = R @ phi[:-1].T
+    return rows / m
+
+
+def meta_loss_ext(theta, tasks, inner_lr, inner_steps, l2=0.0, task_axis=False):
+    """Meta-loss (mean over tasks) with per-task hyperparameters (see meta_value_and_grad_ext)."""
+    tasks = _task_list(tasks)
+    T = len(tasks)
+    _, _, lr_of = _task_inner_lr(inner_lr, T, task_axis)
+    lam, _ = _task_l2(l2, T)
+    total = 0.0
+    for t, (Xs, ys, Xq, yq) in enumerate(tasks):
+        phi_K = adapt(theta, Xs, ys, lr_of(t), inner_steps, lam[t])[-1]
+        total += loss(phi_K, Xq, yq)
+    return total / T
+
+
+def meta_value_and_grad_ext(theta, tasks, inner_lr, inner_steps, l2=0.0,
+                            first_order=False, task_axis=False,
+                            grad_features=False):
+    """``meta_value_and_grad`` with per-task hyperparameters and feature gradients.
+
+    Parameters (beyond ``meta_value_and_grad``)
+    -------------------------------------------
+    l2 : float or array of shape (T,)
+        One L2 strength for all tasks, or lam_t for task t.
+    task_axis : bool, default False
+        If True, ``inner_lr`` has a leading axis of length T (or 1) and
+        ``inner_lr[t]`` is task t's step size under ``broadcast_inner_lr``'s rule:
+        (T,) one scalar per task, (T, K, 1) per task and step (binary theta),
+        (T, K, 1, 1) likewise for a multinomial theta, (T, *theta.shape) per task
+        and parameter, (T, K, *theta.shape) per task, step and parameter, and any
+        other shape whose ``[t]`` broadcasts to (K, *theta.shape). A leading
+        axis of length 1 is shared by every task (its gradient sums over tasks).
+        If False, inner_lr is read exactly as by ``meta_value_and_grad`` (never per task).
+    grad_features : bool, default False
+        If True, also return dL/dX for every support and query feature value
+        (the bias column of X~ is not an input).
+
+    Returns
+    -------
+    SimpleNamespace with
+      loss           float, mean over tasks of the query loss at phi_K
+      grad           ndarray shaped like theta
+      grad_inner_lr  shaped like inner_lr (a Python float for a non-array scalar);
+                     with task_axis and a leading axis T, entry t is
+                     dL/d(inner_lr[t]) = -(1/T) sum_j gbar^(t)_{j+1} (*) g^(t)_j
+                     reduced to inner_lr[t]'s shape
+      grad_l2        float for a scalar l2, else (T,) with entry t
+                     dL/dlam_t = -(1/T) sum_j <u^(t)_j, [w^(t)_j; 0]>
+      grad_support_X, grad_query_X  (only with grad_features=True)
+                     stacked arrays (T, n, d) / (T, m, d) for stacked input,
+                     otherwise lists of per-task (n_t, d) / (m_t, d) arrays.
+
+    first_order=True differentiates the surrogate described above (gbar_j = gbar_K).
+    A diverging inner loop raises FloatingPointError naming the step and the task.
+    """
+    theta = np.asarray(theta, dtype=F64)
+    stacked = _is_stacked(tasks)
+    tasks = _task_list(tasks)
+    T = len(tasks)
+    if T == 0:
+        raise ValueError("tasks: expected at least one task")
+    K = int(inner_steps)
+    a, lr_shared, lr_of = _task_inner_lr(inner_lr, T, task_axis)
+    lam, l2_shared = _task_l2(l2, T)
+
+    total, g_theta = 0.0, np.zeros_like(theta)
+    d_lam = np.zeros(T, dtype=F64)
+    d_alpha_shared = np.zeros((K,) + theta.shape, dtype=F64)   # summed over tasks
+    d_alpha_tasks = np.zeros(a.shape, dtype=F64) if not lr_shared else None
+    gs_X, gq_X = [], []
+    for t, (Xs, ys, Xq, yq) in enumerate(tasks):
+        alpha = broadcast_inner_lr(lr_of(t), K, theta.shape)
+        try:
+            phis = adapt(theta, Xs, ys, lr_of(t), K, lam[t])
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{exc} of task {t}") from None
+        total += loss(phis[K], Xq, yq)
+        gbar_K = grad(phis[K], Xq, yq)       # task t's adjoint, without the 1/T
+        gbar = gbar_K
+        d_alpha_t = np.zeros_like(alpha)
+        gs = np.zeros(np.shape(Xs), dtype=F64)
+        for j in range(K - 1, -1, -1):
+            g_j = grad(phis[j], Xs, ys, lam[t])
+            u = alpha[j] * gbar                   # u_j = alpha_j (*) gbar_{j+1}
+            d_alpha_t[j] = -gbar * g_j
+            d_lam[t] += -np.sum(u * _weights(phis[j]))
+            if grad_features:
+                gs += _support_feature_grad(phis[j], Xs, ys, u)
+            if not first_order:
+                gbar = gbar - hvp(phis[j], Xs, ys, u, lam[t])
+        g_theta += gbar                           # gbar_0 (gbar_K for first order)
+        if lr_shared:
+            d_alpha_shared += d_alpha_t
+        else:
+            d_alpha_tasks[t] = sum_to_shape(d_alpha_t, a.shape[1:])
+        if grad_features:
+            gs_X.append(gs / T)
+            gq_X.append(_query_feature_grad(phis[K], Xq, yq) / T)
+
+    d_lam /= T
+    if lr_shared:
+        d_alpha_shared /= T
+        if task_axis:
+            g_lr = sum_to_shape(d_alpha_shared, a.shape[1:]).reshape(a.shape)
+        else:
+            g_lr = _like_input(sum_to_shape(d_alpha_shared, np.shape(inner_lr)), inner_lr)
+    else:
+        g_lr = d_alpha_tasks / T
+    out = SimpleNamespace(
+        loss=float(total / T),
+        grad=g_theta / T,
+        grad_inner_lr=g_lr,
+        grad_l2=float(d_lam.sum()) if l2_shared else d_lam,
+    )
+    if l2_shared and isinstance(l2, np.ndarray):
+        out.grad_l2 = np.asarray(d_lam.sum(), dtype=F64).reshape(np.shape(l2))
+    if grad_features:
+        if stacked:
+            gs_X = np.stack(gs_X) if gs_X else gs_X
+            gq_X = np.stack(gq_X) if gq_X else gq_X
+        out.grad_support_X = gs_X
+        out.grad_query_X = gq_X
+    return out
+
+
+def gather_index_tasks(X, support_idx, support_y, query_idx, query_y,
+                       support_ptr=None, query_ptr=None):
+    """Dense tasks from index form (``fastmaml.Tasks.from_index``'s arguments).
+
+    With 2-D idx arrays (T, n) / (T, m) (and no ptr) returns the stacked 4-tuple
+    (Xs (T, n, d), ys, Xq (T, m, d), yq); with flat idx and ptr offsets returns
+    a list of per-task (Xs, ys, Xq, yq). Either way the rows are X[idx] in idx
+    order, so ``meta_value_and_grad_ext(..., grad_features=True)`` on the result
+    gives the per-occurrence gradients: stacked (T, n, d) for 2-D idx, and for
+    flat idx ``np.concatenate`` of the per-task lists is (total, d) in flat
+    idx order."""
+    X = np.asarray(X, dtype=F64)
+
+    def side(idx, y, ptr):
+        idx, y = np.asarray(idx), np.asarray(y)
+        if ptr is None:
+            if idx.ndim != 2:
+                raise ValueError("idx: expected shape (T, n) or a flat array with ptr")
+            return [X[i] for i in idx], list(y)
+        ptr = np.asarray(ptr)
+        return ([X[idx[ptr[t]:ptr[t + 1]]] for t in range(ptr.size - 1)],
+                [y[ptr[t]:ptr[t + 1]] for t in range(ptr.size - 1)])
+
+    Xs, ys = side(support_idx, support_y, support_ptr)
+    Xq, yq = side(query_idx, query_y, query_ptr)
+    if len(Xs) != len(Xq):
+        raise ValueError("support and query describe different numbers of tasks")
+    if support_ptr is None and query_ptr is None:
+        return (np.stack(Xs), np.stack(ys), np.stack(Xq), np.stack(yq))
+    return list(zip(Xs, ys, Xq, yq))
+
+
+def accumulate_index_grads(n_samples, idx, rows, out=None):
+    """Accumulate per-occurrence feature gradients into the shared X's shape.
+
+    ``idx`` is support_idx or query_idx (any shape: (T, n), or flat (total,));
+    ``rows`` has shape idx.shape + (d,) (the gathered rows' gradients, in idx
+    order). Returns ``out`` (zeros (n_samples, d) if None) plus, for each
+    occurrence k in row-major (C) order of idx, rows[k] added to out[idx[k]]:
+    a fixed order that does not depend on threads. To combine both sides, call
+    it for the support side and then for the query side with ``out=``."""
+    idx = np.asarray(idx, dtype=np.int64)
+    rows = np.asarray(rows, dtype=F64)
+    if rows.shape[:-1] != idx.shape:
+        raise ValueError(f"rows: expected shape {idx.shape} + (d,), got {rows.shape}")
+    d = rows.shape[-1]
+    if out is None:
+        out = np.zeros((int(n_samples), d), dtype=F64)
+    flat_idx = idx.reshape(-1)
+    if flat_idx.size and (flat_idx.min() < 0 or flat_idx.max() >= out.shape[0]):
+        raise ValueError(f"idx: indices must lie in [0, {out.shape[0]})")
+    np.add.at(out, flat_idx, rows.reshape(-1, d))      # unbuffered, in index order
+    return out
+
+
+def task_descriptor(Xs, ys, n_classes=None):
+    """Descriptor of one task's support set (support data only; no theta).
+
+    Returns a float64 array of 4 features:
+      [0] log(n): natural log of the number of support rows n;
+      [1] class balance: binary (n_classes=None) the fraction of labels equal
+          to 1, in [0, 1]; multinomial (n_classes=C) the largest class
+          fraction max_c #{y_i = c}/n, in [1/C, 1] (1/C when balanced; so a
+          C = 2 multinomial task reads max(f, 1 - f), not the binary f);
+      [2] trace(X~ X~^T)/n = (1/n) sum_i ||x~_i||^2 = 1 + (1/n) sum_i ||x_i||^2,
+          the mean squared row norm including the bias column of ones;
+      [3] the largest eigenvalue of X~^T X~ / n (numpy.linalg.eigvalsh of the
+          (d+1) x (d+1) matrix; equal to that of the Gram matrix X~ X~^T / n).
+    """
+    Xt = augment(Xs)
+    y = np.asarray(ys)
+    n = Xt.shape[0]
+    if n == 0:
+        raise ValueError("Xs: expected at least one support row")
+    if n_classes is None:
+        balance = float(np.mean(y == 1))
+    else:
+        C = int(n_classes)
+        counts = np.bincount(y.astype(np.int64), minlength=C)
+        if counts.size != C:
+            raise ValueError(f"ys: labels must lie in [0, {C})")
+        balance = float(counts.max() / n)
+    trace = float(np.sum(Xt * Xt) / n)
+    lam_max = float(np.linalg.eigvalsh(Xt.T @ Xt / n)[-1])
+    return np.array([np.log(n), balance, trace, lam_max], dtype=F64)
+
+
+def task_descriptors(tasks, n_classes=None):
+    """``task_descriptor`` of each task's support set: (T, 4)."""
+    return np.stack([task_descriptor(Xs, ys, n_classes) for Xs, ys, _, _ in _task_list(tasks)])

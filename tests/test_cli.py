@@ -1,9 +1,8 @@
-"""The command line and the experiment, end to end on small data."""
+"""The command line and the demo, end to end on small data."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from fastmaml import cli, experiment
-from fastmaml.samplers import make_grouped_tasks
+from fastmaml import cli, demo
+from fastmaml.datasets import make_grouped_tasks
 
 pytest.importorskip("sklearn")
 
@@ -36,14 +35,14 @@ def test_demo_quick_on_the_8x8_fallback_runs_end_to_end(tmp_path, capsys):
     assert png.stat().st_size > 10_000
     for K in ("1", "5"):
         table = results["shots"][K]["table"]
-        for name in (experiment.ZERO, experiment.PRETRAINED, experiment.MAML_FIXED, experiment.MAML_LEARNED,
-                     experiment.METASGD, experiment.RANDOM, experiment.ORACLE):
+        for name in (demo.ZERO, demo.PRETRAINED, demo.MAML_FIXED, demo.MAML_LEARNED,
+                     demo.METASGD, demo.RANDOM, demo.ORACLE):
             assert 0.0 <= table[name]["accuracy"] <= 1.0
             assert len(table[name]["per_task"]) == 100
-        grid = experiment.GRID_K1 if K == "1" else experiment.GRID
+        grid = demo.GRID_K1 if K == "1" else demo.GRID
         assert grid in table
         # the oracle picks C on the query set, so it can never lose to the grid search
-        assert table[experiment.ORACLE]["accuracy"] >= table[grid]["accuracy"]
+        assert table[demo.ORACLE]["accuracy"] >= table[grid]["accuracy"]
     # validation never used the test pair
     assert all(2 not in fold and 3 not in fold for fold in results["validation_folds"])
     assert len(results["summary"]) == 2
@@ -51,26 +50,26 @@ def test_demo_quick_on_the_8x8_fallback_runs_end_to_end(tmp_path, capsys):
 
 def test_summary_reports_a_loss_when_the_baseline_wins():
     fake = {"shots": {"5": {
-        "selected_meta_learner": experiment.MAML_FIXED,
-        "grid_method": experiment.GRID,
+        "selected_meta_learner": demo.MAML_FIXED,
+        "grid_method": demo.GRID,
         "table": {
-            experiment.MAML_FIXED: {"accuracy": 0.80, "ci95": 0.01, "vs_zero": {"mean": -0.05, "ci95": 0.01},
+            demo.MAML_FIXED: {"accuracy": 0.80, "ci95": 0.01, "vs_zero": {"mean": -0.05, "ci95": 0.01},
                                     "vs_grid": {"mean": 0.0, "ci95": 0.02}},
-            experiment.ZERO: {"accuracy": 0.85, "ci95": 0.01, "vs_zero": {"mean": 0, "ci95": 0},
+            demo.ZERO: {"accuracy": 0.85, "ci95": 0.01, "vs_zero": {"mean": 0, "ci95": 0},
                               "vs_grid": {"mean": 0.05, "ci95": 0.01}},
-            experiment.GRID: {"accuracy": 0.80, "ci95": 0.01, "vs_zero": None, "vs_grid": None},
+            demo.GRID: {"accuracy": 0.80, "ci95": 0.01, "vs_zero": None, "vs_grid": None},
         }}}}
-    (line,) = experiment.summarize(fake)
+    (line,) = demo.summarize(fake)
     assert "LOSES to zero init by 5.0 points" in line
     assert "not distinguishable from grid-search" in line
     assert "Best non-oracle method on the held-out classes: zero init" in line
 
 
 def test_grouped_family_meta_learning_beats_the_zero_start(capsys):
-    cfg = experiment.DemoConfig.quick(shots=(2,), test_episodes=150, progress=False)
-    res = experiment.run_grouped(cfg, n_groups=150, log=None)
+    cfg = demo.DemoConfig.quick(shots=(2,), test_episodes=150, progress=False)
+    res = demo.run_grouped(cfg, n_groups=150, log=None)
     table = res["shots"]["2"]["table"]
-    d = table[experiment.MAML_FIXED]["vs_zero"]
+    d = table[demo.MAML_FIXED]["vs_zero"]
     assert d["mean"] - d["ci95"] > 0.05, d
 
 
@@ -158,3 +157,25 @@ def test_info_prints_the_configuration(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "openmp" in out and "max_threads" in out
+
+
+def test_plots_without_matplotlib_say_how_to_install_it(monkeypatch, tmp_path):
+    from fastmaml import plots
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        plots.plot_results({"shots": {}}, str(tmp_path / "p.png"))
+
+
+def test_demo_is_a_client_of_the_public_api():
+    """No private module, name or attribute: what the demo does, a user can do."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(demo))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            assert not (node.module or "").startswith("_"), node.module
+            assert not any(alias.name.startswith("_") for alias in node.names), ast.dump(node)
+        if isinstance(node, ast.Attribute):
+            assert not node.attr.startswith("_") or node.attr.startswith("__"), node.attr

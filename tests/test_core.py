@@ -3,7 +3,7 @@
 Every public function of the functional API is checked against
 ``tests/reference.py`` (float64 to ``RTOL_F64``, float32 to ``RTOL_F32``), the
 meta-gradient also against central finite differences of the meta-loss, and
-the promises of DESIGN.md section 2 are checked directly: dtypes, no copy of
+the promises of docs/design.md section 2 are checked directly: dtypes, no copy of
 C-contiguous features, results independent of ``n_threads`` (bitwise), errors
 that name the argument at fault, and a ``DivergenceError`` instead of NaN.
 
@@ -31,7 +31,7 @@ from tolerances import FD_RTOL, FD_STEP, RTOL_F32, RTOL_F64, assert_rel
 # Builders
 # ---------------------------------------------------------------------------
 
-# Every inner_lr shape DESIGN.md names for a binary theta of shape (D,).
+# Every inner_lr shape docs/design.md names for a binary theta of shape (D,).
 LR_KINDS = ("python_float", "0d_array", "per_parameter", "per_step", "per_step_parameter", "one", "one_by_D")
 PER_STEP_KINDS = ("per_step", "per_step_parameter")
 
@@ -717,7 +717,7 @@ def test_divergence_error_names_the_step_that_overflowed():
     with pytest.raises(fastmaml.DivergenceError, match="task 0") as excinfo:
         fastmaml.meta_value_and_grad(theta, tasks, inner_lr=10.0, inner_steps=K, l2=1.0)
     step = int(re.search(r"step (\d+)", str(excinfo.value)).group(1))
-    # The core numbers steps j = 0..K-1 as DESIGN.md does (phi_{j+1} = phi_j - alpha_j g_j).
+    # The core numbers steps j = 0..K-1 as docs/design.md does (phi_{j+1} = phi_j - alpha_j g_j).
     assert step == ref_step - 1
 
 
@@ -994,3 +994,36 @@ def test_property_core_matches_reference_is_finite_and_thread_independent(proble
     assert_bitwise_equal(one, two)
     want = reference.meta_value_and_grad(theta, tasks, inner_lr, K, l2, first_order)
     assert_matches_reference(one, want, inner_lr, RTOL_F64)
+
+
+def test_the_core_guards_memory_on_its_own_without_the_python_checks():
+    # The Python layer validates and names each argument; the bindings keep the
+    # checks that protect memory, so a direct call with bad offsets, indices or
+    # labels raises instead of reading out of bounds.
+    from fastmaml import _core
+
+    rng = np.random.default_rng(0)
+    X = rng.random((10, 3))
+    ptr = np.array([0, 2, 4], dtype=np.int64)
+    idx = np.array([0, 1, 2, 3], dtype=np.int64)
+    y = np.array([0, 1, 1, 0], dtype=np.int32)
+    good = _core.Side(X, idx, ptr, y)
+    kw = dict(n_classes=1, inner_steps=2, l2=0.0, mode=_core.Mode.maml, sweep=_core.Sweep.auto, n_threads=1,
+              inner_lr=np.full((2, 4), 0.1), lr_layout=(1, 1, 1))
+    theta = np.zeros(4)
+    loss, grad, _, _ = _core.meta_value_and_grad(theta, good, good, **kw)
+    assert np.isfinite(loss) and grad.shape == (4,)
+    bad_sides = {
+        "support_idx": _core.Side(X, np.array([0, 1, 2, 10], dtype=np.int64), ptr, y),
+        "support_y": _core.Side(X, idx, ptr, np.array([0, 1, 2, 0], dtype=np.int32)),
+        "support_ptr": _core.Side(X, idx, np.array([0, 2, 5], dtype=np.int64), y),
+    }
+    for name, side in bad_sides.items():
+        with pytest.raises(ValueError, match=name):
+            _core.meta_value_and_grad(theta, side, good, **kw)
+    with pytest.raises(ValueError, match="theta"):
+        _core.meta_value_and_grad(np.zeros(3), good, good, **kw)
+    with pytest.raises(ValueError, match="inner_lr"):
+        _core.meta_value_and_grad(theta, good, good, **{**kw, "inner_lr": np.full((1, 4), 0.1)})
+    with pytest.raises(TypeError):
+        _core.meta_value_and_grad(theta, good, good, **{**kw, "mode": 2})  # enums, not magic integers

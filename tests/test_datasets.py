@@ -468,3 +468,36 @@ def test_load_digits_dataset_sources(tmp_path, monkeypatch):
     assert ds.load_digits_dataset("default").name == "mnist-subset"
     assert ds.load_digits_dataset().name == "mnist-subset"
     assert calls == ["m", "d", "m", "m"]
+
+
+# --------------------------------------------------------------------------
+# make_grouped_tasks
+# --------------------------------------------------------------------------
+
+
+def test_make_grouped_tasks():
+    X, y, g, teacher = ds.make_grouped_tasks(50, 30, 8, random_state=0, return_teacher=True)
+    assert X.shape == (1500, 8) and X.dtype == np.float64
+    assert y.shape == g.shape == (1500,)
+    assert 0 <= X.min() and X.max() <= 1
+    assert set(np.unique(y)) == {0, 1}
+    assert np.array_equal(np.bincount(g), np.full(50, 30))
+    assert 0.3 < y.mean() < 0.7
+    z = np.einsum("ij,ij->i", X, teacher["W"][g]) + teacher["b"][g]
+    assert np.array_equal(y, (z > 0).astype(y.dtype))  # noise=0: thresholded
+    # the deviation is measured relative to ||w0||
+    dev = np.linalg.norm(teacher["W"] - teacher["w0"], axis=1) / np.linalg.norm(teacher["w0"])
+    np.testing.assert_allclose(dev, 0.5)
+    X2, y2, g2 = ds.make_grouped_tasks(50, 30, 8, random_state=0)
+    assert np.array_equal(X, X2) and np.array_equal(y, y2) and np.array_equal(g, g2)
+    _, y_noisy, _ = ds.make_grouped_tasks(50, 30, 8, noise=1.0, random_state=0)
+    assert 0.5 < np.mean(y_noisy == y) < 1.0
+    _, _, g3 = ds.make_grouped_tasks(40, (5, 9), 3, random_state=0)
+    sizes = np.bincount(g3)
+    assert sizes.size == 40 and sizes.min() >= 5 and sizes.max() <= 9 and np.ptp(sizes) > 0
+    with pytest.raises(ValueError, match="deviation"):
+        ds.make_grouped_tasks(deviation=-1.0)
+    with pytest.raises(ValueError, match="noise"):
+        ds.make_grouped_tasks(noise=-0.1)
+    with pytest.raises(ValueError, match="n_groups"):
+        ds.make_grouped_tasks(0)

@@ -187,6 +187,35 @@ def test_ragged_shards_keep_the_pools_choice_of_sweep(client):
     same(got, ref)
 
 
+def test_ragged_shards_with_a_per_parameter_inner_lr_take_the_plain_sweep(client):
+    # Meta-SGD on ragged shards whose mean support sizes differ: the cost model
+    # alone would force the Gram sweep on every shard (the pool's choice for a
+    # scalar inner_lr), which does not apply to a per-parameter inner_lr. The
+    # driver must use the core's whole decision and match one process bitwise.
+    from fastmaml.functional import choose_sweep
+
+    rng = np.random.default_rng(4)
+    d, K = 60, 4
+    sizes = np.concatenate([rng.integers(2, 5, B), rng.integers(10, 14, B)])
+    X = rng.random((300, d))
+    s_ptr = np.concatenate([[0], np.cumsum(sizes)])
+    s_idx = rng.integers(0, 300, s_ptr[-1])
+    q_idx = rng.integers(0, 300, 2 * B * 5)
+    pool = Tasks.from_index(X, s_idx, rng.integers(0, 2, s_idx.size), q_idx, rng.integers(0, 2, q_idx.size),
+                            support_ptr=s_ptr, query_ptr=np.arange(2 * B + 1) * 5)
+    shards = split_tasks(pool, shard_size=B)
+    means = [int(np.ceil(s.support.sizes().mean())) for s in shards]
+    assert means[0] != means[1]  # the driver has to choose one sweep for all shards
+    theta = np.linspace(-0.2, 0.2, d + 1)
+    meta_sgd = np.linspace(0.1, 0.3, d + 1)
+    rows = int(sizes.sum())
+    assert choose_sweep(rows, 2 * B, d, inner_steps=K, inner_lr=0.2) == "gram"
+    assert choose_sweep(rows, 2 * B, d, inner_steps=K, inner_lr=meta_sgd) == "plain"
+    ref = meta_value_and_grad(theta, pool, inner_lr=meta_sgd, inner_steps=K, l2=0.01)
+    got = distributed_meta_value_and_grad(client, shards, theta, inner_lr=meta_sgd, inner_steps=K, l2=0.01)
+    same(got, ref)
+
+
 def test_multinomial_tasks(client):
     rng = np.random.default_rng(3)
     T, n, m, d, C = 2 * B + 5, 9, 6, 4, 3

@@ -10,8 +10,10 @@ import pytest
 
 import fastmaml
 from fastmaml import MAML, LogisticModel, StepSizeWarning
-from fastmaml._checkpoint import CheckpointError
-from fastmaml.samplers import GroupedSampler, make_grouped_tasks, split_groups
+from fastmaml.checkpoint import CheckpointError
+from fastmaml.datasets import make_grouped_tasks
+from fastmaml.samplers import GroupedSampler
+from fastmaml.splits import split_groups
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +211,7 @@ def test_loading_a_foreign_npz_or_a_newer_format_is_refused(tmp_path, family):
     model = small_model(n_iterations=2).fit(sampler(family, "train", 1))
     path = tmp_path / "m.npz"
     model.save(path)
-    from fastmaml import _checkpoint
+    from fastmaml import checkpoint as _checkpoint
 
     arrays, meta = _checkpoint.read(path)
     meta["format_version"] = _checkpoint.FORMAT_VERSION + 1
@@ -228,3 +230,103 @@ def test_loading_a_foreign_npz_or_a_newer_format_is_refused(tmp_path, family):
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError):
         MAML.load(truncated)
+
+
+# --------------------------------------------------------------------------
+# scikit-learn conventions
+# --------------------------------------------------------------------------
+
+
+def test_clone_round_trips_the_parameters():
+    sklearn_base = pytest.importorskip("sklearn.base")
+    model = MAML(inner_lr=0.3, learn_inner_lr="per_step", callbacks=[print])
+    copy = sklearn_base.clone(model)
+    assert copy is not model and type(copy) is MAML
+    assert copy.get_params() == model.get_params()
+    assert copy.inner_lr == 0.3 and copy.learn_inner_lr == "per_step"
+
+
+def test_clone_of_a_fitted_model_is_unfitted(family):
+    sklearn_base = pytest.importorskip("sklearn.base")
+    model = small_model(n_iterations=2).fit(sampler(family, "train", 1))
+    copy = sklearn_base.clone(model)
+    assert copy.get_params() == model.get_params()
+    with pytest.raises(AttributeError, match="not fitted"):
+        copy.theta_
+
+
+def test_get_params_lists_every_constructor_parameter_and_set_params_sets_them():
+    import inspect
+
+    model = MAML()
+    names = [n for n in inspect.signature(MAML).parameters]
+    assert list(model.get_params(deep=True)) == names == list(model.get_params(deep=False))
+    assert model.set_params(inner_steps=3, l2=0.5) is model
+    assert model.inner_steps == 3 and model.l2 == 0.5
+    assert model.get_params()["inner_steps"] == 3
+
+
+def test_set_params_rejects_unknown_names_naming_them():
+    with pytest.raises(ValueError, match="'inner_rate'.*'foo'|'foo'.*'inner_rate'"):
+        MAML().set_params(inner_rate=0.1, foo=1, inner_lr=0.2)
+    with pytest.raises(TypeError, match="inner_rate"):
+        MAML(inner_rate=0.1)
+
+
+def test_repr_shows_the_parameters_that_differ_from_their_defaults():
+    assert repr(MAML()) == "MAML()"
+    assert repr(MAML(inner_lr=0.3, learn_inner_lr="per_step")) == "MAML(inner_lr=0.3, learn_inner_lr='per_step')"
+    assert repr(MAML(inner_lr=0.1, l2=0)) == "MAML()"  # equal values are defaults, whatever their type
+    assert "inner_lr=array" in repr(MAML(inner_lr=np.array([0.1, 0.2])))
+
+
+def test_docstring_documents_every_parameter_once():
+    doc = MAML.__doc__
+    for name in MAML().get_params():
+        assert doc.count(f"\n    {name} : ") == 1, name
+    assert "used whole" in doc  # meta_batch_size does not apply to a fixed Tasks pool
+
+
+def test_inner_lr_for_gives_what_adapt_takes(family):
+    model = small_model(n_iterations=3, learn_inner_lr="per_step").fit(sampler(family, "train", 1))
+    lr = model.inner_lr_for(3)
+    assert lr.shape == (3, 1)
+    tasks = sampler(family, "test", 2).sample(5)
+    direct = fastmaml.adapt(model.theta_, tasks, inner_lr=lr, inner_steps=3, l2=model.l2_)
+    np.testing.assert_array_equal(model.adapt_tasks(tasks), direct)
+    path = model.adapt_tasks(tasks, return_path=True)
+    assert path.shape == (5, 4, model.theta_.size)
+    np.testing.assert_array_equal(path[:, -1], direct)
+    with pytest.raises(ValueError, match="inner_steps"):
+        model.inner_lr_for(4)
+    fixed = small_model(n_iterations=1).fit(sampler(family, "train", 1))
+    assert fixed.inner_lr_for(7) == 0.3
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_to_sklearn_round_trips_predictions_and_probabilities(n_classes):
+    pytest.importorskip("sklearn")
+    rng = np.random.default_rng(n_classes)
+    d = 5
+    params = rng.normal(size=d + 1) * 3 if n_classes == 2 else rng.normal(size=(d + 1, n_classes)) * 3
+    classes = np.array([3, 7]) if n_classes == 2 else np.array([0, 4, 9])
+    ours = LogisticModel(params, classes)
+    theirs = ours.to_sklearn()
+    for X in (rng.normal(size=(300, d)) * 4, rng.random((50, d)).astype(np.float32)):
+        np.testing.assert_array_equal(theirs.predict(X), ours.predict(X))
+        np.testing.assert_array_equal(theirs.decision_function(X), ours.decision_function(X))
+        if n_classes == 2:
+            # scikit-learn's expit(z) = 1 / (1 + exp(-z)) and fastmaml's exp(-log(1 + exp(-z)))
+            # round differently in the last bit
+            np.testing.assert_allclose(theirs.predict_proba(X), ours.predict_proba(X), rtol=0, atol=4e-16)
+        else:
+            np.testing.assert_array_equal(theirs.predict_proba(X), ours.predict_proba(X))
+        assert theirs.score(X, ours.predict(X)) == 1.0
+
+
+def test_logistic_model_probabilities_are_float64_and_stable():
+    model = LogisticModel(np.array([1000.0, -1000.0, 0.0]))
+    X = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    P = model.predict_proba(X)
+    assert P.dtype == np.float64
+    np.testing.assert_array_equal(P, [[0.0, 1.0], [1.0, 0.0]])

@@ -82,6 +82,49 @@ def test_cost_model_depends_on_shapes_only():
     assert not _core.uses_gram(200, 20, 1, 1)
 
 
+@pytest.mark.parametrize("n, d, K", [(3, 60, 4), (30, 8, 2)])
+@pytest.mark.parametrize("lr_kind", ["scalar", "per_step", "per_parameter"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_choose_sweep_is_the_path_the_dispatcher_takes(n, d, K, lr_kind, first_order):
+    # The exported decision, forced on a call, reproduces "auto" bitwise; the
+    # other path does not (so the comparison can tell them apart).
+    from fastmaml.functional import choose_sweep
+
+    tasks = batch(T=4, n=n, d=d, seed=n)
+    theta = np.linspace(-0.3, 0.3, d + 1)
+    lr = {"scalar": 0.3, "per_step": np.linspace(0.2, 0.4, K).reshape(K, 1),
+          "per_parameter": np.linspace(0.1, 0.3, d + 1)}[lr_kind]
+    kw = dict(inner_lr=lr, inner_steps=K, l2=0.1, first_order=first_order)
+    chosen = choose_sweep(4 * n, 4, d, inner_steps=K, inner_lr=lr, first_order=first_order)
+    assert chosen == ("plain" if lr_kind == "per_parameter" or n == 30 else "gram")
+    auto = fastmaml.meta_value_and_grad(theta, tasks, **kw)
+    forced = fastmaml.meta_value_and_grad(theta, tasks, sweep=chosen, **kw)
+    bits = lambda r: (r.loss, r.grad.tobytes(), np.asarray(r.grad_inner_lr).tobytes(), r.grad_l2)  # noqa: E731
+    assert bits(auto) == bits(forced)
+    if lr_kind != "per_parameter":
+        other = fastmaml.meta_value_and_grad(theta, tasks, sweep="gram" if chosen == "plain" else "plain", **kw)
+        assert bits(auto) != bits(other)
+
+
+def test_choose_sweep_applies_the_cores_applicability_check():
+    from fastmaml.functional import choose_sweep
+
+    # Few rows, many features, deep K: the cost model prefers the Gram sweep ...
+    assert choose_sweep(20 * 8, 8, 784, inner_steps=10, inner_lr=0.1) == "gram"
+    # ... but it applies only with one step size per step, without a preconditioner, for (FO)MAML.
+    assert choose_sweep(20 * 8, 8, 784, inner_steps=10, inner_lr=np.full(785, 0.1)) == "plain"
+    assert choose_sweep(20 * 8, 8, 784, inner_steps=10, preconditioned=True) == "plain"
+    assert choose_sweep(20 * 8, 8, 784, inner_steps=0, inner_lr=0.1) == "plain"
+    assert choose_sweep(20 * 8, 8, 784, inner_steps=10, inner_lr=0.1, sweep="plain") == "plain"
+    assert choose_sweep(20 * 8, 8, 784, inner_steps=10, inner_lr=0.1, n_classes=3) == "gram"
+    with pytest.raises(ValueError, match="sweep: 'gram' needs one step size per step"):
+        choose_sweep(20 * 8, 8, 784, inner_steps=10, inner_lr=np.full(785, 0.1), sweep="gram")
+    with pytest.raises(ValueError, match="inner_lr"):
+        choose_sweep(20 * 8, 8, 784, inner_steps=10, inner_lr=np.full(7, 0.1))
+    # The mean support size is rounded up, as in the core (161 rows over 8 tasks: 21 rows).
+    assert _core.choose_sweep(161, 8, 784, 1, 10) == _core.choose_sweep(21, 1, 784, 1, 10) == _core.Sweep.gram
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_dataset_kernel_gathers_the_same_gram_matrices(dtype):
     rng = np.random.default_rng(5)
@@ -100,7 +143,7 @@ def test_dataset_kernel_gathers_the_same_gram_matrices(dtype):
 
 
 def test_dataset_kernel_respects_the_memory_budget_and_shape():
-    from fastmaml.samplers import dataset_kernel
+    from fastmaml.datasets import dataset_kernel
 
     X = np.random.default_rng(0).random((100, 5))
     assert dataset_kernel(X, memory_budget=100 * 100 * 8 - 1) is None

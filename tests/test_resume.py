@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fastmaml import MAML
-from fastmaml._checkpoint import CheckpointError
+from fastmaml.checkpoint import CheckpointError
 
 N_ITER = 120
 

@@ -1,4 +1,4 @@
-"""Tests for fastmaml.samplers: episode and grouped task samplers, splits, synthetic tasks."""
+"""Tests for fastmaml.samplers (episode and grouped task samplers) and fastmaml._random."""
 
 import json
 from collections import Counter
@@ -7,14 +7,10 @@ import numpy as np
 import pytest
 
 import fastmaml
-from fastmaml.samplers import (
-    EpisodeSampler,
-    GroupedSampler,
-    _sample_without_replacement,
-    make_grouped_tasks,
-    split_groups,
-    split_rows,
-)
+from fastmaml._random import sample_without_replacement
+from fastmaml.datasets import make_grouped_tasks
+from fastmaml.samplers import EpisodeSampler, GroupedSampler
+from fastmaml.splits import split_rows
 
 
 @pytest.fixture(scope="module")
@@ -252,15 +248,14 @@ def test_meta_gradient_on_sampled_episodes_matches_dense(data):
 
 
 # --------------------------------------------------------------------------
-# sampling without replacement (the core and both NumPy methods are exact)
+# sampling without replacement (the compiled core is exact)
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", [None, "keys", "dedup"])
-def test_sample_without_replacement_uniform(method):
+def test_sample_without_replacement_uniform():
     rng = np.random.default_rng(0)
     S, n, m = 24000, 5, 2
-    out = _sample_without_replacement(rng, np.full(S, n), m, method=method)
+    out = sample_without_replacement(rng, np.full(S, n), m)
     assert out.shape == (S, m) and (out[:, 0] != out[:, 1]).all()
     assert out.min() == 0 and out.max() == n - 1
     counts = Counter(map(tuple, out.tolist()))
@@ -269,15 +264,14 @@ def test_sample_without_replacement_uniform(method):
     assert all(abs(c - expected) < 6 * np.sqrt(expected) for c in counts.values())
 
 
-@pytest.mark.parametrize("method", [None, "keys", "dedup"])
-def test_sample_without_replacement_mixed_sizes_and_full(method):
+def test_sample_without_replacement_mixed_sizes_and_full():
     rng = np.random.default_rng(1)
     n = np.array([7, 30, 7, 1000, 9])
-    out = _sample_without_replacement(rng, n, 7, method=method)
+    out = sample_without_replacement(rng, n, 7)
     assert (out >= 0).all() and (out < n[:, None]).all()
     assert all(np.unique(r).size == 7 for r in out)
-    # m == n: a full permutation of every row (the redraw path for "dedup")
-    full = _sample_without_replacement(rng, np.full(50, 12), 12, method=method)
+    # m == n: a full permutation of every row
+    full = sample_without_replacement(rng, np.full(50, 12), 12)
     assert (np.sort(full, axis=1) == np.arange(12)).all()
 
 
@@ -408,54 +402,6 @@ def test_meta_gradient_on_grouped_tasks_matches_dense(grouped):
     np.testing.assert_allclose(a.grad, np.mean([r.grad for r in per_task], axis=0), rtol=1e-10, atol=1e-14)
 
 
-# --------------------------------------------------------------------------
-# splits
-# --------------------------------------------------------------------------
-
-
-def test_split_groups_disjoint_covering():
-    g = np.repeat(np.arange(100, 150), 3)
-    parts = split_groups(g, random_state=0)
-    assert [p.size for p in parts] == [30, 10, 10]
-    allp = np.concatenate(parts)
-    assert np.array_equal(np.sort(allp), np.arange(100, 150))
-    again = split_groups(g, random_state=0)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
-    two = split_groups(np.arange(7), fractions=(0.5, 0.5), random_state=1)
-    assert sum(p.size for p in two) == 7 and not np.intersect1d(*two).size
-    # every part gets at least one id
-    small = split_groups(np.arange(3), fractions=(0.9, 0.05, 0.05), random_state=0)
-    assert [p.size for p in small] == [1, 1, 1]
-    with pytest.raises(ValueError, match="fractions"):
-        split_groups(g, fractions=(0.5, 0.2))
-    with pytest.raises(ValueError, match="fractions"):
-        split_groups(g, fractions=(1.2, -0.2))
-    with pytest.raises(ValueError, match="groups"):
-        split_groups([1, 2], fractions=(0.4, 0.3, 0.3))
-
-
-def test_split_rows_disjoint_covering_and_stratified():
-    parts = split_rows(103, fractions=(0.7, 0.3), random_state=0)
-    assert [p.size for p in parts] == [72, 31]
-    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(103))
-    y = np.repeat([5, 6, 9], [50, 30, 20])
-    y = np.random.default_rng(0).permutation(y)
-    tr, va, te = split_rows(y, fractions=(0.6, 0.2, 0.2), random_state=0)
-    assert np.array_equal(np.sort(np.concatenate([tr, va, te])), np.arange(100))
-    for part, frac in ((tr, 0.6), (va, 0.2), (te, 0.2)):
-        counts = [np.sum(y[part] == c) for c in (5, 6, 9)]
-        assert counts == [50 * frac, 30 * frac, 20 * frac]
-    unstrat = split_rows(y, fractions=(0.5, 0.5), stratify=False, random_state=0)
-    assert [p.size for p in unstrat] == [50, 50]
-    a = split_rows(y, random_state=4)
-    b = split_rows(y, random_state=4)
-    assert all(np.array_equal(u, v) for u, v in zip(a, b))
-    with pytest.raises(ValueError, match="fractions"):
-        split_rows(10, fractions=(0.5, 0.6))
-    with pytest.raises(ValueError, match="n_rows_or_y"):
-        split_rows(np.zeros((2, 2)))
-
-
 def test_row_split_feeds_episode_samplers(data):
     X, y = data
     tr, te = split_rows(y, fractions=(0.5, 0.5), random_state=0)
@@ -466,47 +412,14 @@ def test_row_split_feeds_episode_samplers(data):
     assert not np.intersect1d(used_a, used_b).size
 
 
-# --------------------------------------------------------------------------
-# make_grouped_tasks
-# --------------------------------------------------------------------------
-
-
-def test_make_grouped_tasks():
-    X, y, g, teacher = make_grouped_tasks(50, 30, 8, random_state=0, return_teacher=True)
-    assert X.shape == (1500, 8) and X.dtype == np.float64
-    assert y.shape == g.shape == (1500,)
-    assert 0 <= X.min() and X.max() <= 1
-    assert set(np.unique(y)) == {0, 1}
-    assert np.array_equal(np.bincount(g), np.full(50, 30))
-    assert 0.3 < y.mean() < 0.7
-    z = np.einsum("ij,ij->i", X, teacher["W"][g]) + teacher["b"][g]
-    assert np.array_equal(y, (z > 0).astype(y.dtype))  # noise=0: thresholded
-    # the deviation is measured relative to ||w0||
-    dev = np.linalg.norm(teacher["W"] - teacher["w0"], axis=1) / np.linalg.norm(teacher["w0"])
-    np.testing.assert_allclose(dev, 0.5)
-    X2, y2, g2 = make_grouped_tasks(50, 30, 8, random_state=0)
-    assert np.array_equal(X, X2) and np.array_equal(y, y2) and np.array_equal(g, g2)
-    _, y_noisy, _ = make_grouped_tasks(50, 30, 8, noise=1.0, random_state=0)
-    assert 0.5 < np.mean(y_noisy == y) < 1.0
-    _, _, g3 = make_grouped_tasks(40, (5, 9), 3, random_state=0)
-    sizes = np.bincount(g3)
-    assert sizes.size == 40 and sizes.min() >= 5 and sizes.max() <= 9 and np.ptp(sizes) > 0
-    with pytest.raises(ValueError, match="deviation"):
-        make_grouped_tasks(deviation=-1.0)
-    with pytest.raises(ValueError, match="noise"):
-        make_grouped_tasks(noise=-0.1)
-    with pytest.raises(ValueError, match="n_groups"):
-        make_grouped_tasks(0)
-
-
 def test_core_sampling_follows_the_generator_state():
     """The compiled sampler draws from the Generator's own bit generator: same state, same stream."""
     a = np.random.default_rng(7)
     b = np.random.default_rng(7)
-    x = _sample_without_replacement(a, np.full(10, 50), 5)
-    y = _sample_without_replacement(b, np.full(10, 50), 5)
+    x = sample_without_replacement(a, np.full(10, 50), 5)
+    y = sample_without_replacement(b, np.full(10, 50), 5)
     np.testing.assert_array_equal(x, y)
     # it advanced the generator: the next draws differ from a fresh one's
     assert a.integers(0, 2**62) != np.random.default_rng(7).integers(0, 2**62)
     with pytest.raises(ValueError, match="counts"):
-        _sample_without_replacement(a, np.array([3, 10]), 5)
+        sample_without_replacement(a, np.array([3, 10]), 5)

@@ -1,4 +1,4 @@
-"""The one place where the tests' tolerances live (DESIGN.md, "Reference results").
+"""The one place where the tests' tolerances live (docs/design.md, "Reference results").
 
 Relative error of an output array ``a`` against a reference ``b`` is one number
 per array: ``max|a - b| / max|b|``. Every comparison in the tests goes through

@@ -12,7 +12,8 @@
 #include <cmath>
 #include <vector>
 
-#include "model.hpp"
+#include "logistic.hpp"
+#include "parallel.hpp"
 
 namespace fastmaml {
 

@@ -1,4 +1,6 @@
-// Row kernels and scalar link functions for logistic regression.
+// Row kernels: the SIMD dot products and axpy every pass over a task's rows
+// is made of, with their run-time dispatch over instruction sets, and the
+// portability switches of the core.
 //
 // Pure C++17, no Python. Every routine takes raw pointers and sizes and is
 // templated on the storage type T (float or double). Dot products are
@@ -15,27 +17,31 @@ namespace fastmaml {
 
 using index_t = std::int64_t;
 
-// Numerically stable logistic sigmoid: never evaluates exp of a positive
-// argument, so |z| in the thousands gives 0 or 1 and no overflow.
-inline double sigmoid(double z) {
-  if (z >= 0.0) {
-    return 1.0 / (1.0 + std::exp(-z));
-  }
-  const double e = std::exp(z);
-  return e / (1.0 + e);
-}
+// Portability. Every compiler-specific construct has a standard C++17
+// fallback, and FASTMAML_PORTABLE_FALLBACKS=1 (CMake option of the same
+// name) forces all of them under any compiler, so that a g++ build tests the
+// code an MSVC or other build runs:
+//   FASTMAML_RESTRICT    __restrict (GCC, clang, MSVC)    | nothing
+//   FASTMAML_CLONES      GCC target_clones (x86-64 ELF) | one baseline build
+//   mul_hi_lo (sampling.hpp)  unsigned __int128         | 32-bit halves
+// FASTMAML_NO_MULTIVERSION=1 turns off only the run-time dispatch.
+#if !defined(FASTMAML_PORTABLE_FALLBACKS)
+#define FASTMAML_PORTABLE_FALLBACKS 0
+#endif
 
-// softplus(z) = log(1 + exp(z)) without overflow for large z.
-inline double softplus(double z) {
-  return std::max(z, 0.0) + std::log1p(std::exp(-std::fabs(z)));
-}
+#if !FASTMAML_PORTABLE_FALLBACKS && (defined(__GNUC__) || defined(__clang__) || defined(_MSC_VER))
+#define FASTMAML_RESTRICT __restrict
+#else
+#define FASTMAML_RESTRICT
+#endif
 
 // Hot row kernels are compiled for several instruction sets and chosen at
 // load time (GCC function multi-versioning): AVX-512 and AVX2+FMA where the
 // CPU has them, baseline x86-64 otherwise. Never -march=native, so a wheel
-// runs on any x86-64. Other compilers get the baseline build.
+// runs on any x86-64. Other compilers and other architectures (aarch64, ...)
+// get the baseline build only; its results are those of the "default" clone.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
-    !defined(FASTMAML_NO_MULTIVERSION)
+    !defined(FASTMAML_NO_MULTIVERSION) && !FASTMAML_PORTABLE_FALLBACKS
 #define FASTMAML_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define FASTMAML_MULTIVERSIONED 1
 #else
@@ -46,14 +52,14 @@ inline double softplus(double z) {
 // <x, w>: float64 rows accumulate in float64. float32 rows accumulate in
 // float32 lanes over blocks of 256 features and the blocks in float64: the
 // rounding error stays ~1e-6 relative while the loop runs at float32 width.
-FASTMAML_CLONES inline double dot_kernel(const double* __restrict x, const double* __restrict w, index_t d) {
+FASTMAML_CLONES inline double dot_kernel(const double* FASTMAML_RESTRICT x, const double* FASTMAML_RESTRICT w, index_t d) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (index_t k = 0; k < d; ++k) acc += x[k] * w[k];
   return acc;
 }
 
-FASTMAML_CLONES inline double dot_kernel(const float* __restrict x, const float* __restrict w, index_t d) {
+FASTMAML_CLONES inline double dot_kernel(const float* FASTMAML_RESTRICT x, const float* FASTMAML_RESTRICT w, index_t d) {
   double total = 0.0;
   for (index_t k0 = 0; k0 < d; k0 += 256) {
     const index_t k1 = std::min(d, k0 + 256);
@@ -68,9 +74,9 @@ FASTMAML_CLONES inline double dot_kernel(const float* __restrict x, const float*
 // Four dot products <a_r, b> sharing each load of b (the Gram matrix of a
 // task's rows): about 1.6x fewer loads than four separate dots. Same
 // accumulation scheme as dot_kernel.
-FASTMAML_CLONES inline void dot4_kernel(const double* __restrict a0, const double* __restrict a1,
-                                        const double* __restrict a2, const double* __restrict a3,
-                                        const double* __restrict b, index_t d, double* out) {
+FASTMAML_CLONES inline void dot4_kernel(const double* FASTMAML_RESTRICT a0, const double* FASTMAML_RESTRICT a1,
+                                        const double* FASTMAML_RESTRICT a2, const double* FASTMAML_RESTRICT a3,
+                                        const double* FASTMAML_RESTRICT b, index_t d, double* out) {
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
   for (index_t k = 0; k < d; ++k) {
@@ -86,9 +92,9 @@ FASTMAML_CLONES inline void dot4_kernel(const double* __restrict a0, const doubl
   out[3] = s3;
 }
 
-FASTMAML_CLONES inline void dot4_kernel(const float* __restrict a0, const float* __restrict a1,
-                                        const float* __restrict a2, const float* __restrict a3,
-                                        const float* __restrict b, index_t d, double* out) {
+FASTMAML_CLONES inline void dot4_kernel(const float* FASTMAML_RESTRICT a0, const float* FASTMAML_RESTRICT a1,
+                                        const float* FASTMAML_RESTRICT a2, const float* FASTMAML_RESTRICT a3,
+                                        const float* FASTMAML_RESTRICT b, index_t d, double* out) {
   out[0] = out[1] = out[2] = out[3] = 0.0;
   for (index_t k0 = 0; k0 < d; k0 += 256) {
     const index_t k1 = std::min(d, k0 + 256);
@@ -108,12 +114,12 @@ FASTMAML_CLONES inline void dot4_kernel(const float* __restrict a0, const float*
   }
 }
 
-FASTMAML_CLONES inline void axpy_kernel(double* __restrict y, const double* __restrict x, index_t d, double c) {
+FASTMAML_CLONES inline void axpy_kernel(double* FASTMAML_RESTRICT y, const double* FASTMAML_RESTRICT x, index_t d, double c) {
 #pragma omp simd
   for (index_t k = 0; k < d; ++k) y[k] += c * x[k];
 }
 
-FASTMAML_CLONES inline void axpy_kernel(float* __restrict y, const float* __restrict x, index_t d, double c) {
+FASTMAML_CLONES inline void axpy_kernel(float* FASTMAML_RESTRICT y, const float* FASTMAML_RESTRICT x, index_t d, double c) {
   const float cc = static_cast<float>(c);
 #pragma omp simd
   for (index_t k = 0; k < d; ++k) y[k] += cc * x[k];
@@ -121,13 +127,13 @@ FASTMAML_CLONES inline void axpy_kernel(float* __restrict y, const float* __rest
 
 // <x, w> + bias
 template <class T>
-inline double dot_bias(const T* __restrict x, const T* __restrict w, index_t d, double bias) {
+inline double dot_bias(const T* FASTMAML_RESTRICT x, const T* FASTMAML_RESTRICT w, index_t d, double bias) {
   return dot_kernel(x, w, d) + bias;
 }
 
 // y[0:d] += c * x[0:d]
 template <class T>
-inline void axpy(T* __restrict y, const T* __restrict x, index_t d, double c) {
+inline void axpy(T* FASTMAML_RESTRICT y, const T* FASTMAML_RESTRICT x, index_t d, double c) {
   axpy_kernel(y, x, d, c);
 }
 
@@ -136,7 +142,7 @@ inline void axpy(T* __restrict y, const T* __restrict x, index_t d, double c) {
 // dense and gathered (index-form) tasks share one kernel.
 template <class T>
 inline void xt_times(const T* const* rows, const double* coef, index_t n,
-                     index_t d, T* __restrict out) {
+                     index_t d, T* FASTMAML_RESTRICT out) {
   std::fill(out, out + d + 1, T(0));
   double bias = 0.0;
   for (index_t i = 0; i < n; ++i) {

@@ -18,7 +18,6 @@
 namespace fastmaml {
 
 struct BinaryLink {
-  static constexpr bool kBinary = true;
   index_t cols() const { return 1; }
   // Writes r (1) and curv (1); returns the row loss. Written without
   // cancellation: for a confidently right row (y = 1, z = 40) p - y is
@@ -41,7 +40,6 @@ struct BinaryLink {
 };
 
 struct SoftmaxLink {
-  static constexpr bool kBinary = false;
   index_t C = 2;
   index_t cols() const { return C; }
   double row(const double* z, std::int32_t y, double* r, double* curv, bool want_loss = true) const {

@@ -19,20 +19,43 @@ struct BitGen {
   std::uint64_t (*next_raw)(void* st);
 };
 
+// The full 128-bit product x * n as (high, low) 64-bit halves. With a
+// native 128-bit integer (GCC, clang) one multiply; otherwise (MSVC, or
+// FASTMAML_PORTABLE_FALLBACKS) schoolbook multiplication of 32-bit halves,
+// which is exact: each partial product fits in 64 bits, and so do the sums
+// of 32-bit pieces that carry into the high word.
+inline std::uint64_t mul_hi_lo_portable(std::uint64_t x, std::uint64_t n, std::uint64_t* low) {
+  const std::uint64_t mask = 0xffffffffu;
+  const std::uint64_t x0 = x & mask, x1 = x >> 32, n0 = n & mask, n1 = n >> 32;
+  const std::uint64_t p00 = x0 * n0, p01 = x0 * n1, p10 = x1 * n0, p11 = x1 * n1;
+  const std::uint64_t mid = (p00 >> 32) + (p01 & mask) + (p10 & mask);  // < 3 * 2^32
+  *low = (mid << 32) | (p00 & mask);
+  return p11 + (p01 >> 32) + (p10 >> 32) + (mid >> 32);
+}
+
+#if defined(__SIZEOF_INT128__) && !FASTMAML_PORTABLE_FALLBACKS
+#define FASTMAML_HAVE_INT128 1
+inline std::uint64_t mul_hi_lo(std::uint64_t x, std::uint64_t n, std::uint64_t* low) {
+  const unsigned __int128 prod = static_cast<unsigned __int128>(x) * n;
+  *low = static_cast<std::uint64_t>(prod);
+  return static_cast<std::uint64_t>(prod >> 64);
+}
+#else
+#define FASTMAML_HAVE_INT128 0
+inline std::uint64_t mul_hi_lo(std::uint64_t x, std::uint64_t n, std::uint64_t* low) {
+  return mul_hi_lo_portable(x, n, low);
+}
+#endif
+
 // Uniform integer in [0, n), unbiased (Lemire's multiply-and-reject).
 inline std::uint64_t bounded(BitGen* g, std::uint64_t n) {
-  std::uint64_t x = g->next_uint64(g->state);
-  __uint128_t prod = static_cast<__uint128_t>(x) * n;
-  std::uint64_t low = static_cast<std::uint64_t>(prod);
+  std::uint64_t low = 0;
+  std::uint64_t high = mul_hi_lo(g->next_uint64(g->state), n, &low);
   if (low < n) {
     const std::uint64_t threshold = (0 - n) % n;
-    while (low < threshold) {
-      x = g->next_uint64(g->state);
-      prod = static_cast<__uint128_t>(x) * n;
-      low = static_cast<std::uint64_t>(prod);
-    }
+    while (low < threshold) high = mul_hi_lo(g->next_uint64(g->state), n, &low);
   }
-  return static_cast<std::uint64_t>(prod >> 64);
+  return high;
 }
 
 // For each r, m distinct integers in [0, counts[r]) in uniformly random

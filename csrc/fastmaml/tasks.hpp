@@ -45,7 +45,7 @@ struct TaskSet {
   SideView<T> query;
   // Optional kernel matrix of the shared dataset, X X^T (n_rows x n_rows, the
   // weight columns only): an index-form episode's Gram matrix is then
-  // gathered from it instead of computed (DESIGN.md section 3).
+  // gathered from it instead of computed (docs/design.md section 3).
   const T* kernel = nullptr;
   index_t kernel_rows = 0;
 };

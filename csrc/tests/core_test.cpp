@@ -1,17 +1,25 @@
 // Stand-alone test of the C++ core (no Python): exercises every path on
 // random data and checks it against central finite differences of the
-// meta-loss and against each other. Built and run under AddressSanitizer and
-// UndefinedBehaviorSanitizer in CI (.ci/run):
+// meta-loss and against each other, checks the choice of sweep, and checks
+// the portable fallbacks (128-bit multiply, sampler stream). Built and run
+// under AddressSanitizer and UndefinedBehaviorSanitizer in CI (.ci/run):
 //   g++ -std=c++17 -O1 -g -fopenmp -fsanitize=address,undefined -Icsrc csrc/tests/core_test.cpp
+// and by .ci/cross.sh with clang++, with an aarch64 cross-compiler under
+// qemu-user, and with -DFASTMAML_PORTABLE_FALLBACKS=1. Its last line,
+// "digest <hex>", hashes the bits of every output; two builds of the same
+// arithmetic (e.g. with and without the fallbacks) must print the same one.
 #include <cmath>
 #include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "fastmaml/gram.hpp"
+#include <cstdint>
+#include <cstring>
+
 #include "fastmaml/imaml.hpp"
-#include "fastmaml/model.hpp"
+#include "fastmaml/meta.hpp"
+#include "fastmaml/sampling.hpp"
 
 using namespace fastmaml;
 
@@ -21,6 +29,18 @@ static void check(bool ok, const std::string& what) {
   std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
   if (!ok) ++failures;
 }
+
+// FNV-1a over the bits of every output the test produces.
+static std::uint64_t digest = 1469598103934665603ull;
+static void absorb(const void* p, size_t bytes) {
+  const unsigned char* b = static_cast<const unsigned char*>(p);
+  for (size_t i = 0; i < bytes; ++i) digest = (digest ^ b[i]) * 1099511628211ull;
+}
+template <class V>
+static void absorb(const V& v) {
+  absorb(v.data(), v.size() * sizeof(v[0]));
+}
+static void absorb(double x) { absorb(&x, sizeof x); }
 
 static double rel_err(const std::vector<double>& a, const std::vector<double>& b) {
   double num = 0.0, den = 0.0;
@@ -105,6 +125,7 @@ static void run_case(Link link, index_t C, const char* name) {
   double gl2_plain = 0, gl2_gram = 0;
   run(theta, alpha, lam, Sweep::plain, 1, &gp, &hp, &gl2_plain);
   run(theta, alpha, lam, Sweep::gram, 2, &gg, &hg, &gl2_gram);
+  absorb(gp), absorb(hp), absorb(gl2_plain), absorb(gg), absorb(hg), absorb(gl2_gram);
   check(rel_err(gg, gp) < 1e-10 && rel_err(hg, hp) < 1e-10 && std::fabs(gl2_gram - gl2_plain) < 1e-10 * std::fabs(gl2_plain),
         std::string(name) + ": gram sweep equals plain sweep");
   // Finite differences of the meta-loss.
@@ -145,6 +166,7 @@ static void run_case(Link link, index_t C, const char* name) {
   TaskStatus st = meta_value_and_grad<double>(ts, link, theta.data(), nullptr, pre, K, LrLayout{}, lam, Mode::maml, 2,
                                               &loss, gr.data(), hy.data(), &gl);
   check(st.ok() && std::isfinite(loss), std::string(name) + ": preconditioned sweep runs");
+  absorb(gr), absorb(hy), absorb(loss), absorb(gl);
   std::vector<double> res(static_cast<size_t>(T)), cres(static_cast<size_t>(T));
   std::vector<std::int32_t> it(static_cast<size_t>(T)), cit(static_cast<size_t>(T));
   std::vector<std::uint8_t> ok(static_cast<size_t>(T)), cok(static_cast<size_t>(T));
@@ -154,12 +176,15 @@ static void run_case(Link link, index_t C, const char* name) {
   bool conv = true;
   for (index_t t = 0; t < T; ++t) conv = conv && ok[t] && cok[t];
   check(st.ok() && conv, std::string(name) + ": iMAML solves converge");
+  absorb(gr), absorb(loss), absorb(res), absorb(cres);
   std::vector<double> path(static_cast<size_t>(T * (K + 1) * P));
   st = adapt<double>(ts, link, theta.data(), false, alpha.data(), none, K, lam, true, 2, path.data());
   check(st.ok(), std::string(name) + ": adapt with path");
+  absorb(path);
   std::vector<double> params(static_cast<size_t>(T * P), 0.1), lo(static_cast<size_t>(T)), out(static_cast<size_t>(T * P));
   st = loss_grad_hvp<double>(ts, link, params.data(), lam, params.data(), 2, lo.data(), out.data());
   check(st.ok(), std::string(name) + ": Hessian-vector products");
+  absorb(lo), absorb(out);
   // Divergence is reported, never returned as NaN.
   std::vector<double> huge(static_cast<size_t>(K * P), 1e300);
   st = meta_value_and_grad<double>(ts, link, theta.data(), huge.data(), none, K, lr, 1e6, Mode::maml, 2, &loss,
@@ -167,11 +192,90 @@ static void run_case(Link link, index_t C, const char* name) {
   check(!st.ok(), std::string(name) + ": divergence is reported");
 }
 
+// The choice of sweep: the cost model, and gram only where it applies.
+static void sweep_choice() {
+  CallShape s;
+  s.support_rows_per_task = 20.0;
+  s.d = 784;
+  s.K = 5;
+  s.lr = LrLayout{5, 1, 1};
+  check(choose_sweep(s, Sweep::automatic) == Sweep::gram, "choose_sweep: gram for few rows, many features");
+  s.lr = LrLayout{1, 785, 1};  // per parameter (Meta-SGD): the span sweep does not apply
+  check(!gram_applies(s) && choose_sweep(s, Sweep::automatic) == Sweep::plain &&
+            choose_sweep(s, Sweep::gram) == Sweep::plain,
+        "choose_sweep: never gram for a per-parameter inner_lr");
+  s.lr = LrLayout{};
+  s.mode = Mode::reptile;
+  check(choose_sweep(s, Sweep::gram) == Sweep::plain, "choose_sweep: never gram for Reptile");
+  s.mode = Mode::maml;
+  s.support_rows_per_task = 200.0;
+  s.d = 20;
+  s.K = 1;
+  check(choose_sweep(s, Sweep::automatic) == Sweep::plain && choose_sweep(s, Sweep::gram) == Sweep::gram,
+        "choose_sweep: plain when cheaper, gram when asked and it applies");
+}
+
+// A deterministic stand-in for NumPy's bitgen_t (SplitMix64).
+static std::uint64_t splitmix_next(void* st) {
+  std::uint64_t& x = *static_cast<std::uint64_t*>(st);
+  std::uint64_t z = (x += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// The 128-bit multiply fallback equals the native one, and the sampler's
+// stream is what it is in every build (the digest covers it).
+static void portable_sampling() {
+  std::uint64_t state = 12345;
+  bool same = true, exact = true;
+  const std::uint64_t edges[] = {0, 1, 2, 0xffffffffull, 0x100000000ull, 0xffffffffffffffffull, 0x8000000000000000ull};
+  auto verify = [&](std::uint64_t x, std::uint64_t n) {
+    std::uint64_t lo_a = 0, lo_b = 0;
+    const std::uint64_t hi_a = mul_hi_lo_portable(x, n, &lo_a);
+    const std::uint64_t hi_b = mul_hi_lo(x, n, &lo_b);
+    same = same && hi_a == hi_b && lo_a == lo_b;
+    // Independent check without 128-bit types: low word is the wrapped product,
+    // and (hi, lo) / n gives x back when n > 0.
+    exact = exact && lo_a == x * n;
+  };
+  for (std::uint64_t a : edges)
+    for (std::uint64_t b : edges) verify(a, b);
+  for (int i = 0; i < 200000; ++i) {
+    const std::uint64_t x = splitmix_next(&state), n = splitmix_next(&state) >> (i % 64);
+    verify(x, n);
+  }
+  check(same && exact, std::string("mul_hi_lo: portable fallback equals the ") +
+                           (FASTMAML_HAVE_INT128 ? "native 128-bit multiply" : "fallback (no native type here)"));
+  std::uint64_t gstate = 42;
+  BitGen g{&gstate, &splitmix_next, nullptr, nullptr, nullptr};
+  std::vector<index_t> counts = {10, 3, 1000000, 7, 1ll << 40};
+  const index_t m = 3;
+  std::vector<index_t> out(counts.size() * m);
+  sample_without_replacement(&g, counts.data(), static_cast<index_t>(counts.size()), m, out.data());
+  bool distinct = true;
+  for (size_t r = 0; r < counts.size(); ++r)
+    for (index_t a = 0; a < m; ++a) {
+      distinct = distinct && out[r * m + a] >= 0 && out[r * m + a] < counts[r];
+      for (index_t b = 0; b < a; ++b) distinct = distinct && out[r * m + a] != out[r * m + b];
+    }
+  check(distinct, "sampler: distinct in-range draws");
+  absorb(out);
+  std::printf("sampler stream:");
+  for (index_t v : out) std::printf(" %lld", static_cast<long long>(v));
+  std::printf("\n");
+}
+
 int main() {
   run_case(BinaryLink{}, 1, "binary");
   SoftmaxLink soft;
   soft.C = 3;
   run_case(soft, 3, "softmax C=3");
+  sweep_choice();
+  portable_sampling();
+  std::printf("build: multiversioned=%d portable_fallbacks=%d int128=%d\n", FASTMAML_MULTIVERSIONED,
+              FASTMAML_PORTABLE_FALLBACKS, FASTMAML_HAVE_INT128);
   std::printf("%d failed\n", failures);
+  std::printf("digest %016llx\n", static_cast<unsigned long long>(digest));
   return failures == 0 ? 0 : 1;
 }

@@ -1,7 +1,9 @@
-// The batch driver: runs a per-task worker over a meta-batch with OpenMP and
-// combines per-task results in a fixed order.
+// The parallel driver: runs a per-task worker over a meta-batch with OpenMP,
+// catches every exception inside the parallel region (none may cross it) and
+// reports the lowest failing task, and combines per-task results in a fixed
+// order of fixed blocks.
 //
-// Determinism contract (DESIGN.md, "Reduction order"): per-task results are
+// Determinism contract (docs/design.md, "Reduction order"): per-task results are
 // written to their own slots, then summed in blocks of kReduceBlock tasks
 // (sequentially inside a block, blocks in order). Neither the block size nor
 // the chunking depends on the thread count, so the result is bitwise the same
@@ -97,8 +99,8 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
     // Tasks handed out a few at a time: enough pieces to balance ragged
     // tasks across threads, few enough that dispatch stays cheap. Only the
     // work split depends on it, never a result.
-    const index_t grain = std::max<index_t>(1, count / (16 * static_cast<index_t>(threads)));
 #ifdef _OPENMP
+    const index_t grain = std::max<index_t>(1, count / (16 * static_cast<index_t>(threads)));
 #pragma omp parallel num_threads(threads) default(none) \
     shared(make_worker, slots, task_status, start, count, slot_len, grain)
 #endif
@@ -170,7 +172,6 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
       }
     }
   }
-  (void)threads;
   return status;
 }
 

@@ -18,6 +18,8 @@ import zipfile
 
 import numpy as np
 
+__all__ = ["CheckpointError", "read", "write", "FORMAT", "FORMAT_VERSION"]
+
 FORMAT = "fastmaml-model"
 FORMAT_VERSION = 1
 _META_KEY = "__meta__"

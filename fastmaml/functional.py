@@ -1,19 +1,24 @@
-"""The functional core: exact MAML maths for binary logistic regression.
+"""The functional core: exact MAML maths for logistic regression, no state.
 
-Every function validates its arguments here (naming the argument at fault),
-converts once, and makes one call into the compiled core for the whole batch.
+One call path: every entry point runs the same prologue (:func:`_prologue`),
+which validates each argument once (naming it), converts once and returns a
+:class:`_Call`; one call into the compiled core then serves the whole batch.
+The core receives each side of the tasks as one ``_core.Side`` object, the
+mode and the sweep as enums (``_core.Mode``, ``_core.Sweep``) and the rest
+as named arguments; the bindings only re-check what guards memory.
+:func:`choose_sweep` exposes the core's own choice between its exact paths.
 """
 
 from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
-from . import _core
-from ._tasks import Tasks
+from . import _core, _links
+from ._tasks import Tasks, _Side
 from ._validation import (
     as_feature_array,
     as_labels,
@@ -44,6 +49,7 @@ __all__ = [
     "REDUCE_BLOCK",
     "meta_block_sums",
     "combine_block_sums",
+    "choose_sweep",
 ]
 
 DivergenceError = _core.DivergenceError
@@ -166,12 +172,16 @@ def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
         cast = arr.astype(dtype, copy=False)
     if not np.isfinite(cast).all():
         raise ValueError(f"inner_lr: values overflow the compute dtype {np.dtype(dtype)}")
-    padded = (1,) * (len(full) - arr.ndim) + arr.shape
+    table = np.ascontiguousarray(np.broadcast_to(cast, full))
+    return table, _lr_layout(arr.shape, full), arr.shape, scalar_in
+
+
+def _lr_layout(lr_shape: tuple, full: tuple) -> tuple:
+    """(lr_steps, lr_rows, lr_cols): the axes of the (K, D[, C]) table along which inner_lr varies."""
+    padded = (1,) * (len(full) - len(lr_shape)) + tuple(lr_shape)
     full3 = full if len(full) == 3 else full + (1,)
     padded3 = padded if len(padded) == 3 else padded + (1,)
-    layout = tuple(f if (p == f and f > 1) else 1 for p, f in zip(padded3, full3))
-    table = np.ascontiguousarray(np.broadcast_to(cast, full))
-    return table, layout, arr.shape, scalar_in
+    return tuple(f if (p == f and f > 1) else 1 for p, f in zip(padded3, full3))
 
 
 def _unreduce_lr_grad(grad_lr: np.ndarray, shape: tuple, scalar_in: bool):
@@ -243,44 +253,210 @@ def meta_value_and_grad(
     DivergenceError
         If the inner loop produces non-finite parameters (names task and step).
     """
-    _, theta_c, lr_shape, scalar_in, (loss, grad, grad_lr, grad_l2) = _meta_call(
-        theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, sweep
-    )
+    call = _prologue(theta, tasks, l2=l2, n_threads=n_threads, inner_steps=inner_steps, inner_lr=inner_lr)
+    loss, grad, grad_lr, grad_l2 = _run_meta(call, _mode(first_order), sweep)
     return MetaGradient(
         loss=float(loss),
-        grad=grad.reshape(theta_c.shape),
-        grad_inner_lr=_unreduce_lr_grad(grad_lr, lr_shape, scalar_in),
+        grad=grad.reshape(call.theta.shape),
+        grad_inner_lr=_unreduce_lr_grad(grad_lr, call.lr_shape, call.scalar_in),
         grad_l2=float(grad_l2),
     )
 
 
-_SWEEPS = {"auto": 0, "plain": 1, "gram": 2}
-_REPTILE = "reptile"  # passed as first_order: the core's third mode
+# --------------------------------------------------------------------------
+# the one call path: a prologue that validates once, and the calls it serves
+# --------------------------------------------------------------------------
+
+_SWEEPS = {"auto": _core.Sweep.auto, "plain": _core.Sweep.plain, "gram": _core.Sweep.gram}
+_GRAM_NEEDS = (
+    "sweep: 'gram' needs one step size per step (scalar or per-step inner_lr), no preconditioner, "
+    "MAML or first-order MAML, and inner_steps >= 1"
+)
 
 
-def _meta_call(theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, sweep, block_sums=False):
-    """Validate once and make the one call into the core shared by the MAML entry points.
+def _mode(first_order) -> "_core.Mode":
+    """The core's mode for a public ``first_order`` flag (Reptile has its own entry point)."""
+    return _core.Mode.first_order if first_order else _core.Mode.maml
 
-    ``first_order`` is a bool (MAML / first-order MAML) or ``_REPTILE``.
-    """
-    ts = _as_tasks(tasks)
-    K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = _check_l2(l2, ts.dtype)
-    nt = check_threads(n_threads)
-    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
-    table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, ts.dtype)
-    if sweep not in _SWEEPS:
+
+def _sweep_arg(sweep) -> "_core.Sweep":
+    if not isinstance(sweep, str) or sweep not in _SWEEPS:
         raise ValueError(f"sweep: expected one of {tuple(_SWEEPS)}, got {sweep!r}")
-    mode = 2 if first_order is _REPTILE else (1 if first_order else 0)
-    out = _core.meta_value_and_grad(
-        theta_c, table, *layout, None, None, K, lam, mode, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args(), _SWEEPS[sweep], block_sums, ts.kernel
+    return _SWEEPS[sweep]
+
+
+class _Call(NamedTuple):
+    """Everything one call into the core needs, validated and converted once."""
+
+    support: "_core.Side"
+    query: Optional["_core.Side"]  # None for support-only calls (adapt, primitives)
+    kernel: Optional[np.ndarray]
+    single: bool  # X was one task (n, d): drop the task axis of the result
+    n_tasks: int
+    n_features: int
+    dtype: np.dtype
+    support_rows: int
+    theta: Optional[np.ndarray]
+    n_classes: int
+    inner_steps: int
+    l2: float
+    n_threads: int
+    inner_lr: Optional[np.ndarray] = None  # the (K, *theta.shape) step-size table
+    lr_layout: tuple = (1, 1, 1)
+    lr_shape: tuple = ()
+    scalar_in: bool = False
+    log_scale: Optional[np.ndarray] = None
+    U: Optional[np.ndarray] = None
+
+
+_FROM_TASKS = object()  # the prologue's `y` when `data` is a Tasks / 4-tuple with its query sets
+_NO_INNER_LOOP = object()  # the prologue's `inner_steps` for calls without an inner loop
+
+
+def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNER_LOOP, inner_lr=None,
+              log_scale=None, U=None, preconditioned=False) -> _Call:
+    """Validate and convert every argument of a call once; the one prologue of every entry point.
+
+    ``data`` is a Tasks or a 4-tuple (meta-gradients: support and query), or
+    with ``y`` given, the ``X`` of :func:`adapt` and the primitives (support
+    only: (n, d), (T, n, d) or a Tasks). ``theta`` None skips the parameters
+    (the primitives check their own ``params``). Without ``inner_steps`` there
+    is no inner loop (iMAML, primitives); otherwise either ``inner_lr`` or, with
+    ``preconditioned``, ``log_scale`` and ``U`` describe the step.
+    """
+    if y is _FROM_TASKS:
+        ts = _as_tasks(data)
+        side, query, single, user_labels = ts.support, ts.query, False, False
+        dtype, d, T, kernel = ts.dtype, ts.n_features, ts.n_tasks, ts.kernel
+    else:
+        side, single, dtype, d, T = _support_side(data, y)
+        query, kernel, user_labels = None, None, not isinstance(data, Tasks)
+    inner_loop = inner_steps is not _NO_INNER_LOOP
+    K = check_int(inner_steps, "inner_steps", minimum=0) if inner_loop else 0
+    lam = _check_l2(l2, dtype)
+    nt = check_threads(n_threads)
+    theta_c, C = None, 1
+    if theta is not None:
+        theta_c = _prepare_theta(theta, d, dtype)
+        C = _n_classes(theta_c)
+        if user_labels:
+            _check_labels_in_range(side.y, C, "y")
+    step = {}
+    if inner_loop and theta_c is not None:
+        if preconditioned:
+            step["log_scale"], step["U"] = _prepare_precond(log_scale, U, d + 1, dtype)
+        else:
+            table, layout, lr_shape, scalar_in = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)
+            step.update(inner_lr=table, lr_layout=layout, lr_shape=lr_shape, scalar_in=scalar_in)
+    return _Call(
+        support=side.core(), query=None if query is None else query.core(), kernel=kernel, single=single,
+        n_tasks=T, n_features=d, dtype=dtype, support_rows=int(side.ptr[-1]), theta=theta_c, n_classes=C,
+        inner_steps=K, l2=lam, n_threads=nt, **step,
     )
-    return ts, theta_c, lr_shape, scalar_in, out
+
+
+def _run_meta(call: _Call, mode, sweep="auto", block_sums: bool = False) -> tuple:
+    """The one meta-gradient call into the core (MAML, first-order MAML, Reptile, preconditioned)."""
+    requested = _sweep_arg(sweep)
+    if requested == _core.Sweep.gram and _choose(call, mode, requested) != _core.Sweep.gram:
+        raise ValueError(_GRAM_NEEDS)
+    return _core.meta_value_and_grad(
+        call.theta, call.support, call.query, n_classes=call.n_classes, inner_steps=call.inner_steps, l2=call.l2,
+        mode=mode, sweep=requested, n_threads=call.n_threads, inner_lr=call.inner_lr, lr_layout=call.lr_layout,
+        log_scale=call.log_scale, U=call.U, kernel=call.kernel, block_sums=block_sums,
+    )
+
+
+def _run_adapt(call: _Call, return_path: bool):
+    """The one inner-loop call into the core (plain step sizes or a preconditioner); shaped like theta."""
+    if return_path:
+        T, K, theta = call.n_tasks, call.inner_steps, call.theta
+        check_memory(T * (K + 1) * theta.size * theta.itemsize, "return_path", f"the path of {T} tasks")
+    out = _core.adapt(
+        call.theta, call.support, n_classes=call.n_classes, inner_steps=call.inner_steps, l2=call.l2,
+        keep_path=bool(return_path), n_threads=call.n_threads, inner_lr=call.inner_lr, log_scale=call.log_scale,
+        U=call.U,
+    )
+    out = out.reshape(out.shape[:-1] + call.theta.shape)
+    return out[0] if call.single else out
+
+
+def _choose(call: _Call, mode, requested) -> "_core.Sweep":
+    kernel = call.kernel is not None and call.support.idx is not None
+    return _core.choose_sweep(
+        call.support_rows, call.n_tasks, call.n_features, call.n_classes, call.inner_steps,
+        lr_layout=call.lr_layout, preconditioned=call.log_scale is not None, mode=mode, kernel=kernel,
+        requested=requested,
+    )
+
+
+def choose_sweep(support_rows: int, n_tasks: int, n_features: int, *, inner_steps: int, inner_lr=None,
+                 n_classes: int = 1, first_order: bool = False, preconditioned: bool = False,
+                 kernel: bool = False, sweep: str = "auto") -> str:
+    """The exact path the core takes for a meta-gradient of these shapes: ``"plain"`` or ``"gram"``.
+
+    The core's own rule (a cost model of shapes, never of threads, and the
+    check that the Gram sweep applies at all), for anyone who must know the
+    decision before a call, such as a driver that splits a batch into shards
+    and wants every shard to take the path of the whole batch.
+
+    Parameters
+    ----------
+    support_rows : int
+        Support rows of the whole meta-batch (the sum over its tasks).
+    n_tasks : int
+        Tasks in the meta-batch; the cost model reads the ceiling of the mean
+        support size.
+    n_features : int
+    inner_steps : int
+    inner_lr : float or array_like, optional
+        The step size as passed to :func:`meta_value_and_grad` (only its
+        shape matters); required unless ``preconditioned``.
+    n_classes : int, default=1
+        1 for a binary theta of shape (n_features + 1,), C for a multinomial
+        theta of shape (n_features + 1, C).
+    first_order : bool, default=False
+    preconditioned : bool, default=False
+        A learned preconditioner replaces inner_lr (never the Gram sweep).
+    kernel : bool, default=False
+        An index-form batch whose Tasks carry the dataset's kernel matrix.
+    sweep : {"auto", "plain", "gram"}, default="auto"
+        The request, as passed to :func:`meta_value_and_grad`.
+
+    Returns
+    -------
+    str
+        ``"plain"`` or ``"gram"``.
+
+    Raises
+    ------
+    ValueError
+        For ``sweep="gram"`` where the Gram sweep does not apply (a
+        per-parameter inner_lr, say), as :func:`meta_value_and_grad` would.
+    """
+    support_rows = check_int(support_rows, "support_rows", minimum=1)
+    n_tasks = check_int(n_tasks, "n_tasks", minimum=1)
+    n_features = check_int(n_features, "n_features", minimum=1)
+    K = check_int(inner_steps, "inner_steps", minimum=0)
+    C = check_int(n_classes, "n_classes", minimum=1)
+    theta_shape = (n_features + 1,) if C == 1 else (n_features + 1, C)
+    layout = (1, 1, 1)
+    if not preconditioned:
+        if inner_lr is None:
+            raise TypeError("inner_lr: required unless preconditioned=True")
+        layout = _prepare_inner_lr(inner_lr, K, theta_shape, np.float64)[1]
+    requested = _sweep_arg(sweep)
+    mode = _mode(first_order)
+    got = _core.choose_sweep(support_rows, n_tasks, n_features, C, K, lr_layout=layout,
+                             preconditioned=bool(preconditioned), mode=mode, kernel=bool(kernel),
+                             requested=requested)
+    if requested == _core.Sweep.gram and got != _core.Sweep.gram:
+        raise ValueError(_GRAM_NEEDS)
+    return "gram" if got == _core.Sweep.gram else "plain"
 
 
 def _support_side(X, y):
-    """(side args, single) for adapt and the primitives: X (n,d) / (T,n,d) / Tasks."""
+    """(side, single, dtype, n_features, n_tasks) for adapt and the primitives: X (n,d) / (T,n,d) / Tasks."""
     if isinstance(X, Tasks):
         if y is not None:
             raise ValueError("y: must be None when X is a Tasks (its support labels are used)")
@@ -291,8 +467,6 @@ def _support_side(X, y):
         Xa = Xa[None]
     T, n, d = Xa.shape
     ya = as_labels(y, "y", shape=(n,) if single else (T, n))
-    from ._tasks import _Side
-
     side = _Side(Xa, None, np.arange(T + 1, dtype=np.int64) * n, ya.reshape(-1))
     return side, single, Xa.dtype, d, T
 
@@ -317,20 +491,8 @@ def adapt(theta, X, y=None, *, inner_lr, inner_steps: int, l2: float = 0.0, retu
         phi_K of shape theta.shape (one task) or (n_tasks, *theta.shape); with
         ``return_path`` an extra axis of length K + 1 before theta's axes.
     """
-    side, single, dtype, d, T = _support_side(X, y)
-    K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = _check_l2(l2, dtype)
-    nt = check_threads(n_threads)
-    theta_c = _prepare_theta(theta, d, dtype)
-    if not isinstance(X, Tasks):
-        _check_labels_in_range(side.y, _n_classes(theta_c), "y")
-    table = _prepare_inner_lr(inner_lr, K, theta_c.shape, dtype)[0]
-    if return_path:
-        check_memory(T * (K + 1) * theta_c.size * theta_c.itemsize, "return_path", f"the path of {T} tasks")
-    out = _core.adapt(theta_c, False, table, None, None, K, lam, bool(return_path), nt, _n_classes(theta_c),
-                      *side.core_args())
-    out = out.reshape(out.shape[:-1] + theta_c.shape)
-    return out[0] if single else out
+    call = _prologue(theta, X, y, l2=l2, n_threads=n_threads, inner_steps=inner_steps, inner_lr=inner_lr)
+    return _run_adapt(call, return_path)
 
 
 def predict_proba(params, X, *, per_task=None):
@@ -387,20 +549,13 @@ def predict_proba(params, X, *, per_task=None):
         z = Xa @ P[:-1] + P[-1]
     binary = (P.ndim == 1) or (per_task and P.ndim == 2)
     if binary:
-        return _stable_sigmoid(z)
-    z = z - z.max(axis=-1, keepdims=True)
-    ez = np.exp(z)
-    return ez / ez.sum(axis=-1, keepdims=True)
-
-
-def _stable_sigmoid(z: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(0.0, -z))
+        return _links.sigmoid(z)
+    return _links.softmax(z)
 
 
 def _primitive(params, X, y, v, l2, n_threads):
-    side, single, dtype, d, T = _support_side(X, y)
-    lam = _check_l2(l2, dtype)
-    nt = check_threads(n_threads)
+    call = _prologue(None, X, y, l2=l2, n_threads=n_threads)
+    single, dtype, d, T = call.single, call.dtype, call.n_features, call.n_tasks
     D = d + 1
     P = np.asarray(params)
     if P.dtype.kind not in "biuf":
@@ -411,7 +566,7 @@ def _primitive(params, X, y, v, l2, n_threads):
         raise ValueError(f"params: expected shape {want}, got {shape_str(P.shape)}")
     C = 1 if len(inner) == 1 else inner[1]
     if not isinstance(X, Tasks):
-        _check_labels_in_range(side.y, C, "y")
+        _check_labels_in_range(call.support.y, C, "y")
     P = np.ascontiguousarray(P, dtype=dtype)
     if not np.isfinite(P).all():
         raise ValueError("params: contains NaN or infinity")
@@ -425,7 +580,7 @@ def _primitive(params, X, y, v, l2, n_threads):
         V = np.ascontiguousarray(V, dtype=dtype)
         if not np.isfinite(V).all():
             raise ValueError("v: contains NaN or infinity")
-    loss, out = _core.loss_grad_hvp(P, V, lam, nt, C, *side.core_args())
+    loss, out = _core.loss_grad_hvp(P, call.support, n_classes=C, l2=call.l2, n_threads=call.n_threads, v=V)
     out = out.reshape((T,) + inner)
     if single:
         return float(loss[0]), out[0]
@@ -489,10 +644,9 @@ def reptile_grad(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0, n
 
     Parameters are as in :func:`meta_value_and_grad`; binary or multinomial theta.
     """
-    _, theta_c, _, _, (loss, grad, _, _) = _meta_call(
-        theta, tasks, inner_lr, inner_steps, l2, _REPTILE, n_threads, "auto"
-    )
-    return ReptileStep(loss=float(loss), grad=grad.reshape(theta_c.shape))
+    call = _prologue(theta, tasks, l2=l2, n_threads=n_threads, inner_steps=inner_steps, inner_lr=inner_lr)
+    loss, grad, _, _ = _run_meta(call, _core.Mode.reptile)
+    return ReptileStep(loss=float(loss), grad=grad.reshape(call.theta.shape))
 
 
 @dataclass(frozen=True)
@@ -552,38 +706,22 @@ def precond_value_and_grad(
     inner_steps, l2, first_order, n_threads
         As in :func:`meta_value_and_grad`.
     """
-    ts = _as_tasks(tasks)
-    K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = _check_l2(l2, ts.dtype)
-    nt = check_threads(n_threads)
-    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
-    D = ts.n_features + 1
-    s_c, U_c = _prepare_precond(log_scale, U, D, ts.dtype)
-    loss, grad, hyper, grad_l2 = _core.meta_value_and_grad(
-        theta_c, None, 1, 1, 1, s_c, U_c, K, lam, 1 if first_order else 0, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args()
-    )
+    call = _prologue(theta, tasks, l2=l2, n_threads=n_threads, inner_steps=inner_steps, log_scale=log_scale, U=U,
+                     preconditioned=True)
+    loss, grad, hyper, grad_l2 = _run_meta(call, _mode(first_order))
+    D = call.n_features + 1
     return PreconditionedGradient(
-        loss=float(loss), grad=grad.reshape(theta_c.shape), grad_log_scale=hyper[:D].copy(),
-        grad_U=hyper[D:].reshape(U_c.shape), grad_l2=float(grad_l2),
+        loss=float(loss), grad=grad.reshape(call.theta.shape), grad_log_scale=hyper[:D].copy(),
+        grad_U=hyper[D:].reshape(call.U.shape), grad_l2=float(grad_l2),
     )
 
 
 def adapt_preconditioned(theta, X, y=None, *, log_scale, U, inner_steps: int, l2: float = 0.0,
                          return_path: bool = False, n_threads=None):
     """The preconditioned inner loop (see :func:`precond_value_and_grad`); shapes as in :func:`adapt`."""
-    side, single, dtype, d, T = _support_side(X, y)
-    K = check_int(inner_steps, "inner_steps", minimum=0)
-    lam = _check_l2(l2, dtype)
-    nt = check_threads(n_threads)
-    theta_c = _prepare_theta(theta, d, dtype)
-    s_c, U_c = _prepare_precond(log_scale, U, d + 1, dtype)
-    if not isinstance(X, Tasks):
-        _check_labels_in_range(side.y, _n_classes(theta_c), "y")
-    out = _core.adapt(theta_c, False, None, s_c, U_c, K, lam, bool(return_path), nt, _n_classes(theta_c),
-                      *side.core_args())
-    out = out.reshape(out.shape[:-1] + theta_c.shape)
-    return out[0] if single else out
+    call = _prologue(theta, X, y, l2=l2, n_threads=n_threads, inner_steps=inner_steps, log_scale=log_scale, U=U,
+                     preconditioned=True)
+    return _run_adapt(call, return_path)
 
 
 @dataclass(frozen=True)
@@ -655,21 +793,18 @@ def imaml_value_and_grad(
         Non-convergence is reported in the result (``converged`` False and the
         per-task flags) and warned about (:class:`ConvergenceWarning`), never silent.
     """
-    ts = _as_tasks(tasks)
     mu = check_float(mu, "mu")
     if not mu > 0:
         raise ValueError(f"mu: expected a number > 0, got {mu}")
-    lam = _check_l2(l2, ts.dtype)
-    f32 = ts.dtype == np.float32
+    call = _prologue(theta, tasks, l2=l2, n_threads=n_threads)
+    f32 = call.dtype == np.float32
     tol = (1e-4 if f32 else 1e-10) if tol is None else check_float(tol, "tol", minimum=0.0)
     cg_tol = (1e-5 if f32 else 1e-10) if cg_tol is None else check_float(cg_tol, "cg_tol", minimum=0.0)
     max_iter = check_int(max_iter, "max_iter", minimum=0)
     cg_max_iter = check_int(cg_max_iter, "cg_max_iter", minimum=1)
-    nt = check_threads(n_threads)
-    theta_c = _prepare_theta(theta, ts.n_features, ts.dtype)
     loss, grad, rep = _core.imaml_value_and_grad(
-        theta_c, mu, lam, tol, max_iter, cg_tol, cg_max_iter, nt, _n_classes(theta_c),
-        *ts.support.core_args(), *ts.query.core_args()
+        call.theta, call.support, call.query, n_classes=call.n_classes, mu=mu, l2=call.l2, tol=tol,
+        max_iter=max_iter, cg_tol=cg_tol, cg_max_iter=cg_max_iter, n_threads=call.n_threads,
     )
     inner_ok = rep["inner_converged"].astype(bool)
     cg_ok = rep["cg_converged"].astype(bool)
@@ -685,7 +820,7 @@ def imaml_value_and_grad(
             stacklevel=2,
         )
     return ImplicitGradient(
-        loss=float(loss), grad=grad.reshape(theta_c.shape), inner_residual=rep["inner_residual"],
+        loss=float(loss), grad=grad.reshape(call.theta.shape), inner_residual=rep["inner_residual"],
         inner_iterations=rep["inner_iterations"], inner_converged=inner_ok, cg_residual=rep["cg_residual"],
         cg_iterations=rep["cg_iterations"], cg_converged=cg_ok, converged=converged,
     )
@@ -724,11 +859,10 @@ REDUCE_BLOCK = int(_core.reduce_block)
 def meta_block_sums(theta, tasks, *, inner_lr, inner_steps: int, l2: float = 0.0, first_order: bool = False,
                     n_threads=None, sweep: str = "auto") -> BlockSums:
     """Like :func:`meta_value_and_grad`, but return the per-block sums (see :class:`BlockSums`)."""
-    ts, theta_c, lr_shape, scalar_in, out = _meta_call(
-        theta, tasks, inner_lr, inner_steps, l2, first_order, n_threads, sweep, block_sums=True
-    )
-    return BlockSums(blocks=out[-1], n_tasks=ts.n_tasks, theta_shape=theta_c.shape, dtype=theta_c.dtype,
-                     lr_shape=lr_shape, scalar_in=scalar_in)
+    call = _prologue(theta, tasks, l2=l2, n_threads=n_threads, inner_steps=inner_steps, inner_lr=inner_lr)
+    out = _run_meta(call, _mode(first_order), sweep, block_sums=True)
+    return BlockSums(blocks=out[-1], n_tasks=call.n_tasks, theta_shape=call.theta.shape, dtype=call.theta.dtype,
+                     lr_shape=call.lr_shape, scalar_in=call.scalar_in)
 
 
 def combine_block_sums(parts) -> MetaGradient:

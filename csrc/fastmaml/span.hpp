@@ -1,4 +1,4 @@
-// The exact MAML sweep in the span of the support rows (DESIGN.md section 3).
+// The exact MAML sweep in the span of the support rows (docs/design.md section 3).
 //
 // With one step size per step (scalar or per-step inner_lr; any L2) every
 // inner iterate stays in span{theta, support rows}:
@@ -10,24 +10,16 @@
 // matrix (n^2 d / 2) instead of 4K times; per step the cost is O(n^2 C).
 // The result is the same quantity as the plain sweep (tests prove agreement
 // to rounding), chosen by a cost model of shapes only.
+// Which path a call takes (and whether this one applies) is decided in
+// meta.hpp.
 #pragma once
 
 #include <cmath>
 #include <vector>
 
-#include "model.hpp"
+#include "sweep.hpp"
 
 namespace fastmaml {
-
-// Multiply-add counts of one task's meta-gradient, support side (the query
-// side is the same for both paths).
-inline double plain_cost(index_t n, index_t d, index_t C, index_t K) {
-  return 4.0 * static_cast<double>(K) * n * d * C;
-}
-inline double gram_cost(index_t n, index_t d, index_t C, index_t K, bool have_kernel = false) {
-  const double gram = have_kernel ? static_cast<double>(n) * n : 0.5 * static_cast<double>(n) * n * d;
-  return gram + 4.0 * n * d * C + 4.0 * K * static_cast<double>(n) * n * C;
-}
 
 template <class T, class Link>
 struct GramMetaWorker {
@@ -249,47 +241,5 @@ struct GramMetaWorker {
     return ErrorCode::ok;
   }
 };
-
-enum class Sweep : int { automatic = 0, plain = 1, gram = 2 };
-
-// Whether the span-of-rows sweep computes this case exactly.
-inline bool gram_applies(bool precond, LrLayout lr, Mode mode, index_t K) {
-  return !precond && lr.pr == 1 && lr.pc == 1 && mode != Mode::reptile && K > 0;
-}
-
-// The path a call takes: a cost model of shapes only (never threads).
-template <class T>
-bool use_gram(const TaskSet<T>& ts, index_t C, index_t K, Sweep sweep, bool applies) {
-  if (!applies || sweep == Sweep::plain) return false;
-  if (sweep == Sweep::gram) return true;
-  const double n = rows_per_task(ts.support, ts.n_tasks);
-  const index_t ni = static_cast<index_t>(std::ceil(n));
-  const bool kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
-  return gram_cost(ni, ts.d, C, K, kernel) < plain_cost(ni, ts.d, C, K);
-}
-
-template <class T, class Link>
-TaskStatus meta_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta, const T* alpha,
-                               const Preconditioner<T>& pre, index_t K, LrLayout lr, double lam, Mode mode,
-                               int n_threads, double* loss, T* grad, T* hyper, double* grad_l2,
-                               Sweep sweep = Sweep::automatic, double* blocks_out = nullptr) {
-  Model<T, Link> model(&ts, link);
-  const index_t H = pre.active() ? model.D * (1 + pre.rank) : lr.size();
-  const double rows = rows_per_task(ts.support, ts.n_tasks);
-  const double qrows = rows_per_task(ts.query, ts.n_tasks);
-  if (use_gram(ts, model.C, K, sweep, gram_applies(pre.active(), lr, mode, K))) {
-    const index_t ni = static_cast<index_t>(std::ceil(rows));
-    const double work = gram_cost(ni, ts.d, model.C, K, ts.kernel != nullptr) + 2.0 * qrows * model.P;
-    auto make = [&]() {
-      return GramMetaWorker<T, Link>(model, theta, alpha, K, lr, lam, mode);
-    };
-    return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2,
-                                    blocks_out);
-  }
-  const double work = (4.0 * K + 2.0) * (rows + qrows) * static_cast<double>(model.P);
-  auto make = [&]() { return MetaWorker<T, Link>{model, theta, alpha, pre, K, lr, lam, mode, {}}; };
-  return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2,
-                                  blocks_out);
-}
 
 }  // namespace fastmaml

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+__all__ = ["Adam", "SGD"]
+
 
 class Adam:
     """Adam with bias correction and an optional cosine decay of the step size.

@@ -1,11 +1,11 @@
-// Logistic regression (binary or multinomial): the K-step inner loop, the
-// exact MAML reverse sweep with hypergradients of the step sizes (or of a
-// learned preconditioner) and of the L2 strength, Reptile, and the batched
-// loss / gradient / Hessian-vector-product primitives.
+// The logistic-regression model (binary sigmoid or multinomial softmax):
+// one fused pass over a task's rows for loss / gradient / Hessian-vector
+// product, the K-step inner loop of one task (plain step sizes or a learned
+// preconditioner), and the batched loss / gradient / HVP primitives.
 //
-// Mathematics: DESIGN.md section 1. Parameters are (d+1) x C row-major with
-// the bias in the last row (C = 1 for the binary model, whose link is the
-// sigmoid). X~ = [X, 1].
+// Mathematics: docs/design.md section 1. Parameters are (d+1) x C row-major
+// with the bias in the last row (C = 1 for the binary model, whose link is
+// the sigmoid). X~ = [X, 1].
 //   support loss  l_s(phi) = mean_i loss_row(z_i) + lam/2 ||W||^2   (not the bias row)
 //   g   = X~^T R / n + lam [W; 0]
 //   H V = X~^T hvp_rows(X~ V) / n + lam [V_w; 0]
@@ -13,24 +13,17 @@
 // rows (n x C numbers) plus phi_j and g_j, which the hypergradients need.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "batch.hpp"
 #include "kernels.hpp"
 #include "links.hpp"
+#include "parallel.hpp"
 #include "tasks.hpp"
 
 namespace fastmaml {
-
-// How inner_lr varies over (step, parameter row, class column): each extent
-// is either the full size or 1. The Python side broadcasts inner_lr to a full
-// (K, D, C) table; the gradient is reduced over the extents that are 1.
-struct LrLayout {
-  index_t ks = 1, pr = 1, pc = 1;
-  index_t size() const { return ks * pr * pc; }
-};
 
 // P = diag(exp(log_scale)) + U U^T acting on the (d+1) axis of every column.
 template <class T>
@@ -40,8 +33,6 @@ struct Preconditioner {
   index_t rank = 0;
   bool active() const { return log_scale != nullptr; }
 };
-
-enum class Mode : int { maml = 0, first_order = 1, reptile = 2 };
 
 template <class T>
 struct Scratch {
@@ -191,182 +182,10 @@ struct Model {
   }
 };
 
-// Slot layout for one task: [loss, grad (P), hyper (H), grad_l2]
-// where hyper is the step-size gradient (layout.size()) or, with a
-// preconditioner, d/dlog_scale (D) followed by d/dU (D x rank).
-template <class T, class Link>
-struct MetaWorker {
-  Model<T, Link> model;
-  const T* theta;
-  const T* alpha;
-  Preconditioner<T> pre;
-  index_t K;
-  LrLayout lr;
-  double lam;
-  Mode mode;
-  Scratch<T> sc;
-
-  index_t hyper_size() const { return pre.active() ? model.D * (1 + pre.rank) : lr.size(); }
-
-  ErrorCode operator()(index_t t, double* slot, index_t* step) {
-    const index_t P = model.P, D = model.D, C = model.C, d = model.d;
-    const bool record = mode != Mode::reptile;
-    model.prepare(pre, sc);
-    ErrorCode code = model.forward(t, theta, alpha, pre, K, lam, sc, record, step, nullptr);
-    if (code != ErrorCode::ok) return code;
-    sc.gbar.resize(static_cast<size_t>(P));
-    sc.u.resize(static_cast<size_t>(P));
-    sc.hu.resize(static_cast<size_t>(P));
-    const T* phi_K = model.final_phi(sc, K, record);
-    const double loss = model.set_pass(model.ts->query, t, phi_K, sc, sc.gbar.data(), nullptr);
-    if (!std::isfinite(loss)) {
-      *step = K;
-      return ErrorCode::nonfinite_query;
-    }
-    slot[0] = loss;
-    if (mode == Mode::reptile) {
-      for (index_t k = 0; k < P; ++k) slot[1 + k] = static_cast<double>(theta[k]) - static_cast<double>(phi_K[k]);
-      return ErrorCode::ok;
-    }
-    double* hyper = slot + 1 + P;
-    std::fill(hyper, hyper + hyper_size(), 0.0);
-    double grad_l2 = 0.0;
-    const index_t n = model.ts->support.size(t);
-    const index_t r = pre.rank;
-    for (index_t j = K - 1; j >= 0; --j) {
-      const T* g = sc.g_path.data() + j * P;
-      const T* phi = sc.phi_path.data() + j * P;
-      if (pre.active()) {
-        model.apply_precond(pre, sc.gbar.data(), sc.u.data(), sc);
-        // d/ds_k = -exp(s_k) sum_c gbar[k,c] g[k,c]
-        for (index_t k = 0; k < D; ++k) {
-          double acc = 0.0;
-          for (index_t c = 0; c < C; ++c)
-            acc += static_cast<double>(sc.gbar[k * C + c]) * static_cast<double>(g[k * C + c]);
-          hyper[k] -= sc.scale[k] * acc;
-        }
-        // d/dU = (M + M^T) U with M = -sum_c gbar_c g_c^T:
-        //      = -sum_c [gbar_c (g_c^T U) + g_c (gbar_c^T U)]
-        sc.proj.assign(static_cast<size_t>(r * C), 0.0);   // g^T U    (r x C)
-        sc.proj2.assign(static_cast<size_t>(r * C), 0.0);  // gbar^T U (r x C)
-        for (index_t k = 0; k < D; ++k)
-          for (index_t q = 0; q < r; ++q) {
-            const double uk = static_cast<double>(pre.U[k * r + q]);
-            for (index_t c = 0; c < C; ++c) {
-              sc.proj[q * C + c] += uk * static_cast<double>(g[k * C + c]);
-              sc.proj2[q * C + c] += uk * static_cast<double>(sc.gbar[k * C + c]);
-            }
-          }
-        double* dU = hyper + D;
-        for (index_t k = 0; k < D; ++k)
-          for (index_t q = 0; q < r; ++q) {
-            double acc = 0.0;
-            for (index_t c = 0; c < C; ++c)
-              acc += static_cast<double>(sc.gbar[k * C + c]) * sc.proj[q * C + c] +
-                     static_cast<double>(g[k * C + c]) * sc.proj2[q * C + c];
-            dU[k * r + q] -= acc;
-          }
-      } else {
-        const T* a = alpha + j * P;
-        double* glr = hyper + (lr.ks > 1 ? j * lr.pr * lr.pc : 0);
-        for (index_t k = 0; k < D; ++k) {
-          for (index_t c = 0; c < C; ++c) {
-            const index_t p = k * C + c;
-            sc.u[p] = a[p] * sc.gbar[p];
-            glr[(lr.pr > 1 ? k * lr.pc : 0) + (lr.pc > 1 ? c : 0)] -=
-                static_cast<double>(sc.gbar[p]) * static_cast<double>(g[p]);
-          }
-        }
-      }
-      double wu = 0.0;
-      for (index_t p = 0; p < d * C; ++p) wu += static_cast<double>(sc.u[p]) * static_cast<double>(phi[p]);
-      grad_l2 -= wu;
-      if (mode == Mode::maml) {
-        model.hvp(t, sc.curv_path.data() + j * n * C, sc.u.data(), lam, sc, sc.hu.data());
-        for (index_t p = 0; p < P; ++p) sc.gbar[p] -= sc.hu[p];
-      }
-    }
-    for (index_t p = 0; p < P; ++p) slot[1 + p] = static_cast<double>(sc.gbar[p]);
-    slot[1 + P + hyper_size()] = grad_l2;
-    // A forward pass that stays finite can still overflow on the way back
-    // (huge step sizes): never hand back inf or NaN.
-    if (!all_finite(slot, 1 + P + hyper_size() + 1)) {
-      *step = -1;
-      return ErrorCode::nonfinite_grad;
-    }
-    return ErrorCode::ok;
-  }
-};
-
+// Mean support (or query) rows per task: the size the cost models read.
 template <class T>
 double rows_per_task(const SideView<T>& side, index_t n_tasks) {
   return static_cast<double>(side.ptr[n_tasks]) / static_cast<double>(n_tasks);
-}
-
-// Meta-loss and gradients for a meta-batch. Outputs are means over tasks:
-// loss, grad (P), hyper (step-size gradient in layout lr, or d/dlog_scale
-// then d/dU), grad_l2. In Reptile mode grad = mean(theta - phi_K) and the
-// hypergradients are zero.
-// Length of one task's result slot: [loss, grad (P), hyper (H), grad_l2].
-inline index_t meta_slot_len(index_t P, index_t H, Mode mode) {
-  return mode == Mode::reptile ? 1 + P : 1 + P + H + 1;
-}
-
-template <class T, class Link, class MakeWorker>
-TaskStatus meta_value_and_grad_with(const TaskSet<T>& ts, const Model<T, Link>& model, index_t H, Mode mode,
-                                    int n_threads, double work, MakeWorker&& make, double* loss, T* grad,
-                                    T* hyper, double* grad_l2, double* blocks_out) {
-  const index_t slot_len = meta_slot_len(model.P, H, mode);
-  std::vector<double> total(static_cast<size_t>(slot_len));
-  TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data(), work, blocks_out);
-  if (!st.ok()) return st;
-  const double inv_T = 1.0 / static_cast<double>(ts.n_tasks);
-  *loss = total[0] * inv_T;
-  for (index_t p = 0; p < model.P; ++p) grad[p] = static_cast<T>(total[1 + p] * inv_T);
-  if (mode == Mode::reptile) {
-    std::fill(hyper, hyper + H, T(0));
-    *grad_l2 = 0.0;
-  } else {
-    for (index_t k = 0; k < H; ++k) hyper[k] = static_cast<T>(total[1 + model.P + k] * inv_T);
-    *grad_l2 = total[1 + model.P + H] * inv_T;
-  }
-  return st;
-}
-
-// The K-step inner loop for every task; writes phi_K (T x P) or, with
-// keep_path, phi_0..phi_K (T x (K+1) x P). theta is shared or per task.
-template <class T, class Link>
-TaskStatus adapt(const TaskSet<T>& ts, Link link, const T* theta, bool per_task_theta, const T* alpha,
-                 const Preconditioner<T>& pre, index_t K, double lam, bool keep_path, int n_threads, T* out) {
-  Model<T, Link> model(&ts, link);
-  struct Worker {
-    Model<T, Link> model;
-    const T* theta;
-    bool per_task;
-    const T* alpha;
-    Preconditioner<T> pre;
-    index_t K;
-    double lam;
-    bool keep_path;
-    T* out;
-    Scratch<T> sc;
-    ErrorCode operator()(index_t t, double*, index_t* step) {
-      const index_t P = model.P;
-      model.prepare(pre, sc);
-      const T* th = theta + (per_task ? t * P : 0);
-      T* path = keep_path ? out + t * (K + 1) * P : nullptr;
-      ErrorCode code = model.forward(t, th, alpha, pre, K, lam, sc, false, step, path);
-      if (code != ErrorCode::ok) return code;
-      if (!keep_path) {
-        const T* phi = model.final_phi(sc, K, false);
-        std::copy(phi, phi + P, out + t * P);
-      }
-      return ErrorCode::ok;
-    }
-  };
-  auto make = [&]() { return Worker{model, theta, per_task_theta, alpha, pre, K, lam, keep_path, out, {}}; };
-  const double work = 2.0 * (K + 1) * rows_per_task(ts.support, ts.n_tasks) * model.P;
-  return run_tasks(ts.n_tasks, 0, n_threads, make, nullptr, work);
 }
 
 // Batched primitives on the support side, one parameter matrix per task

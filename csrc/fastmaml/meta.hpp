@@ -1,0 +1,139 @@
+// The one entry point of a meta-gradient: which exact path computes a call
+// (the plain sweep of sweep.hpp or the span-of-rows sweep of span.hpp), the
+// shape-only cost model behind that choice with its applicability check, and
+// the dispatcher that runs the chosen path over the batch and combines the
+// per-task results (parallel.hpp). The choice is exported to Python
+// (`_core.choose_sweep`), so that anyone who needs the decision (the Dask
+// driver, say) uses this rule and no copy of it.
+//
+// The choice reads shapes only, never the thread count (docs/design.md,
+// "Reduction order" and section 3): both paths compute the same quantity,
+// and agree to rounding.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "logistic.hpp"
+#include "parallel.hpp"
+#include "span.hpp"
+#include "sweep.hpp"
+
+namespace fastmaml {
+
+enum class Sweep : int { automatic = 0, plain = 1, gram = 2 };
+
+// Multiply-add counts of one task's meta-gradient, support side (the query
+// side is the same for both paths).
+inline double plain_cost(index_t n, index_t d, index_t C, index_t K) {
+  return 4.0 * static_cast<double>(K) * n * d * C;
+}
+inline double gram_cost(index_t n, index_t d, index_t C, index_t K, bool have_kernel = false) {
+  const double gram = have_kernel ? static_cast<double>(n) * n : 0.5 * static_cast<double>(n) * n * d;
+  return gram + 4.0 * n * d * C + 4.0 * K * static_cast<double>(n) * n * C;
+}
+
+// The cost model alone: whether the span sweep is cheaper for tasks of n
+// support rows (where it applies).
+inline bool gram_is_cheaper(index_t n, index_t d, index_t C, index_t K, bool have_kernel) {
+  return gram_cost(n, d, C, K, have_kernel) < plain_cost(n, d, C, K);
+}
+
+// Everything the choice of path reads: shapes and the kind of inner step.
+struct CallShape {
+  double support_rows_per_task = 0.0;  // mean over the batch (ptr[T] / T)
+  index_t d = 0, C = 1, K = 0;
+  bool kernel = false;  // an index-form batch with the dataset's kernel matrix
+  bool preconditioned = false;
+  LrLayout lr{};
+  Mode mode = Mode::maml;
+};
+
+template <class T>
+CallShape call_shape(const TaskSet<T>& ts, index_t C, index_t K, bool preconditioned, LrLayout lr, Mode mode) {
+  CallShape s;
+  s.support_rows_per_task = rows_per_task(ts.support, ts.n_tasks);
+  s.d = ts.d;
+  s.C = C;
+  s.K = K;
+  s.kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
+  s.preconditioned = preconditioned;
+  s.lr = lr;
+  s.mode = mode;
+  return s;
+}
+
+// Whether the span-of-rows sweep computes this case exactly: one step size
+// per step (scalar or per-step inner_lr), no preconditioner, MAML or
+// first-order MAML, at least one step.
+inline bool gram_applies(const CallShape& s) {
+  return !s.preconditioned && s.lr.pr == 1 && s.lr.pc == 1 && s.mode != Mode::reptile && s.K > 0;
+}
+
+// The path a call takes: plain or gram, never automatic. A requested "gram"
+// that does not apply yields plain (the Python layer turns that into an
+// error naming `sweep`); "automatic" compares the costs at the ceiling of the
+// mean support size.
+inline Sweep choose_sweep(const CallShape& s, Sweep requested) {
+  if (requested == Sweep::plain || !gram_applies(s)) return Sweep::plain;
+  if (requested == Sweep::gram) return Sweep::gram;
+  const index_t n = static_cast<index_t>(std::ceil(s.support_rows_per_task));
+  return gram_is_cheaper(n, s.d, s.C, s.K, s.kernel) ? Sweep::gram : Sweep::plain;
+}
+
+// Meta-loss and gradients for a meta-batch. Outputs are means over tasks:
+// loss, grad (P), hyper (step-size gradient in layout lr, or d/dlog_scale
+// then d/dU), grad_l2. In Reptile mode grad = mean(theta - phi_K) and the
+// hypergradients are zero.
+// Length of one task's result slot: [loss, grad (P), hyper (H), grad_l2].
+inline index_t meta_slot_len(index_t P, index_t H, Mode mode) {
+  return mode == Mode::reptile ? 1 + P : 1 + P + H + 1;
+}
+
+template <class T, class Link, class MakeWorker>
+TaskStatus meta_value_and_grad_with(const TaskSet<T>& ts, const Model<T, Link>& model, index_t H, Mode mode,
+                                    int n_threads, double work, MakeWorker&& make, double* loss, T* grad,
+                                    T* hyper, double* grad_l2, double* blocks_out) {
+  const index_t slot_len = meta_slot_len(model.P, H, mode);
+  std::vector<double> total(static_cast<size_t>(slot_len));
+  TaskStatus st = run_tasks(ts.n_tasks, slot_len, n_threads, make, total.data(), work, blocks_out);
+  if (!st.ok()) return st;
+  const double inv_T = 1.0 / static_cast<double>(ts.n_tasks);
+  *loss = total[0] * inv_T;
+  for (index_t p = 0; p < model.P; ++p) grad[p] = static_cast<T>(total[1 + p] * inv_T);
+  if (mode == Mode::reptile) {
+    std::fill(hyper, hyper + H, T(0));
+    *grad_l2 = 0.0;
+  } else {
+    for (index_t k = 0; k < H; ++k) hyper[k] = static_cast<T>(total[1 + model.P + k] * inv_T);
+    *grad_l2 = total[1 + model.P + H] * inv_T;
+  }
+  return st;
+}
+
+// The dispatcher: chooses the path (choose_sweep) and runs it.
+template <class T, class Link>
+TaskStatus meta_value_and_grad(const TaskSet<T>& ts, Link link, const T* theta, const T* alpha,
+                               const Preconditioner<T>& pre, index_t K, LrLayout lr, double lam, Mode mode,
+                               int n_threads, double* loss, T* grad, T* hyper, double* grad_l2,
+                               Sweep sweep = Sweep::automatic, double* blocks_out = nullptr) {
+  Model<T, Link> model(&ts, link);
+  const index_t H = pre.active() ? model.D * (1 + pre.rank) : lr.size();
+  const double rows = rows_per_task(ts.support, ts.n_tasks);
+  const double qrows = rows_per_task(ts.query, ts.n_tasks);
+  if (choose_sweep(call_shape(ts, model.C, K, pre.active(), lr, mode), sweep) == Sweep::gram) {
+    const index_t ni = static_cast<index_t>(std::ceil(rows));
+    // Work estimate: sizes the thread team only, never a result.
+    const double work = gram_cost(ni, ts.d, model.C, K, ts.kernel != nullptr) + 2.0 * qrows * model.P;
+    auto make = [&]() { return GramMetaWorker<T, Link>(model, theta, alpha, K, lr, lam, mode); };
+    return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2,
+                                    blocks_out);
+  }
+  const double work = (4.0 * K + 2.0) * (rows + qrows) * static_cast<double>(model.P);
+  auto make = [&]() { return MetaWorker<T, Link>{model, theta, alpha, pre, K, lr, lam, mode, {}}; };
+  return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2,
+                                  blocks_out);
+}
+
+}  // namespace fastmaml

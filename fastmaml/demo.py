@@ -1,0 +1,597 @@
+"""The digit-pair experiment: does meta-learning beat what a user would otherwise do?
+
+Meta-train on binary tasks made of pairs of digits that exclude a held-out
+pair (2 vs 3 by default), then adapt to the held-out pair from K examples per
+class and compare, on the same test episodes, with:
+
+* a zero start with the same number of steps (step size chosen on meta-validation);
+* a jointly pre-trained start (one model trained on all meta-training episodes);
+* per-task scikit-learn ``LogisticRegression`` with C chosen by cross-validated
+  grid search on the support set (at K = 1 no split holds both classes, so C
+  comes from meta-validation, and the table says so);
+* a random search over the inner hyperparameters (step size, L2, steps) on
+  meta-validation with the same compute budget as meta-training;
+* the grid search with C chosen on the query set: an *oracle* upper bound, not a method.
+
+The baselines and statistics come from :mod:`fastmaml.evaluation`, the plots
+from :mod:`fastmaml.plots`; ``fastmaml demo`` runs this module.
+
+Every choice (step size, when to stop, which meta-learner, C at K = 1) is made
+on meta-validation episodes built from digits the meta-training of that fold
+never saw (leave-digits-out folds over the meta-training digits, then a refit
+on all of them); the test pair is used only for the final numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import time
+import warnings
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+
+# The demo is a client of the public API: everything it uses, a user can use.
+from . import MAML, DivergenceError, EpisodeSampler, GroupedSampler, Tasks, adapt, make_grouped_tasks, split_groups
+from .datasets import load_digits_dataset
+from .evaluation import (
+    adaptation_accuracy,
+    choose_C_on_validation,
+    choose_inner_lr,
+    grid_search_logistic_regression,
+    mean_ci,
+    paired_difference,
+    pretrained_start,
+    random_search,
+)
+
+LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+ZERO = "zero init"
+PRETRAINED = "pretrained init"
+MAML_FIXED = "MAML (fixed lr)"
+MAML_LEARNED = "MAML (learned lr, L2)"
+METASGD = "Meta-SGD (per-param lr)"
+RANDOM = "random search (lr, L2, steps)"
+GRID = "grid-search LR (C by CV)"
+GRID_K1 = "grid-search LR (C from meta-val)"
+ORACLE = "oracle: LR, C chosen on query"
+PRECOND = "Preconditioned (diag + rank-4)"
+META_LEARNERS = (MAML_FIXED, MAML_LEARNED, METASGD, PRECOND)
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Settings of the digit-pair experiment (see ``fastmaml demo --help``)."""
+
+    holdout: tuple = (2, 3)
+    n_way: int = 2
+    shots: tuple = (1, 5, 10)
+    n_query: int = 15
+    test_episodes: int = 600
+    val_episodes: int = 200
+    inner_steps: int = 5
+    meta_batch_size: int = 32
+    n_iterations: int = 500
+    validate_every: int = 50
+    meta_lr: float = 0.01
+    val_folds: int = 2
+    random_configs_cap: int = 400
+    seed: int = 0
+    data: str = "default"
+    n_threads: Optional[int] = None
+    progress: bool = True
+    c_grid: tuple = C_GRID
+    lr_grid: tuple = LR_GRID
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        base = dict(shots=(1, 5), test_episodes=100, val_episodes=40, n_iterations=100, validate_every=25,
+                    val_folds=1, random_configs_cap=30, c_grid=(0.01, 0.1, 1.0, 10.0))
+        base.update(overrides)
+        return cls(**base)
+
+
+# ------------------------------------------------------------------ helpers
+class _Log:
+    def __init__(self, fn: Optional[Callable[[str], None]], progress: bool, total: int):
+        self.fn = fn
+        self.bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc="fastmaml demo", unit="stage", leave=False)
+            except ImportError:
+                self.bar = None
+
+    def __call__(self, msg: str):
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg[:60])
+        elif self.fn is not None:
+            self.fn(msg)
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _have_sklearn() -> bool:
+    return importlib.util.find_spec("sklearn") is not None
+
+
+def _time_adaptation(method: dict, tasks: Tasks, n_threads=None, repeats=3) -> float:
+    """Seconds per task of the adaptation alone (best of a few batched runs)."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        try:
+            if "model" in method:
+                method["model"].adapt_tasks(tasks, inner_steps=method["steps"])
+            else:
+                adapt(method["theta"], tasks, inner_lr=method["inner_lr"], inner_steps=method["steps"],
+                      l2=method["l2"], n_threads=n_threads)
+        except DivergenceError:
+            pass
+        best = min(best, time.perf_counter() - t0)
+    return best / tasks.n_tasks
+
+
+def _train(config, K_inner, sampler, n_iterations, validation=None, **kw):
+    model = MAML(inner_steps=K_inner, meta_lr=config.meta_lr, meta_batch_size=config.meta_batch_size,
+                 n_iterations=n_iterations, validate_every=config.validate_every, n_threads=config.n_threads,
+                 progress=False, **kw)
+    with warnings.catch_warnings():
+        # the step-size warning is for interactive users; the demo chose the step on validation
+        warnings.simplefilter("ignore")
+        model.fit(sampler, validation=validation)
+    return model
+
+
+def _pretrain(config, sampler, inner_lr):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pretrained_start(sampler, n_iterations=config.n_iterations, meta_lr=config.meta_lr,
+                                meta_batch_size=config.meta_batch_size, n_threads=config.n_threads,
+                                inner_lr=inner_lr)
+
+
+# ------------------------------------------------------- one K, step by step
+@dataclasses.dataclass
+class _Shot:
+    """Everything one K of the protocol works with (the same for every method)."""
+
+    K: int  # support examples per class
+    K_inner: int  # adaptation steps
+    config: DemoConfig
+    test_tasks: Tasks
+    folds: list  # (meta-training sampler, validation Tasks) per fold
+    val_sets: list  # the validation Tasks of the folds
+    refit_sampler: object  # all meta-training classes/groups
+    seeds: list
+    log: _Log
+
+    @property
+    def n_threads(self):
+        return self.config.n_threads
+
+    def zero(self) -> np.ndarray:
+        D = self.test_tasks.n_features + 1
+        n_way = int(self.config.n_way)
+        return np.zeros(D) if n_way == 2 else np.zeros((D, n_way))
+
+
+def _zero_start(shot: _Shot) -> dict:
+    """1. Zero start: only the step size, chosen on meta-validation."""
+    shot.log(f"K={shot.K}: zero start, choosing the step size on meta-validation")
+    lr0, val_lr = choose_inner_lr(shot.zero(), shot.val_sets, shot.config.lr_grid, inner_steps=shot.K_inner,
+                                  n_threads=shot.n_threads)
+    shot.log.step()
+    return {"theta": shot.zero(), "inner_lr": lr0, "l2": 0.0, "steps": shot.K_inner,
+            "val_accuracy": val_lr[lr0], "choice": {"inner_lr": lr0}}
+
+
+def _pretrained_start(shot: _Shot, lr0: float) -> dict:
+    """2. Jointly pre-trained start: the step size chosen on meta-validation, per fold; then a refit."""
+    shot.log(f"K={shot.K}: jointly pre-trained start")
+    t0 = time.perf_counter()
+    per_fold = [_pretrain(shot.config, sampler, lr0) for sampler, _ in shot.folds]
+    lr_pre, val_pre = choose_inner_lr(per_fold, shot.val_sets, shot.config.lr_grid, inner_steps=shot.K_inner,
+                                      n_threads=shot.n_threads)
+    theta = _pretrain(shot.config, shot.refit_sampler, lr0)
+    shot.log.step()
+    return {"theta": theta, "inner_lr": lr_pre, "l2": 0.0, "steps": shot.K_inner,
+            "val_accuracy": val_pre[lr_pre], "choice": {"inner_lr": lr_pre},
+            "meta_train_seconds": time.perf_counter() - t0}
+
+
+def _meta_learner(shot: _Shot, name: str, params: dict) -> Tuple[dict, dict]:
+    """3. One meta-learner: trained per fold with validation, stopped at the best mean validation
+    iteration, then refit on all meta-training classes for that many iterations."""
+    config, K = shot.config, shot.K
+    t0 = time.perf_counter()
+    per_fold = []
+    for f, (sampler, val) in enumerate(shot.folds):
+        shot.log(f"K={K}: {name}, fold {f + 1}/{len(shot.folds)}")
+        model = _train(config, shot.K_inner, sampler, config.n_iterations, validation=val, **params)
+        per_fold.append([(r["iteration"], r["val_accuracy"]) for r in model.history_ if "val_accuracy" in r])
+        shot.log.step()
+    its = [it for it, _ in per_fold[0]]
+    mean_val = np.mean([[acc for _, acc in fold] for fold in per_fold], axis=0)
+    best = int(np.argmax(mean_val))
+    n_best = its[best]
+    curve = {"iterations": its, "val_accuracy": mean_val.tolist()}
+    shot.log(f"K={K}: {name}, refit for {n_best} iterations")
+    model = _train(config, shot.K_inner, shot.refit_sampler, n_best, **params)
+    curve["refit_loss"] = [r["loss"] for r in model.history_]
+    lr = model.inner_lr_for(shot.K_inner)
+    shot.log.step()
+    method = {"model": model, "theta": model.theta_, "inner_lr": lr, "l2": model.l2_, "steps": shot.K_inner,
+              "val_accuracy": float(mean_val[best]),
+              "choice": {"iterations": n_best, "inner_lr": float(np.mean(lr)), "l2": model.l2_},
+              "meta_train_seconds": time.perf_counter() - t0}
+    return method, curve
+
+
+def _meta_learner_variants(shot: _Shot, lr0: float) -> dict:
+    return {
+        MAML_FIXED: dict(inner_lr=lr0),
+        MAML_LEARNED: dict(inner_lr=lr0, learn_inner_lr="scalar", l2=1e-3, learn_l2=True),
+        METASGD: dict(inner_lr=lr0, learn_inner_lr="per_parameter"),
+        PRECOND: dict(inner_lr=lr0, learn_inner_lr="preconditioner", precond_rank=4, random_state=shot.seeds[3]),
+    }
+
+
+def _random_search(shot: _Shot, budget_units: int) -> dict:
+    """4. Random search over (inner_lr, l2, steps) from a zero start, with meta-training's budget."""
+    shot.log(f"K={shot.K}: random search over inner hyperparameters")
+    t0 = time.perf_counter()
+    found = random_search(shot.zero(), shot.val_sets, budget=budget_units, max_configs=shot.config.random_configs_cap,
+                          inner_steps_range=(1, 2 * shot.K_inner), random_state=shot.seeds[2],
+                          n_threads=shot.n_threads)
+    shot.log.step()
+    return {"theta": shot.zero(), "inner_lr": found.inner_lr, "l2": found.l2, "steps": found.inner_steps,
+            "val_accuracy": found.accuracy,
+            "choice": {"inner_lr": found.inner_lr, "l2": found.l2, "steps": found.inner_steps,
+                       "configs_tried": found.configs_tried, "budget_units": budget_units,
+                       "spent_units": found.spent},
+            "meta_train_seconds": time.perf_counter() - t0}
+
+
+def _test_rows(shot: _Shot, methods: dict) -> Tuple[dict, dict]:
+    """Every gradient-based method on the same test episodes: accuracy after each step."""
+    table, steps_curves = {}, {}
+    for name, m in methods.items():
+        if "model" in m:
+            path = adaptation_accuracy(m["model"], shot.test_tasks, return_path=True)
+        else:
+            path = adaptation_accuracy(m["theta"], shot.test_tasks, inner_lr=m["inner_lr"], inner_steps=m["steps"],
+                                       l2=m["l2"], return_path=True, n_threads=shot.n_threads)
+        seconds = _time_adaptation(m, shot.test_tasks, shot.n_threads)
+        acc = path[-1]
+        mean, ci = mean_ci(acc)
+        steps_curves[name] = path.mean(axis=1).tolist()
+        table[name] = {"accuracy": mean, "ci95": ci, "per_task": acc, "val_accuracy": m["val_accuracy"],
+                       "choice": m["choice"], "seconds_per_task": seconds,
+                       "meta_train_seconds": m.get("meta_train_seconds", 0.0)}
+    return table, steps_curves
+
+
+def _grid_search_rows(shot: _Shot) -> Tuple[Optional[str], dict]:
+    """5. Per-task grid search of scikit-learn's LogisticRegression, and the oracle (C chosen on the query)."""
+    shot.log(f"K={shot.K}: per-task grid search of LogisticRegression")
+    rows = {}
+    name = None
+    if _have_sklearn():
+        c_grid = shot.config.c_grid
+        C_val, _ = choose_C_on_validation(shot.val_sets, c_grid)
+        if shot.K >= 2:
+            gs = grid_search_logistic_regression(shot.test_tasks, c_grid, cv_folds=5, random_state=shot.seeds[3],
+                                                 fallback_C=C_val)
+            name = GRID
+            choice = {"C": "per task, by stratified CV on the support set"}
+        else:
+            gs = grid_search_logistic_regression(shot.test_tasks, c_grid, fixed_C=C_val)
+            name = GRID_K1
+            choice = {"C": C_val, "note": "K=1: no split holds both classes, C chosen on meta-validation"}
+        mean, ci = mean_ci(gs.accuracy)
+        rows[name] = {"accuracy": mean, "ci95": ci, "per_task": gs.accuracy, "val_accuracy": None,
+                      "choice": choice, "seconds_per_task": gs.seconds_per_task, "meta_train_seconds": 0.0}
+        mean, ci = mean_ci(gs.oracle_accuracy)
+        rows[ORACLE] = {"accuracy": mean, "ci95": ci, "per_task": gs.oracle_accuracy, "val_accuracy": None,
+                        "choice": {"C": "best on each query set (oracle)"}, "seconds_per_task": gs.seconds_per_task,
+                        "meta_train_seconds": 0.0, "oracle": True}
+    shot.log.step()
+    return name, rows
+
+
+def _run_shot(shot: _Shot) -> dict:
+    """The whole protocol for one K; every choice on meta-validation, the test episodes scored last."""
+    methods = {ZERO: _zero_start(shot)}
+    lr0 = methods[ZERO]["inner_lr"]
+    methods[PRETRAINED] = _pretrained_start(shot, lr0)
+    curves = {}
+    budget_units = 0
+    for name, params in _meta_learner_variants(shot, lr0).items():
+        methods[name], curves[name] = _meta_learner(shot, name, params)
+        budget_units += shot.config.n_iterations * shot.config.meta_batch_size * 2 * shot.K_inner * len(shot.folds)
+    selected = max(META_LEARNERS, key=lambda n: methods[n]["val_accuracy"])
+    methods[RANDOM] = _random_search(shot, budget_units)
+
+    table, steps_curves = _test_rows(shot, methods)
+    grid_name, grid_rows = _grid_search_rows(shot)
+    table.update(grid_rows)
+    for row in table.values():
+        row["vs_zero"] = paired_difference(row["per_task"], table[ZERO]["per_task"])
+        row["vs_grid"] = paired_difference(row["per_task"], table[grid_name]["per_task"]) if grid_name else None
+        row["per_task"] = np.asarray(row["per_task"]).tolist()
+    return {"table": table, "steps_curves": steps_curves, "training_curves": curves,
+            "selected_meta_learner": selected, "grid_method": grid_name,
+            "n_test_episodes": shot.test_tasks.n_tasks}
+
+
+def _class_split(y, holdout, n_way: int) -> Tuple[list, list]:
+    """The held-out classes (checked) and the meta-training classes (all others)."""
+    classes = sorted(int(c) for c in np.unique(y))
+    holdout = [int(c) for c in holdout]
+    if n_way < 2:
+        raise ValueError(f"n_way: expected at least 2 classes per task, got {n_way}")
+    if len(holdout) != n_way or len(set(holdout)) != n_way:
+        raise ValueError(f"holdout: expected {n_way} different classes for {n_way}-way tasks, got {holdout}")
+    for c in holdout:
+        if c not in classes:
+            raise ValueError(f"holdout: class {c} is not in the data (classes {classes})")
+    return holdout, [c for c in classes if c not in holdout]
+
+
+def _validation_folds(train_digits: list, n_way: int, n_folds: int, seed: int) -> list:
+    """Leave-digits-out folds: the validation digits of each fold (a third of them for one fold)."""
+    if n_folds < 1 or (n_folds > 1 and len(train_digits) // n_folds < n_way):
+        raise ValueError(f"val_folds: {n_folds} folds leave fewer than {n_way} validation digits each")
+    rng = np.random.default_rng(seed)
+    perm = [int(c) for c in rng.permutation(train_digits)]
+    if n_folds == 1:
+        n_val = max(n_way, len(perm) // 3)
+        return [sorted(perm[:n_val])]
+    return [sorted(perm[i::n_folds]) for i in range(n_folds)]
+
+
+# --------------------------------------------------------------- the run
+def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] = print) -> dict:
+    """Run the experiment; return every number as a JSON-able dict.
+
+    Parameters
+    ----------
+    config : DemoConfig
+    log : callable or None
+        Receives progress messages when no tqdm bar is shown.
+    """
+    t_start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_digits_dataset(config.data)
+    notes = [str(w.message) for w in caught]
+    X, y = data.X, data.y
+    n_way = int(config.n_way)
+    holdout, train_digits = _class_split(y, config.holdout, n_way)
+    fold_digits = _validation_folds(train_digits, n_way, int(config.val_folds), config.seed)
+
+    K_inner = int(config.inner_steps)
+    stages = len(config.shots) * (4 + len(META_LEARNERS) * (len(fold_digits) + 1))
+    logger = _Log(log, config.progress, stages)
+    results = {
+        "config": dataclasses.asdict(config),
+        "data": {"name": data.name, "description": data.description, "n_samples": int(X.shape[0]),
+                 "n_features": int(X.shape[1]), "notes": notes},
+        "holdout": holdout,
+        "n_way": n_way,
+        "train_digits": train_digits,
+        "validation_folds": fold_digits,
+        "shots": {},
+    }
+    if notes and log is not None:
+        for n in notes:
+            log(f"note: {n}")
+    seed_stream = np.random.SeedSequence(config.seed)
+    try:
+        for K in config.shots:
+            K = int(K)
+            seeds = [int(s.generate_state(1)[0]) for s in seed_stream.spawn(4 + 2 * len(fold_digits))]
+            mk = lambda cls, seed: EpisodeSampler(  # noqa: E731
+                X, y, n_way=n_way, k_shot=K, n_query=config.n_query, classes=cls, random_state=seed)
+            test_tasks = mk(holdout, seeds[0]).sample(config.test_episodes)
+            folds = []
+            for f, vd in enumerate(fold_digits):
+                tr = [c for c in train_digits if c not in vd]
+                folds.append((mk(tr, seeds[4 + 2 * f]), mk(vd, seeds[5 + 2 * f]).sample(config.val_episodes)))
+            shot = _Shot(K, K_inner, config, test_tasks, folds, [v for _, v in folds], mk(train_digits, seeds[1]),
+                         seeds, logger)
+            results["shots"][str(K)] = _run_shot(shot)
+    finally:
+        logger.close()
+    results["total_seconds"] = time.perf_counter() - t_start
+    results["summary"] = summarize(results)
+    return results
+
+
+def summarize(results: dict) -> list:
+    """One sentence per K, computed from the numbers, whatever they show."""
+    lines = []
+    for K, res in results["shots"].items():
+        table = res["table"]
+        sel = res["selected_meta_learner"]
+        row = table[sel]
+        contenders = [n for n, r in table.items() if not r.get("oracle")]
+        best = max(contenders, key=lambda n: table[n]["accuracy"])
+        parts = [f"K={K}: the meta-learner chosen on meta-validation is {sel} "
+                 f"({100 * row['accuracy']:.1f}% +/- {100 * row['ci95']:.1f})."]
+        if (row.get("choice") or {}).get("iterations") == 0:
+            parts.append("Meta-validation stopped it at iteration 0, before any meta-training: "
+                         "meta-training did not improve on its starting point on held-out classes.")
+        for ref_name, key in ((ZERO, "vs_zero"), (res["grid_method"], "vs_grid")):
+            if ref_name is None or row[key] is None:
+                continue
+            d = row[key]
+            lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+            if lo > 0:
+                verdict = f"beats {ref_name} by {100 * d['mean']:.1f} points (95% CI {100 * lo:.1f} to {100 * hi:.1f})"
+            elif hi < 0:
+                verdict = f"LOSES to {ref_name} by {100 * -d['mean']:.1f} points (95% CI {100 * lo:.1f} to {100 * hi:.1f})"
+            else:
+                verdict = (f"is not distinguishable from {ref_name} ({100 * d['mean']:+.1f} points, "
+                           f"95% CI {100 * lo:.1f} to {100 * hi:.1f})")
+            parts.append(f"It {verdict}.")
+        parts.append(f"Best non-oracle method on the held-out classes: {best} ({100 * table[best]['accuracy']:.1f}%).")
+        lines.append(" ".join(parts))
+    return lines
+
+
+def format_table(results: dict) -> str:
+    """The results table as text."""
+    out = []
+    held = " vs ".join(str(c) for c in results["holdout"])
+    kind = "Digit pairs" if results.get("n_way", 2) == 2 else f"{results['n_way']}-way digit tasks"
+    out.append(f"{kind}: meta-train on {results['train_digits']}, test on {held} "
+               f"({results['data']['name']}, {results['data']['n_samples']} images)")
+    out.append(f"validation folds (digits never meta-trained on in that fold): {results['validation_folds']}")
+    for K, res in results["shots"].items():
+        out.append("")
+        out.append(f"K = {K} shots per class, {res['n_test_episodes']} test episodes (the same for every method)")
+        header = (f"  {'method':<34} {'accuracy':>15} {'vs zero init':>18} {'vs grid search':>18} "
+                  f"{'val acc':>8} {'meta-train s':>12} {'ms/new task':>11}")
+        out.append(header)
+        for name, row in res["table"].items():
+            def fmt(d):
+                return "" if d is None else f"{100 * d['mean']:+.1f} +/- {100 * d['ci95']:.1f}"
+            val = "" if row["val_accuracy"] is None else f"{100 * row['val_accuracy']:.1f}"
+            out.append(
+                f"  {name:<34} {100 * row['accuracy']:>7.1f} +/- {100 * row['ci95']:>4.1f} {fmt(row['vs_zero']):>18} "
+                f"{fmt(row['vs_grid']):>18} {val:>8} {row['meta_train_seconds']:>12.1f} "
+                f"{1000 * row['seconds_per_task']:>11.3f}"
+            )
+        out.append(f"  meta-learner selected on validation: {res['selected_meta_learner']}")
+    out.append("")
+    out.append("Summary (computed from the numbers above):")
+    for line in results["summary"]:
+        out.append("  " + line)
+    out.append(f"total time {results['total_seconds']:.1f} s")
+    return "\n".join(out)
+
+
+def to_json(results: dict) -> str:
+    def default(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        raise TypeError(type(o).__name__)
+
+    return json.dumps(results, default=default, indent=1)
+
+
+# ------------------------------------------------------ other task families
+def run_grouped(config: DemoConfig, *, n_groups=300, n_per_group=60, n_features=20,
+                log: Optional[Callable[[str], None]] = print) -> dict:
+    """The other regime: groups whose labels mean the same thing in every group.
+
+    Tasks come from :func:`fastmaml.datasets.make_grouped_tasks` (a shared
+    teacher with per-group deviations). Groups are split into meta-train /
+    meta-validation / test; K is the number of support rows per class on
+    average (2K support rows per group). Same methods and table as the digits.
+    """
+    t_start = time.perf_counter()
+    X, y, groups = make_grouped_tasks(n_groups=n_groups, n_per_group=n_per_group, n_features=n_features,
+                                      random_state=config.seed)
+    train_g, val_g, test_g = split_groups(groups, fractions=(0.6, 0.2, 0.2), random_state=config.seed)
+    stages = len(config.shots) * (4 + len(META_LEARNERS) * 2)
+    logger = _Log(log, config.progress, stages)
+    results = {
+        "config": dataclasses.asdict(config),
+        "family": "grouped",
+        "data": {"name": "grouped (shared teacher + per-group deviation)", "n_samples": int(X.shape[0]),
+                 "n_features": int(X.shape[1]), "n_groups": int(n_groups), "notes": []},
+        "holdout": ["test groups", f"{len(test_g)}"],
+        "train_digits": f"{len(train_g)} meta-training groups",
+        "validation_folds": f"{len(val_g)} meta-validation groups",
+        "shots": {},
+    }
+    seed_stream = np.random.SeedSequence(config.seed)
+    query = n_per_group // 2
+    try:
+        for K in config.shots:
+            K = int(K)
+            seeds = [int(s.generate_state(1)[0]) for s in seed_stream.spawn(6)]
+            mk = lambda gs, seed: GroupedSampler(  # noqa: E731
+                X, y, groups, support_size=2 * K, query_size=query, groups_subset=gs, random_state=seed)
+            test_tasks = mk(test_g, seeds[0]).sample(config.test_episodes)
+            val_tasks = mk(val_g, seeds[4]).sample(config.val_episodes)
+            folds = [(mk(train_g, seeds[5]), val_tasks)]
+            refit = mk(np.concatenate([train_g, val_g]), seeds[1])
+            shot = _Shot(K, int(config.inner_steps), config, test_tasks, folds, [val_tasks], refit, seeds, logger)
+            results["shots"][str(K)] = _run_shot(shot)
+    finally:
+        logger.close()
+    results["total_seconds"] = time.perf_counter() - t_start
+    results["summary"] = summarize(results)
+    return results
+
+
+def run_all_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] = print) -> dict:
+    """Leave-one-pair-out sweep: the digit-pair experiment with every pair held out in turn."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classes = sorted(int(c) for c in np.unique(load_digits_dataset(config.data).y))
+    pairs = [(a, b) for i, a in enumerate(classes) for b in classes[i + 1:]]
+    out = {"config": dataclasses.asdict(config), "pairs": {}}
+    t0 = time.perf_counter()
+    for n, (a, b) in enumerate(pairs):
+        if log is not None:
+            log(f"pair {n + 1}/{len(pairs)}: {a} vs {b}")
+        res = run_digit_pairs(dataclasses.replace(config, holdout=(a, b)), log=None)
+        row = {}
+        for K, shot in res["shots"].items():
+            table = shot["table"]
+            sel = shot["selected_meta_learner"]
+            row[K] = {
+                "selected": sel,
+                "selected_accuracy": table[sel]["accuracy"],
+                "vs_zero": table[sel]["vs_zero"],
+                "vs_grid": table[sel]["vs_grid"],
+                "accuracy": {name: r["accuracy"] for name, r in table.items()},
+            }
+        out["pairs"][f"{a},{b}"] = row
+    out["total_seconds"] = time.perf_counter() - t0
+    return out
+
+
+def format_all_pairs(results: dict) -> str:
+    lines = ["Leave-one-pair-out: the meta-learner chosen on meta-validation vs zero init and grid search",
+             f"  {'pair':<6} {'K':>3} {'selected meta-learner':<26} {'acc':>6} {'vs zero':>16} {'vs grid':>16}"]
+    wins = {}
+    for pair, row in results["pairs"].items():
+        for K, r in row.items():
+            def fmt(d):
+                return "" if d is None else f"{100 * d['mean']:+.1f} +/- {100 * d['ci95']:.1f}"
+            lines.append(f"  {pair:<6} {K:>3} {r['selected']:<26} {100 * r['selected_accuracy']:>6.1f} "
+                         f"{fmt(r['vs_zero']):>16} {fmt(r['vs_grid']):>16}")
+            w = wins.setdefault(K, {"zero": [0, 0, 0], "grid": [0, 0, 0]})
+            for key, d in (("zero", r["vs_zero"]), ("grid", r["vs_grid"])):
+                if d is None:
+                    continue
+                idx = 0 if d["mean"] - d["ci95"] > 0 else (2 if d["mean"] + d["ci95"] < 0 else 1)
+                w[key][idx] += 1
+    lines.append("")
+    for K, w in wins.items():
+        lines.append(f"K={K}: vs zero init: {w['zero'][0]} pairs won, {w['zero'][1]} ties, {w['zero'][2]} lost; "
+                     f"vs grid search: {w['grid'][0]} won, {w['grid'][1]} ties, {w['grid'][2]} lost "
+                     "(won/lost = 95% CI of the paired difference excludes 0)")
+    lines.append(f"total time {results['total_seconds']:.1f} s")
+    return "\n".join(lines)

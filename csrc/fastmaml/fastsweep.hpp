@@ -1,22 +1,25 @@
-// Binary MAML / first-order MAML meta-gradient with one step size per step
-// (scalar or per-step inner_lr, any L2), built on the tiled kernels of
-// tile.hpp and the vectorised link of vmath.hpp (PROTOTYPE, issue 13).
-//
-// Two exact paths, the same mathematics as model.hpp (MetaWorker) and
-// gram.hpp (GramMetaWorker) and the same per-task slot layout
-// [loss, grad (D), hyper (lr.size()), grad_l2], so they run under the
-// existing batch driver (run_tasks: fixed 64-task reduction blocks).
+// The binary meta-gradient with one step size per step (MAML or
+// first-order MAML; scalar or per-step inner_lr; any L2): the common case,
+// on the register-tiled kernels of tile.hpp and the vectorised link of
+// vmath.hpp. Same mathematics as sweep.hpp (MetaWorker) and span.hpp
+// (GramMetaWorker), which keep every other case (softmax, per-parameter
+// inner_lr, preconditioner, Reptile), and the same per-task slot layout
+// [loss, grad (D), hyper (lr.size()), grad_l2]; meta.hpp dispatches.
 //   FastPlainWorker  2 fused passes over the support rows per step (forward:
 //                    logits + X^T r; reverse: X u + X^T (s X u)/n).
 //   FastGramWorker   the sweep in the span of the support rows: the Gram
 //                    matrix once (4 x 4 register tiles), then O(n^2) a step.
+//   LockstepGram     the same sweep for kLanes tiny tasks at once.
+// Each per-task sweep is one function compiled per ISA (FASTMAML_CLONES) with
+// the kernel bodies force-inlined into it: the dispatch happens once per
+// task, not once per row, and the bodies never compile for the baseline only.
 #pragma once
 
 #include <cmath>
 #include <vector>
 
-#include "gram.hpp"
-#include "model.hpp"
+#include "parallel.hpp"
+#include "sweep.hpp"
 #include "tile.hpp"
 #include "vmath.hpp"
 
@@ -536,7 +539,7 @@ struct LockstepGram {
   }
 
   // out = G in, per lane, k in order (the same sum as gram_mul_body).
-  FASTMAML_INLINE void lanes_gram_mul(index_t n, const double* in, double* __restrict out) const {
+  FASTMAML_INLINE void lanes_gram_mul(index_t n, const double* in, double* FASTMAML_RESTRICT out) const {
     constexpr index_t L = kLanes;
     for (index_t i = 0; i < n; ++i) {
       double acc[L] = {};
@@ -560,113 +563,74 @@ FASTMAML_CLONES inline void lockstep_group(LockstepGram<double>& w, index_t t0, 
   w.run(t0, g, slots, slot_len);
 }
 
-// Driver for lock-step groups: groups are runs of consecutive tasks with the
-// same support and query sizes, at most kLanes long, never crossing a
-// kReduceBlock boundary (shape-only, thread-independent); slots are summed
-// in blocks exactly as run_tasks does.
+// Whether a task runs its Gram sweep in a lock-step group: tiny tasks whose
+// n-space work (K n^2 per step set) outweighs the per-task passes over d, so
+// that filling SIMD lanes across tasks pays (W3: n = 10, d = 64, K = 5).
+// Reads the task's own shape only, so a task's result never depends on its
+// neighbours, the shard it lands in or the thread count. A dataset kernel
+// matrix gives the Gram matrix without a pass over the rows; those tasks run
+// alone.
+inline bool lockstep_applies(index_t n, index_t d, index_t K, bool kernel) {
+  return !kernel && n <= 32 && 2.0 * static_cast<double>(K) * n >= static_cast<double>(d);
+}
+
+// The Gram path's group worker (run_groups): a lock-step group of up to
+// kLanes tasks, or one task alone.
 template <class T>
-TaskStatus lockstep_meta_value_and_grad(const TaskSet<T>& ts, const T* theta, const T* alpha, index_t K, LrLayout lr,
-                                        double lam, Mode mode, int n_threads, double* loss, T* grad, T* hyper,
-                                        double* grad_l2, std::vector<double>* slots_out = nullptr) {
-  const index_t nt = ts.n_tasks, D = ts.d + 1, H = lr.size();
-  const index_t slot_len = 1 + D + H + 1;
-  std::vector<index_t> starts;
-  for (index_t t = 0; t < nt;) {
-    starts.push_back(t);
-    index_t e = t + 1;
-    const index_t block_end = std::min(nt, (t / kReduceBlock + 1) * kReduceBlock);
-    while (e < block_end && e - t < kLanes && ts.support.size(e) == ts.support.size(t) &&
-           ts.query.size(e) == ts.query.size(t))
-      ++e;
-    t = e;
+struct GramGroupWorker {
+  FastGramWorker<T> one;
+  LockstepGram<T> lanes;
+  bool kernel = false;
+  int force_lockstep = -1;  // tests only: 0 never, 1 always, -1 the shape rule
+
+  GramGroupWorker(const TaskSet<T>& ts, const T* theta, const T* alpha, index_t K, LrLayout lr, double lam,
+                  Mode mode) {
+    one.ts = lanes.ts = &ts;
+    one.theta = lanes.theta = theta;
+    one.alpha = lanes.alpha = alpha;
+    one.K = lanes.K = K;
+    one.lr = lanes.lr = lr;
+    one.lam = lanes.lam = lam;
+    one.mode = lanes.mode = mode;
+    kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
   }
-  starts.push_back(nt);
-  const index_t n_groups = static_cast<index_t>(starts.size()) - 1;
-  std::vector<double> slots(static_cast<size_t>(nt * slot_len), 0.0);
-  std::vector<TaskStatus> status(static_cast<size_t>(nt));
-  const int threads = resolve_threads(n_threads);
-#pragma omp parallel num_threads(threads) default(none) \
-    shared(ts, theta, alpha, K, lr, lam, mode, starts, n_groups, slots, status, slot_len)
-  {
-    LockstepGram<T> w;
-    w.ts = &ts, w.theta = theta, w.alpha = alpha, w.K = K, w.lr = lr, w.lam = lam, w.mode = mode;
-#pragma omp for schedule(dynamic, 4)
-    for (index_t gi = 0; gi < n_groups; ++gi) {
-      const index_t t0 = starts[gi], g = starts[gi + 1] - t0;
-      try {
-        lockstep_group(w, t0, g, slots.data() + t0 * slot_len, slot_len);
-        for (index_t l = 0; l < g; ++l)
-          if (w.bad_code[l]) {
-            status[t0 + l].code = static_cast<ErrorCode>(w.bad_code[l]);
-            status[t0 + l].task = t0 + l;
-            status[t0 + l].step = w.bad_step[l];
-          }
-      } catch (const std::bad_alloc&) {
-        status[t0].code = ErrorCode::no_memory;
-        status[t0].task = t0;
-      } catch (const std::exception& e) {
-        status[t0].code = ErrorCode::internal;
-        status[t0].task = t0;
-        status[t0].message = e.what();
+  bool in_lanes(index_t t) const {
+    if (force_lockstep >= 0) return force_lockstep == 1 && !kernel;
+    return lockstep_applies(one.ts->support.size(t), one.ts->d, one.K, kernel);
+  }
+  // End of the group starting at t: consecutive lock-step tasks of the same
+  // support and query sizes, at most kLanes, never crossing a reduction block.
+  index_t group_end(index_t t) const {
+    const auto& ts = *one.ts;
+    if (!in_lanes(t)) return t + 1;
+    const index_t block_end = std::min(ts.n_tasks, (t / kReduceBlock + 1) * kReduceBlock);
+    index_t e = t + 1;
+    while (e < block_end && e - t < kLanes && ts.support.size(e) == ts.support.size(t) &&
+           ts.query.size(e) == ts.query.size(t) && in_lanes(e))
+      ++e;
+    return e;
+  }
+  void operator()(index_t t0, index_t g, double* slots, index_t slot_len, TaskStatus* status) {
+    if (in_lanes(t0)) {
+      lockstep_group(lanes, t0, g, slots, slot_len);
+      for (index_t l = 0; l < g; ++l)
+        if (lanes.bad_code[static_cast<size_t>(l)]) {
+          status[l].code = static_cast<ErrorCode>(lanes.bad_code[static_cast<size_t>(l)]);
+          status[l].task = t0 + l;
+          status[l].step = lanes.bad_step[static_cast<size_t>(l)];
+        }
+      return;
+    }
+    for (index_t l = 0; l < g; ++l) {
+      index_t step = -1;
+      const ErrorCode code = one(t0 + l, slots + l * slot_len, &step);
+      if (code != ErrorCode::ok) {
+        status[l].code = code;
+        status[l].task = t0 + l;
+        status[l].step = step;
       }
     }
   }
-  for (const auto& st : status)
-    if (!st.ok()) return st;
-  if (slots_out) *slots_out = slots;
-  std::vector<double> total(static_cast<size_t>(slot_len), 0.0), block(static_cast<size_t>(slot_len));
-  for (index_t b0 = 0; b0 < nt; b0 += kReduceBlock) {
-    std::fill(block.begin(), block.end(), 0.0);
-    for (index_t i = b0; i < std::min(nt, b0 + kReduceBlock); ++i)
-      for (index_t k = 0; k < slot_len; ++k) block[k] += slots[i * slot_len + k];
-    for (index_t k = 0; k < slot_len; ++k) total[k] += block[k];
-  }
-  const double inv_T = 1.0 / static_cast<double>(nt);
-  *loss = total[0] * inv_T;
-  for (index_t p = 0; p < D; ++p) grad[p] = static_cast<T>(total[1 + p] * inv_T);
-  for (index_t k = 0; k < H; ++k) hyper[k] = static_cast<T>(total[1 + D + k] * inv_T);
-  *grad_l2 = total[1 + D + H] * inv_T;
-  return TaskStatus{};
-}
-
-// Cost model of the new kernels, in cycles-like units (shapes only).
-// Plain: 2K fused passes (each reads X once, ~1 FMA per element, L2-bound
-// when n d no longer fits L1). Gram: the Gram matrix at register-tile speed
-// (~4x a matrix-vector pass per multiply-add), 4 passes, 4 K n^2 in n-space.
-inline bool fast_use_gram(index_t n, index_t d, index_t K, bool have_kernel) {
-  const double nd = static_cast<double>(n) * d;
-  const double plain = 2.0 * K * nd;
-  const double gram = (have_kernel ? 0.0 : 0.5 * n * nd / 4.0) + 4.0 * nd + 4.0 * K * static_cast<double>(n) * n / 4.0;
-  return gram < plain;
-}
-
-template <class T>
-TaskStatus fast_meta_value_and_grad(const TaskSet<T>& ts, const T* theta, const T* alpha, index_t K, LrLayout lr,
-                                    double lam, Mode mode, int n_threads, double* loss, T* grad, T* hyper,
-                                    double* grad_l2, Sweep sweep = Sweep::automatic) {
-  Model<T, BinaryLink> model(&ts, BinaryLink{});
-  const index_t H = lr.size();
-  const double rows = rows_per_task(ts.support, ts.n_tasks);
-  const double qrows = rows_per_task(ts.query, ts.n_tasks);
-  const index_t ni = static_cast<index_t>(std::ceil(rows));
-  const bool kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
-  if (static_cast<int>(sweep) == 3) return lockstep_meta_value_and_grad(ts, theta, alpha, K, lr, lam, mode, n_threads, loss, grad, hyper, grad_l2);
-  const bool gram = sweep == Sweep::gram || (sweep == Sweep::automatic && fast_use_gram(ni, ts.d, K, kernel));
-  const double work = (4.0 * K + 2.0) * (rows + qrows) * static_cast<double>(model.P);
-  if (gram) {
-    auto make = [&]() {
-      FastGramWorker<T> w;
-      w.ts = &ts, w.theta = theta, w.alpha = alpha, w.K = K, w.lr = lr, w.lam = lam, w.mode = mode;
-      return w;
-    };
-    return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2, nullptr);
-  }
-  auto make = [&]() {
-    FastPlainWorker<T> w;
-    w.ts = &ts, w.theta = theta, w.alpha = alpha, w.K = K, w.lr = lr, w.lam = lam, w.mode = mode;
-    return w;
-  };
-  return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2, nullptr);
-}
+};
 
 }  // namespace fastmaml

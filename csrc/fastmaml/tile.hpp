@@ -33,14 +33,51 @@
 // The 32-byte vector helpers below are always inlined into the per-ISA
 // clones; no vector crosses a call boundary, so the ABI note GCC gives for
 // the baseline build does not apply.
+#if defined(__GNUC__) || defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+// GCC / clang vector extensions, or (FASTMAML_PORTABLE_FALLBACKS, other
+// compilers) a standard C++ struct with the same elementwise operations in
+// the same order: the baseline build gives the same bits either way.
+#if (defined(__GNUC__) || defined(__clang__)) && !FASTMAML_PORTABLE_FALLBACKS
+#define FASTMAML_VECTOR_EXT 1
+#else
+#define FASTMAML_VECTOR_EXT 0
+#endif
 
 namespace fastmaml {
 namespace tile {
 
+#if FASTMAML_VECTOR_EXT
 typedef float vf8 __attribute__((vector_size(32)));
 typedef double vd4 __attribute__((vector_size(32)));
+#else
+template <class T, int N>
+struct Vec {
+  T v[N];
+  T operator[](int i) const { return v[i]; }
+  T& operator[](int i) { return v[i]; }
+  Vec& operator+=(const Vec& o) {
+    for (int i = 0; i < N; ++i) v[i] += o.v[i];
+    return *this;
+  }
+  friend Vec operator+(Vec a, const Vec& b) { return a += b; }
+  friend Vec operator*(const Vec& a, const Vec& b) {
+    Vec r;
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  friend Vec operator*(T a, const Vec& b) {
+    Vec r;
+    for (int i = 0; i < N; ++i) r.v[i] = a * b.v[i];
+    return r;
+  }
+};
+typedef Vec<float, 8> vf8;
+typedef Vec<double, 4> vd4;
+#endif
 
 template <class T>
 struct Lanes;
@@ -58,19 +95,20 @@ struct Lanes<double> {
 };
 
 template <class V, class T>
-__attribute__((always_inline)) inline V vload(const T* p) {
+FASTMAML_INLINE inline V vload(const T* p) {
   V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 template <class V, class T>
-__attribute__((always_inline)) inline void vstore(T* p, const V& v) {
+FASTMAML_INLINE inline void vstore(T* p, const V& v) {
   std::memcpy(p, &v, sizeof v);
 }
 
 // Four accumulators reduced at once by a shuffle tree (one transpose-add
 // instead of four horizontal sums): returns their lane sums, each formed in
 // the same fixed order.
+#if FASTMAML_VECTOR_EXT
 FASTMAML_INLINE inline void reduce4(const vf8& v0, const vf8& v1, const vf8& v2, const vf8& v3, double* out) {
   const vf8 s01 = __builtin_shufflevector(v0, v1, 0, 8, 1, 9, 2, 10, 3, 11) +
                   __builtin_shufflevector(v0, v1, 4, 12, 5, 13, 6, 14, 7, 15);
@@ -86,6 +124,28 @@ FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2,
   const vd4 u = __builtin_shufflevector(s01, s23, 0, 1, 4, 5) + __builtin_shufflevector(s01, s23, 2, 3, 6, 7);
   for (int q = 0; q < 4; ++q) out[q] += u[q];
 }
+#else
+// The same shuffle tree, lane by lane: shuffle(a, b, idx)[j] picks lane
+// idx[j] of the concatenation [a, b].
+template <class V, int N>
+FASTMAML_INLINE inline V shuffle_add(const V& a, const V& b, const int (&lo)[N], const int (&hi)[N]) {
+  V r;
+  for (int j = 0; j < N; ++j)
+    r.v[j] = (lo[j] < N ? a.v[lo[j]] : b.v[lo[j] - N]) + (hi[j] < N ? a.v[hi[j]] : b.v[hi[j] - N]);
+  return r;
+}
+FASTMAML_INLINE inline void reduce4(const vf8& v0, const vf8& v1, const vf8& v2, const vf8& v3, double* out) {
+  static constexpr int p[8] = {0, 8, 1, 9, 2, 10, 3, 11}, q[8] = {4, 12, 5, 13, 6, 14, 7, 15};
+  static constexpr int r[8] = {0, 1, 8, 9, 2, 3, 10, 11}, s[8] = {4, 5, 12, 13, 6, 7, 14, 15};
+  const vf8 u = shuffle_add(shuffle_add(v0, v1, p, q), shuffle_add(v2, v3, p, q), r, s);
+  for (int k = 0; k < 4; ++k) out[k] += static_cast<double>(u[k]) + static_cast<double>(u[k + 4]);
+}
+FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2, const vd4& v3, double* out) {
+  static constexpr int p[4] = {0, 4, 1, 5}, q[4] = {2, 6, 3, 7}, r[4] = {0, 1, 4, 5}, s[4] = {2, 3, 6, 7};
+  const vd4 u = shuffle_add(shuffle_add(v0, v1, p, q), shuffle_add(v2, v3, p, q), r, s);
+  for (int k = 0; k < 4; ++k) out[k] += u[k];
+}
+#endif
 
 // out[a][b] = <A_a, B_b> for 4 x NB rows (NB = 1 or 4): one register tile.
 template <class T, int NB>
@@ -123,7 +183,7 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
 }
 
 template <class T>
-FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* __restrict G) {
+FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G) {
   const T* A[4];
   const T* B[4];
   double tileo[4][4];
@@ -145,7 +205,7 @@ FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d
 
 // z[i] = <x_i, v> (weights only; no bias)
 template <class T>
-FASTMAML_INLINE inline void xv_body(const T* const* rows, index_t n, index_t d, const T* v, double* __restrict z) {
+FASTMAML_INLINE inline void xv_body(const T* const* rows, index_t n, index_t d, const T* v, double* FASTMAML_RESTRICT z) {
   const T* A[4];
   const T* B[1] = {v};
   double o[4][4];
@@ -160,7 +220,7 @@ FASTMAML_INLINE inline void xv_body(const T* const* rows, index_t n, index_t d, 
 // (base may be null: c0 ignored). 32 features at a time stay in registers.
 template <class T>
 FASTMAML_INLINE inline void xtr_body(const T* const* rows, index_t n, index_t d, const double* coef, double c0, const T* base,
-                     T* __restrict out) {
+                     T* FASTMAML_RESTRICT out) {
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr index_t W = L::W;
@@ -200,7 +260,7 @@ FASTMAML_INLINE inline void xtr_body(const T* const* rows, index_t n, index_t d,
 // (coef = curv z scale).
 template <class T>
 FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, index_t d, const T* v, double vb, int mode,
-                              const std::int32_t* y, double scale, double* coef, double* curv, T* __restrict out,
+                              const std::int32_t* y, double scale, double* coef, double* curv, T* FASTMAML_RESTRICT out,
                               double* hinge) {
   using L = Lanes<T>;
   using V = typename L::V;
@@ -280,7 +340,7 @@ FASTMAML_CLONES inline double fused_rows(const double* const* rows, index_t n, i
 // out += G[:, k] in[k] (rows of G are its columns), vectorised over the
 // output with no horizontal sums; k in order, so each out[i] is the same
 // fixed-order sum for any n.
-FASTMAML_INLINE inline void gram_mul_body(const double* G, index_t n, const double* in, double* __restrict out) {
+FASTMAML_INLINE inline void gram_mul_body(const double* G, index_t n, const double* in, double* FASTMAML_RESTRICT out) {
   // 16 outputs held in registers across all k (no store-to-load chain
   // through out), then 4 at a time, then single outputs: each out[i] is the
   // same k-ordered sum in every variant.
@@ -336,4 +396,6 @@ FASTMAML_CLONES inline void xtr(const double* const* rows, index_t n, index_t d,
 }  // namespace tile
 }  // namespace fastmaml
 
+#if defined(__GNUC__) || defined(__clang__)
 #pragma GCC diagnostic pop
+#endif

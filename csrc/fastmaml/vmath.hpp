@@ -21,7 +21,11 @@
 
 // Bodies are force-inlined into the per-ISA clones (FASTMAML_CLONES): a
 // body left out of line would be compiled once, for baseline x86-64.
+#if (defined(__GNUC__) || defined(__clang__)) && !FASTMAML_PORTABLE_FALLBACKS
 #define FASTMAML_INLINE __attribute__((always_inline))
+#else
+#define FASTMAML_INLINE
+#endif
 
 namespace fastmaml {
 namespace vmath {
@@ -63,9 +67,9 @@ FASTMAML_INLINE inline double exp_nonpos(double x) {
 // and, when tails is non-null, tails_i = exp(-|z_i|) and the returned value
 // is sum_i max(+-z_i, 0) (the non-log part of the row losses).
 template <class Y>
-FASTMAML_INLINE inline double binary_rows_body(const double* __restrict z, const Y* __restrict y, index_t n,
-                                               double scale, double* __restrict r, double* __restrict s,
-                                               double* __restrict tails) {
+FASTMAML_INLINE inline double binary_rows_body(const double* FASTMAML_RESTRICT z, const Y* FASTMAML_RESTRICT y, index_t n,
+                                               double scale, double* FASTMAML_RESTRICT r, double* FASTMAML_RESTRICT s,
+                                               double* FASTMAML_RESTRICT tails) {
   // Every output is written unconditionally (callers pass scratch for what
   // they do not need): conditional stores keep GCC from vectorising.
   double hinge = 0.0;

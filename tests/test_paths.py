@@ -78,7 +78,8 @@ def test_cost_model_depends_on_shapes_only():
     # deep inner loops on few rows take the Gram path; many rows with few steps do not
     assert _core.uses_gram(20, 784, 1, 50)
     assert _core.uses_gram(20, 784, 1, 5)
-    assert not _core.uses_gram(100, 784, 1, 10)
+    assert not _core.uses_gram(400, 784, 1, 10)
+    assert _core.uses_gram(100, 784, 1, 10)  # W2: the tiled Gram matrix pays from K = 10 (binary)
     assert not _core.uses_gram(200, 20, 1, 1)
 
 
@@ -148,7 +149,7 @@ def test_dataset_kernel_respects_the_memory_budget_and_shape():
     X = np.random.default_rng(0).random((100, 5))
     assert dataset_kernel(X, memory_budget=100 * 100 * 8 - 1) is None
     np.testing.assert_allclose(dataset_kernel(X, memory_budget=10**6), X @ X.T)
-    assert _core.uses_gram(10, 784, 1, 2, kernel=True) and not _core.uses_gram(10, 784, 1, 2)
+    assert _core.uses_gram(30, 784, 1, 3, kernel=True) and not _core.uses_gram(30, 784, 1, 3)
     with pytest.raises(ValueError, match="kernel"):
         fastmaml.Tasks.from_index(X, [[0, 1]], [[0, 1]], [[2]], [[1]], kernel=np.zeros((5, 5)))
 

@@ -186,6 +186,8 @@ void raise_status(const fastmaml::TaskStatus& st) {
       throw DivergenceError("the meta-gradient of task " + std::to_string(st.task) +
                             " overflowed in the reverse sweep (non-finite values); inner_lr or l2 is too "
                             "large for this data");
+    case ErrorCode::nonfinite_input:
+      value_error(st.message + ": contains NaN or infinity");
     case ErrorCode::no_memory:
       throw std::bad_alloc();
     default:

@@ -58,7 +58,13 @@ class Tasks:
     query_X : array_like of shape (n_tasks, n_query, n_features)
     query_y : array_like of shape (n_tasks, n_query)
     check_finite : bool, default=True
-        Reject NaN or infinite features.
+        Reject NaN or infinite features here, once, with a NumPy pass (for a
+        pool reused across many calls). The meta-gradient calls
+        (:func:`~fastmaml.meta_value_and_grad`, Reptile, preconditioned, block
+        sums) raise the same ValueError either way: the core finds a
+        non-finite feature in its own pass over the rows, which is why a
+        4-tuple handed to them is not pre-checked. With False, the other
+        calls (adapt, iMAML, the primitives) do not check the features.
     """
 
     __slots__ = ("support", "query", "n_tasks", "n_features", "dtype", "is_indexed", "kernel")
@@ -118,7 +124,9 @@ class Tasks:
             Offsets for ragged tasks (groups of different sizes): task t owns
             positions ``ptr[t]:ptr[t+1]`` of the flat index and label arrays.
         check_finite : bool, default=True
-            Check X for NaN/infinity. A sampler that checked X once passes False.
+            Check X for NaN/infinity here. A sampler that checked X once passes
+            False; the meta-gradient calls still name a non-finite row of X
+            that a task uses (found in the core's own pass, as for Tasks).
         kernel : ndarray of shape (n_samples, n_samples), optional
             X X^T in X's dtype (see :func:`fastmaml.datasets.dataset_kernel`):
             the Gram path then gathers each episode's Gram matrix from it.

@@ -98,11 +98,11 @@ class MetaGradient:
     grad_query_X: Optional[np.ndarray] = None
 
 
-def _as_tasks(tasks) -> Tasks:
+def _as_tasks(tasks, check_finite: bool = True) -> Tasks:
     if isinstance(tasks, Tasks):
         return tasks
     if isinstance(tasks, (tuple, list)) and len(tasks) == 4:
-        return Tasks(*tasks)
+        return Tasks(*tasks, check_finite=check_finite)
     raise TypeError(
         "tasks: expected a fastmaml.Tasks or a 4-tuple (support_X, support_y, query_X, query_y), "
         f"got {type(tasks).__name__}"
@@ -574,14 +574,17 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNE
     ``task_axis`` inner_lr leads with a task axis; with ``per_task_l2`` l2 may
     be an array of shape (n_tasks,) (docs/design.md, "Per-task hyperparameters").
     """
+    inner_loop = inner_steps is not _NO_INNER_LOOP
     if y is _FROM_TASKS:
-        ts = _as_tasks(data)
+        # Tasks with an inner loop go to the core's meta-gradient, which finds
+        # non-finite features in its own pass and raises the same ValueError
+        # (meta.hpp, name_nonfinite_input): no separate NumPy pass over a tuple.
+        ts = _as_tasks(data, check_finite=not inner_loop)
         side, query, single, user_labels = ts.support, ts.query, False, False
         dtype, d, T, kernel = ts.dtype, ts.n_features, ts.n_tasks, ts.kernel
     else:
         side, single, dtype, d, T = _support_side(data, y)
         query, kernel, user_labels = None, None, not isinstance(data, Tasks)
-    inner_loop = inner_steps is not _NO_INNER_LOOP
     K = check_int(inner_steps, "inner_steps", minimum=0) if inner_loop else 0
     l2_tasks = None
     if per_task_l2 and not isinstance(l2, (str, bytes)) and np.ndim(l2) > 0:

@@ -148,7 +148,7 @@ def test_dataset_kernel_respects_the_memory_budget_and_shape():
     X = np.random.default_rng(0).random((100, 5))
     assert dataset_kernel(X, memory_budget=100 * 100 * 8 - 1) is None
     np.testing.assert_allclose(dataset_kernel(X, memory_budget=10**6), X @ X.T)
-    assert _core.uses_gram(10, 784, 1, 2, kernel=True) and not _core.uses_gram(10, 784, 1, 2)
+    assert _core.uses_gram(30, 784, 1, 3, kernel=True) and not _core.uses_gram(30, 784, 1, 3)
     with pytest.raises(ValueError, match="kernel"):
         fastmaml.Tasks.from_index(X, [[0, 1]], [[0, 1]], [[2]], [[1]], kernel=np.zeros((5, 5)))
 

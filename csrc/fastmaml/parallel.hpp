@@ -36,7 +36,17 @@ constexpr index_t kChunkDoubles = index_t(1) << 23;  // 64 MiB
 // small batches use fewer threads. Shape-only: results never depend on it.
 constexpr double kMinWorkPerThread = 2.0e5;
 
-enum class ErrorCode : int { ok = 0, diverged = 1, nonfinite_query = 2, no_memory = 3, internal = 4, nonfinite_grad = 5 };
+// nonfinite_input: a feature of the batch is NaN or infinite; message names
+// the array ("support_X", "query_X", or "X" for index-form tasks).
+enum class ErrorCode : int {
+  ok = 0,
+  diverged = 1,
+  nonfinite_query = 2,
+  no_memory = 3,
+  internal = 4,
+  nonfinite_grad = 5,
+  nonfinite_input = 6
+};
 
 struct TaskStatus {
   ErrorCode code = ErrorCode::ok;
@@ -94,16 +104,21 @@ inline bool built_with_openmp() {
 #endif
 }
 
-// Runs `Worker` over tasks [0, n_tasks). `make_worker()` is called once per
-// thread and returns an object with
-//     ErrorCode operator()(index_t t, double* slot, index_t* step)
-// which writes `slot_len` doubles of task t's result into `slot`.
+// Runs a group worker over tasks [0, n_tasks) split into groups of
+// consecutive tasks: `group_end(t)` is the end of the group starting at t
+// (a shape-only rule; a group never crosses a kReduceBlock boundary, so
+// neither the chunks nor the reduction blocks depend on it). `make_worker()`
+// is called once per thread and returns an object with
+//     void operator()(index_t t0, index_t g, double* slots, index_t slot_len,
+//                     TaskStatus* status)
+// which writes the `slot_len` doubles of each task t0 + l (l < g) into
+// slots + l * slot_len and a failure, if any, into status[l].
 // If `total` is non-null it receives the block-ordered sum of the slots.
 // Returns the error of the lowest-numbered failing task, if any.
-template <class MakeWorker>
-TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
-                     MakeWorker&& make_worker, double* total, double work_per_task = 1e9,
-                     double* blocks_out = nullptr) {
+template <class GroupEnd, class MakeWorker>
+TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd&& group_end,
+                      MakeWorker&& make_worker, double* total, double work_per_task = 1e9,
+                      double* blocks_out = nullptr) {
   TaskStatus status;
   int threads = resolve_threads(n_threads);
   const double useful = static_cast<double>(n_tasks) * work_per_task / kMinWorkPerThread;
@@ -120,9 +135,11 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
   if (chunk <= 0) chunk = 1;
   std::vector<double> slots;
   std::vector<TaskStatus> task_status;
+  std::vector<index_t> starts;
   try {
     slots.assign(static_cast<size_t>(chunk * std::max<index_t>(slot_len, 0)), 0.0);
     task_status.assign(static_cast<size_t>(chunk), TaskStatus{});
+    starts.reserve(static_cast<size_t>(chunk + 1));
   } catch (const std::bad_alloc&) {
     status.code = ErrorCode::no_memory;
     return status;
@@ -132,13 +149,21 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
 
   for (index_t start = 0; start < n_tasks; start += chunk) {
     const index_t count = std::min(chunk, n_tasks - start);
-    // Tasks handed out a few at a time: enough pieces to balance ragged
+    starts.clear();
+    for (index_t t = start; t < start + count;) {
+      starts.push_back(t);
+      t = std::min(start + count, std::max(t + 1, group_end(t)));
+    }
+    starts.push_back(start + count);
+    const index_t n_groups = static_cast<index_t>(starts.size()) - 1;
+    for (index_t i = 0; i < count; ++i) task_status[static_cast<size_t>(i)] = TaskStatus{};
+    // Groups handed out a few at a time: enough pieces to balance ragged
     // tasks across threads, few enough that dispatch stays cheap. Only the
     // work split depends on it, never a result.
 #ifdef _OPENMP
-    const index_t grain = std::max<index_t>(1, count / (16 * static_cast<index_t>(threads)));
+    const index_t grain = std::max<index_t>(1, n_groups / (16 * static_cast<index_t>(threads)));
 #pragma omp parallel num_threads(threads) default(none) \
-    shared(make_worker, slots, task_status, start, count, slot_len, grain)
+    shared(make_worker, slots, task_status, starts, start, n_groups, slot_len, grain)
 #endif
     {
       // No exception may leave an OpenMP region: everything is caught here
@@ -159,29 +184,24 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, grain)
 #endif
-      for (index_t i = 0; i < count; ++i) {
-        TaskStatus& st = task_status[static_cast<size_t>(i)];
-        st = TaskStatus{};
+      for (index_t gi = 0; gi < n_groups; ++gi) {
+        const index_t t0 = starts[static_cast<size_t>(gi)];
+        const index_t g = starts[static_cast<size_t>(gi + 1)] - t0;
+        TaskStatus& st = task_status[static_cast<size_t>(t0 - start)];
         if (!have_worker) {
           st.code = why_code;
-          st.task = start + i;
+          st.task = t0;
           st.message = why;
           continue;
         }
         try {
-          index_t step = -1;
-          ErrorCode code = (*worker_ptr)(start + i, slots.data() + i * slot_len, &step);
-          if (code != ErrorCode::ok) {
-            st.code = code;
-            st.task = start + i;
-            st.step = step;
-          }
+          (*worker_ptr)(t0, g, slots.data() + (t0 - start) * slot_len, slot_len, &st);
         } catch (const std::bad_alloc&) {
           st.code = ErrorCode::no_memory;
-          st.task = start + i;
+          st.task = t0;
         } catch (const std::exception& e) {
           st.code = ErrorCode::internal;
-          st.task = start + i;
+          st.task = t0;
           st.message = e.what();
         }
       }
@@ -209,6 +229,37 @@ TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads,
     }
   }
   return status;
+}
+
+// A per-task worker (ErrorCode operator()(index_t t, double* slot,
+// index_t* step)) as a group worker.
+template <class Worker>
+struct PerTask {
+  Worker w;
+  void operator()(index_t t0, index_t g, double* slots, index_t slot_len, TaskStatus* status) {
+    for (index_t l = 0; l < g; ++l) {
+      index_t step = -1;
+      const ErrorCode code = w(t0 + l, slots + l * slot_len, &step);
+      if (code != ErrorCode::ok) {
+        status[l].code = code;
+        status[l].task = t0 + l;
+        status[l].step = step;
+      }
+    }
+  }
+};
+
+// Runs `Worker` over tasks [0, n_tasks), one task at a time: run_groups with
+// groups of one. `make_worker()` is called once per thread and returns an
+// object with
+//     ErrorCode operator()(index_t t, double* slot, index_t* step)
+// which writes `slot_len` doubles of task t's result into `slot`.
+template <class MakeWorker>
+TaskStatus run_tasks(index_t n_tasks, index_t slot_len, int n_threads, MakeWorker&& make_worker, double* total,
+                     double work_per_task = 1e9, double* blocks_out = nullptr) {
+  auto make = [&]() { return PerTask<decltype(make_worker())>{make_worker()}; };
+  return run_groups(n_tasks, slot_len, n_threads, [](index_t t) { return t + 1; }, make, total, work_per_task,
+                    blocks_out);
 }
 
 }  // namespace fastmaml

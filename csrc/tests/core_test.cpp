@@ -1,7 +1,8 @@
 // Stand-alone test of the C++ core (no Python): exercises every path on
 // random data and checks it against central finite differences of the
 // meta-loss and against each other, checks the choice of sweep, and checks
-// the portable fallbacks (128-bit multiply, sampler stream). Built and run
+// the portable fallbacks (128-bit multiply, sampler stream), and runs the
+// checks of the binary fast sweeps (tile_checks.hpp). Built and run
 // under AddressSanitizer and UndefinedBehaviorSanitizer in CI (.ci/run):
 //   g++ -std=c++17 -O1 -g -fopenmp -fsanitize=address,undefined -Icsrc csrc/tests/core_test.cpp
 // and by .ci/cross.sh with clang++, with an aarch64 cross-compiler under
@@ -22,6 +23,7 @@
 #include "fastmaml/meta.hpp"
 #include "fastmaml/sampling.hpp"
 #include "fastmaml/train.hpp"
+#include "tile_checks.hpp"
 
 using namespace fastmaml;
 
@@ -494,6 +496,10 @@ int main() {
   sweep_choice();
   portable_sampling();
   training_loop();
+  // The binary fast sweeps and their kernels on small shapes with every tail
+  // (their results are not in the digest: the dispatched clones differ from
+  // the baseline in rounding, and the Python snapshot covers the fallbacks).
+  failures += tile_checks::run_all(false);
   std::printf("build: multiversioned=%d portable_fallbacks=%d int128=%d\n", FASTMAML_MULTIVERSIONED,
               FASTMAML_PORTABLE_FALLBACKS, FASTMAML_HAVE_INT128);
   std::printf("%d failed\n", failures);

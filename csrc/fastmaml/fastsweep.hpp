@@ -1,0 +1,636 @@
+// The binary meta-gradient with one step size per step (MAML or
+// first-order MAML; scalar or per-step inner_lr; any L2): the common case,
+// on the register-tiled kernels of tile.hpp and the vectorised link of
+// vmath.hpp. Same mathematics as sweep.hpp (MetaWorker) and span.hpp
+// (GramMetaWorker), which keep every other case (softmax, per-parameter
+// inner_lr, preconditioner, Reptile), and the same per-task slot layout
+// [loss, grad (D), hyper (lr.size()), grad_l2]; meta.hpp dispatches.
+//   FastPlainWorker  2 fused passes over the support rows per step (forward:
+//                    logits + X^T r; reverse: X u + X^T (s X u)/n).
+//   FastGramWorker   the sweep in the span of the support rows: the Gram
+//                    matrix once (4 x 4 register tiles), then O(n^2) a step.
+//   LockstepGram     the same sweep for kLanes tiny tasks at once.
+// Each per-task sweep is one function compiled per ISA (FASTMAML_CLONES) with
+// the kernel bodies force-inlined into it: the dispatch happens once per
+// task, not once per row, and the bodies never compile for the baseline only.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "parallel.hpp"
+#include "sweep.hpp"
+#include "tile.hpp"
+#include "vmath.hpp"
+
+namespace fastmaml {
+
+// Query side of task t at phi (D): returns the mean loss and writes the
+// gradient X~^T (p - y) / m into grad (D).
+template <class T>
+FASTMAML_INLINE inline double query_pass(const TaskSet<T>& ts, index_t t, const T* phi, std::vector<const T*>& rows,
+                  std::vector<double>& z, std::vector<double>& r, std::vector<double>& tails, T* grad) {
+  const index_t d = ts.d;
+  const index_t m = ts.query.gather(t, d, rows);
+  const std::int32_t* y = ts.query.y + ts.query.begin(t);
+  r.resize(static_cast<size_t>(m));
+  tails.resize(static_cast<size_t>(m));
+  (void)z;
+  const double inv_m = 1.0 / static_cast<double>(m);
+  double hinge = 0.0;
+  const double rb = tile::fused_rows_body(rows.data(), m, d, phi, static_cast<double>(phi[d]), 2, y, inv_m, r.data(),
+                                          tails.data(), grad, &hinge);
+  grad[d] = static_cast<T>(rb);
+  const double loss = (hinge + vmath::sum_log1p(tails.data(), m)) * inv_m;
+  return loss;
+}
+
+template <class T>
+struct FastGramWorker {
+  const TaskSet<T>* ts;
+  const T* theta;
+  const T* alpha;  // (K, D) table; alpha[j * D] is step j's size
+  index_t K;
+  LrLayout lr;
+  double lam;
+  Mode mode;
+  std::vector<const T*> rows;
+  std::vector<double> G, z0w, U, Z, R, curv, Cc, KC, a, work, V, Gam, XG, H, colR, qz, qr, tails;
+  std::vector<double> neg, G1;
+  std::vector<T> wvec, gbar;
+
+  ErrorCode operator()(index_t t, double* slot, index_t* step);
+  // The whole per-task sweep is compiled once per ISA (gram_task below), so
+  // every kernel and the n-space loops inline into one dispatched function.
+  FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
+    const index_t d = ts->d, D = d + 1;
+    const auto& sup = ts->support;
+    const index_t n = sup.gather(t, d, rows);
+    const std::int32_t* y = sup.y + sup.begin(t);
+    G.resize(static_cast<size_t>(n * n));
+    if (ts->kernel && sup.idx) {
+      const index_t* idx = sup.idx + sup.begin(t);
+      for (index_t i = 0; i < n; ++i) {
+        const T* krow = ts->kernel + idx[i] * ts->kernel_rows;
+        for (index_t k = 0; k < n; ++k) G[i * n + k] = static_cast<double>(krow[idx[k]]);
+      }
+    } else {
+      // theta's weights ride along as row n: X theta comes out of the same
+      // tiles while the rows are in L1 (one pass fewer over X).
+      rows.push_back(theta);
+      G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
+      tile::gram_body(rows.data(), n + 1, d, G1.data());
+      rows.pop_back();
+      for (index_t i = 0; i < n; ++i) std::copy(G1.data() + i * (n + 1), G1.data() + i * (n + 1) + n, G.data() + i * n);
+    }
+    const double inv_n = 1.0 / static_cast<double>(n);
+    z0w.resize(static_cast<size_t>(n));
+    if (ts->kernel && sup.idx) {
+      tile::xv_body(rows.data(), n, d, theta, z0w.data());
+    } else {
+      for (index_t i = 0; i < n; ++i) z0w[i] = G1[n * (n + 1) + i];
+    }
+    U = z0w;
+    double B = static_cast<double>(theta[d]);
+    const index_t Kc = std::max<index_t>(K, 1);
+    R.resize(static_cast<size_t>(Kc * n));
+    curv.resize(static_cast<size_t>(Kc * n));
+    Cc.assign(static_cast<size_t>((K + 1) * n), 0.0);
+    KC.assign(static_cast<size_t>((K + 1) * n), 0.0);
+    a.assign(static_cast<size_t>(K + 1), 1.0);
+    colR.resize(static_cast<size_t>(Kc));
+    Z.resize(static_cast<size_t>(n));
+    tails.resize(static_cast<size_t>(n));
+    work.resize(static_cast<size_t>(n));
+    for (index_t j = 0; j < K; ++j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      double* Rj = R.data() + j * n;
+      for (index_t i = 0; i < n; ++i) Z[i] = U[i] + B;
+      vmath::binary_rows_body(Z.data(), y, n, inv_n, Rj, curv.data() + j * n, tails.data());
+      double col = 0.0;
+      for (index_t i = 0; i < n; ++i) col += Rj[i];
+      colR[j] = col;
+      tile::gram_mul_body(G.data(), n, Rj, work.data());
+      const double* Ccj = Cc.data() + j * n;
+      const double* KCj = KC.data() + j * n;
+      double* Ccn = Cc.data() + (j + 1) * n;
+      double* KCn = KC.data() + (j + 1) * n;
+      double fin = 0.0;  // a sum propagates any inf / NaN
+      for (index_t i = 0; i < n; ++i) {
+        U[i] = rho * U[i] - al * work[i];
+        Ccn[i] = rho * Ccj[i] + al * Rj[i];
+        KCn[i] = rho * KCj[i] + al * work[i];
+        fin += U[i] * 0.0;
+      }
+      B -= al * col;
+      a[j + 1] = rho * a[j];
+      if (!(fin == 0.0 && std::isfinite(B))) {
+        *step = j;
+        return ErrorCode::diverged;
+      }
+    }
+    // phi_K explicitly (one pass): W_K = a_K W_0 - X^T Cc_K, then the query side.
+    wvec.resize(static_cast<size_t>(D));
+    neg.resize(static_cast<size_t>(n));
+    for (index_t i = 0; i < n; ++i) neg[i] = -Cc[K * n + i];
+    tile::xtr_body(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
+    wvec[d] = static_cast<T>(B);
+    if (!all_finite(wvec.data(), D)) {
+      *step = K - 1;
+      return ErrorCode::diverged;
+    }
+    gbar.resize(static_cast<size_t>(D));
+    const double loss = query_pass(*ts, t, wvec.data(), rows, qz, qr, tails, gbar.data());
+    if (!std::isfinite(loss)) {
+      *step = K;
+      return ErrorCode::nonfinite_query;
+    }
+    slot[0] = loss;
+    double* hyper = slot + 1 + D;
+    std::fill(hyper, hyper + lr.size(), 0.0);
+    double grad_l2 = 0.0;
+    // Reverse sweep in n-space: gbar_w = beta gK_w - X^T Gam, gbar_b = gb.
+    sup.gather(t, d, rows);
+    V.resize(static_cast<size_t>(n));
+    tile::xv_body(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
+    double gk_w0 = 0.0;
+    {
+      const T* gq = gbar.data();
+#pragma omp simd reduction(+ : gk_w0)
+      for (index_t q = 0; q < d; ++q) gk_w0 += static_cast<double>(gq[q]) * static_cast<double>(theta[q]);
+    }
+    double beta = 1.0;
+    Gam.assign(static_cast<size_t>(n), 0.0);
+    double gb = static_cast<double>(gbar[d]);
+    XG.resize(static_cast<size_t>(n));
+    H.resize(static_cast<size_t>(n));
+    for (index_t j = K - 1; j >= 0; --j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      const double* Rj = R.data() + j * n;
+      const double* Ccj = Cc.data() + j * n;
+      const double* KCj = KC.data() + j * n;
+      tile::gram_mul_body(G.data(), n, Gam.data(), work.data());
+      double xg_r = 0.0, v_c = 0.0, g_z = 0.0, g_kc = 0.0;
+      for (index_t q = 0; q < n; ++q) {
+        XG[q] = beta * V[q] - work[q];
+        xg_r += XG[q] * Rj[q];
+        v_c += V[q] * Ccj[q];
+        g_z += Gam[q] * z0w[q];
+        g_kc += Gam[q] * KCj[q];
+      }
+      const double gb_col = gb * colR[j];
+      const double gw_wj = beta * a[j] * gk_w0 - beta * v_c - a[j] * g_z + g_kc;  // <gbar_w, W_j>
+      hyper[lr.ks > 1 ? j : 0] -= xg_r + lam * gw_wj + gb_col;
+      grad_l2 -= al * gw_wj;
+      if (mode == Mode::maml) {
+        const double* cj = curv.data() + j * n;
+        double hs = 0.0;
+        for (index_t i = 0; i < n; ++i) {
+          H[i] = cj[i] * (XG[i] + gb);
+          hs += H[i];
+        }
+        for (index_t q = 0; q < n; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
+        gb -= al * hs * inv_n;
+        beta *= rho;
+      }
+    }
+    // dtheta = [beta gK_w - X^T Gam ; gb]  (one pass)
+    for (index_t i = 0; i < n; ++i) neg[i] = -Gam[i];
+    tile::xtr_body(rows.data(), n, d, neg.data(), beta, gbar.data(), wvec.data());
+    for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
+    slot[1 + d] = gb;
+    slot[1 + D + lr.size()] = grad_l2;
+    if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
+    return ErrorCode::ok;
+  }
+};
+
+template <class T>
+struct FastPlainWorker {
+  const TaskSet<T>* ts;
+  const T* theta;
+  const T* alpha;
+  index_t K;
+  LrLayout lr;
+  double lam;
+  Mode mode;
+  std::vector<const T*> rows;
+  std::vector<T> phi_path, g_path, gbar, u, hu;
+  std::vector<double> curv, coef, qz, qr, tails;
+
+  ErrorCode operator()(index_t t, double* slot, index_t* step);
+  FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
+    const index_t d = ts->d, D = d + 1;
+    const auto& sup = ts->support;
+    const index_t n = sup.gather(t, d, rows);
+    const std::int32_t* y = sup.y + sup.begin(t);
+    const double inv_n = 1.0 / static_cast<double>(n);
+    const index_t Kc = std::max<index_t>(K, 1);
+    phi_path.resize(static_cast<size_t>((K + 1) * D));
+    g_path.resize(static_cast<size_t>(Kc * D));
+    curv.resize(static_cast<size_t>(Kc * n));
+    coef.resize(static_cast<size_t>(n));
+    std::copy(theta, theta + D, phi_path.begin());
+    for (index_t j = 0; j < K; ++j) {
+      const T* phi = phi_path.data() + j * D;
+      T* next = phi_path.data() + (j + 1) * D;
+      T* g = g_path.data() + j * D;
+      g[d] = static_cast<T>(tile::fused_rows_body(rows.data(), n, d, phi, static_cast<double>(phi[d]), 0, y, inv_n,
+                                                  coef.data(), curv.data() + j * n, g, nullptr));
+      if (lam != 0.0) axpy(g, phi, d, lam);
+      const T al = alpha[j * D];
+      for (index_t k = 0; k < D; ++k) next[k] = phi[k] - al * g[k];
+      if (!all_finite(next, D)) {
+        *step = j;
+        return ErrorCode::diverged;
+      }
+    }
+    gbar.resize(static_cast<size_t>(D));
+    const T* phiK = phi_path.data() + K * D;
+    const double loss = query_pass(*ts, t, phiK, rows, qz, qr, tails, gbar.data());
+    if (!std::isfinite(loss)) {
+      *step = K;
+      return ErrorCode::nonfinite_query;
+    }
+    slot[0] = loss;
+    sup.gather(t, d, rows);
+    double* hyper = slot + 1 + D;
+    std::fill(hyper, hyper + lr.size(), 0.0);
+    double grad_l2 = 0.0;
+    u.resize(static_cast<size_t>(D));
+    hu.resize(static_cast<size_t>(D));
+    for (index_t j = K - 1; j >= 0; --j) {
+      const T* g = g_path.data() + j * D;
+      const T* phi = phi_path.data() + j * D;
+      const T al = alpha[j * D];
+      double gg = 0.0, wu = 0.0;
+      T* up = u.data();
+      const T* gb = gbar.data();
+#pragma omp simd reduction(+ : gg)
+      for (index_t k = 0; k < D; ++k) {
+        up[k] = al * gb[k];
+        gg += static_cast<double>(gb[k]) * static_cast<double>(g[k]);
+      }
+#pragma omp simd reduction(+ : wu)
+      for (index_t k = 0; k < d; ++k) wu += static_cast<double>(up[k]) * static_cast<double>(phi[k]);
+      hyper[lr.ks > 1 ? j : 0] -= gg;
+      grad_l2 -= wu;
+      if (mode == Mode::maml) {
+        hu[d] = static_cast<T>(tile::fused_rows_body(rows.data(), n, d, u.data(), static_cast<double>(u[d]), 1, y,
+                                                     inv_n, coef.data(), curv.data() + j * n, hu.data(), nullptr));
+        if (lam != 0.0) axpy(hu.data(), u.data(), d, lam);
+        for (index_t k = 0; k < D; ++k) gbar[k] -= hu[k];
+      }
+    }
+    for (index_t p = 0; p < D; ++p) slot[1 + p] = static_cast<double>(gbar[p]);
+    slot[1 + D + lr.size()] = grad_l2;
+    if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
+    return ErrorCode::ok;
+  }
+};
+
+FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<float>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<double>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<float>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<double>& w, index_t t, double* slot, index_t* step) {
+  return w.sweep(t, slot, step);
+}
+template <class T>
+ErrorCode FastGramWorker<T>::operator()(index_t t, double* slot, index_t* step) {
+  return gram_task(*this, t, slot, step);
+}
+template <class T>
+ErrorCode FastPlainWorker<T>::operator()(index_t t, double* slot, index_t* step) {
+  return plain_task(*this, t, slot, step);
+}
+
+// Lock-step groups (tiny tasks, W3: n = 10, d = 64). The per-task products
+// over d (Gram, X v, X^T r, the query side) run per task with the tile
+// kernels; everything in n-space (the K-step forward recursion, the link,
+// the reverse sweep) runs on kLanes tasks at once, lane-major (entry i of
+// lane l at i * kLanes + l), so SIMD lanes are full where a task alone has
+// only n = 10 numbers. Every operation is elementwise over lanes, so a
+// task's result is the same in any lane and any group, alone or not (unused
+// lanes repeat lane 0 and are discarded). alpha and lam are shared by all
+// tasks, so rho, a_j and beta are scalars.
+constexpr index_t kLanes = 8;
+
+template <class T>
+struct LockstepGram {
+  const TaskSet<T>* ts;
+  const T* theta;
+  const T* alpha;
+  index_t K;
+  LrLayout lr;
+  double lam;
+  Mode mode;
+  std::vector<const T*> rows;
+  std::vector<double> G1, G, z0w, U, B, R, curv, tails, Cc, KC, a, work, V, Gam, XG, H, colR, gkw0, yv, neg, qz, qr,
+      qt, hyper, gl2, gb, beta_l;
+  std::vector<std::int32_t> ylab;
+  std::vector<T> wvec, gK;
+  std::vector<index_t> bad_step;
+  std::vector<int> bad_code;
+
+  // Runs tasks t0 .. t0 + g - 1 (same n and m); writes their slots.
+  FASTMAML_INLINE void run(index_t t0, index_t g, double* slots, index_t slot_len) {
+    constexpr index_t L = kLanes;
+    const index_t d = ts->d, D = d + 1;
+    const auto& sup = ts->support;
+    const index_t n = sup.size(t0);
+    const index_t nL = n * L;
+    const index_t Kc = std::max<index_t>(K, 1);
+    G.resize(static_cast<size_t>(n * nL));
+    z0w.resize(static_cast<size_t>(nL));
+    ylab.resize(static_cast<size_t>(nL));
+    bad_step.assign(L, -1);
+    bad_code.assign(L, 0);
+    // Phase 1, per task: Gram matrix and X theta (theta as row n).
+    for (index_t l = 0; l < L; ++l) {
+      const index_t t = t0 + (l < g ? l : 0);
+      sup.gather(t, d, rows);
+      const std::int32_t* y = sup.y + sup.begin(t);
+      rows.push_back(theta);
+      G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
+      tile::gram_body(rows.data(), n + 1, d, G1.data());
+      for (index_t i = 0; i < n; ++i) {
+        for (index_t k = 0; k < n; ++k) G[(i * n + k) * L + l] = G1[i * (n + 1) + k];
+        z0w[i * L + l] = G1[n * (n + 1) + i];
+        ylab[i * L + l] = y[i];
+      }
+    }
+    const double inv_n = 1.0 / static_cast<double>(n);
+    // Phase 2, lanes: the forward recursion.
+    U = z0w;
+    B.assign(L, static_cast<double>(theta[d]));
+    R.resize(static_cast<size_t>(Kc * nL));
+    curv.resize(static_cast<size_t>(Kc * nL));
+    tails.resize(static_cast<size_t>(nL));
+    Cc.assign(static_cast<size_t>((K + 1) * nL), 0.0);
+    KC.assign(static_cast<size_t>((K + 1) * nL), 0.0);
+    a.assign(static_cast<size_t>(K + 1), 1.0);
+    colR.resize(static_cast<size_t>(Kc * L));
+    work.resize(static_cast<size_t>(nL));
+    std::vector<double>& Z = XG;
+    Z.resize(static_cast<size_t>(nL));
+    for (index_t j = 0; j < K; ++j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      double* Rj = R.data() + j * nL;
+      for (index_t i = 0; i < n; ++i)
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) Z[i * L + l] = U[i * L + l] + B[l];
+      vmath::binary_rows_body(Z.data(), ylab.data(), nL, inv_n, Rj, curv.data() + j * nL, tails.data());
+      double* col = colR.data() + j * L;
+      for (index_t l = 0; l < L; ++l) col[l] = 0.0;
+      for (index_t i = 0; i < n; ++i)
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) col[l] += Rj[i * L + l];
+      lanes_gram_mul(n, Rj, work.data());
+      const double* Ccj = Cc.data() + j * nL;
+      const double* KCj = KC.data() + j * nL;
+      double* Ccn = Cc.data() + (j + 1) * nL;
+      double* KCn = KC.data() + (j + 1) * nL;
+#pragma omp simd
+      for (index_t q = 0; q < nL; ++q) {
+        U[q] = rho * U[q] - al * work[q];
+        Ccn[q] = rho * Ccj[q] + al * Rj[q];
+        KCn[q] = rho * KCj[q] + al * work[q];
+      }
+      for (index_t l = 0; l < L; ++l) B[l] -= al * col[l];
+      a[j + 1] = rho * a[j];
+      for (index_t l = 0; l < L; ++l) {
+        if (bad_code[l]) continue;
+        double fin = B[l] * 0.0;
+        for (index_t i = 0; i < n; ++i) fin += U[i * L + l] * 0.0;
+        if (!(fin == 0.0)) {
+          bad_code[l] = static_cast<int>(ErrorCode::diverged);
+          bad_step[l] = j;
+        }
+      }
+    }
+    // Phase 3, per task: phi_K, the query side, X gK and <gK_w, W0>.
+    V.resize(static_cast<size_t>(nL));
+    gkw0.assign(L, 0.0);
+    gK.resize(static_cast<size_t>(L * D));
+    wvec.resize(static_cast<size_t>(D));
+    neg.resize(static_cast<size_t>(n));
+    gb.resize(L);
+    for (index_t l = 0; l < L; ++l) {
+      if (l >= g) {  // unused lane: a copy of lane 0
+        for (index_t i = 0; i < n; ++i) V[i * L + l] = V[i * L];
+        gkw0[l] = gkw0[0];
+        gb[l] = gb[0];
+        continue;
+      }
+      const index_t t = t0 + l;
+      double* slot = slots + l * slot_len;
+      if (bad_code[l]) continue;
+      sup.gather(t, d, rows);
+      for (index_t i = 0; i < n; ++i) neg[i] = -Cc[K * nL + i * L + l];
+      tile::xtr_body(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
+      wvec[d] = static_cast<T>(B[l]);
+      if (!all_finite(wvec.data(), D)) {
+        bad_code[l] = static_cast<int>(ErrorCode::diverged);
+        bad_step[l] = K - 1;
+        continue;
+      }
+      T* gk = gK.data() + l * D;
+      const double loss = query_pass(*ts, t, wvec.data(), rows, qz, qr, qt, gk);
+      if (!std::isfinite(loss)) {
+        bad_code[l] = static_cast<int>(ErrorCode::nonfinite_query);
+        bad_step[l] = K;
+        continue;
+      }
+      slot[0] = loss;
+      sup.gather(t, d, rows);
+      qz.resize(static_cast<size_t>(n));
+      tile::xv_body(rows.data(), n, d, gk, qz.data());
+      for (index_t i = 0; i < n; ++i) V[i * L + l] = qz[i];
+      double s0 = 0.0;
+#pragma omp simd reduction(+ : s0)
+      for (index_t q = 0; q < d; ++q) s0 += static_cast<double>(gk[q]) * static_cast<double>(theta[q]);
+      gkw0[l] = s0;
+      gb[l] = static_cast<double>(gk[d]);
+    }
+    // Phase 4, lanes: the reverse sweep in n-space.
+    const index_t Hn = lr.size();
+    hyper.assign(static_cast<size_t>(Hn * L), 0.0);
+    gl2.assign(L, 0.0);
+    Gam.assign(static_cast<size_t>(nL), 0.0);
+    XG.resize(static_cast<size_t>(nL));
+    H.resize(static_cast<size_t>(nL));
+    double beta = 1.0;
+    double xg_r[L], v_c[L], g_z[L], g_kc[L], hs[L];
+    for (index_t j = K - 1; j >= 0; --j) {
+      const double al = static_cast<double>(alpha[j * D]);
+      const double rho = 1.0 - al * lam;
+      const double* Rj = R.data() + j * nL;
+      const double* Ccj = Cc.data() + j * nL;
+      const double* KCj = KC.data() + j * nL;
+      lanes_gram_mul(n, Gam.data(), work.data());
+      for (index_t l = 0; l < L; ++l) xg_r[l] = v_c[l] = g_z[l] = g_kc[l] = hs[l] = 0.0;
+      for (index_t i = 0; i < n; ++i) {
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) {
+          const index_t q = i * L + l;
+          XG[q] = beta * V[q] - work[q];
+          xg_r[l] += XG[q] * Rj[q];
+          v_c[l] += V[q] * Ccj[q];
+          g_z[l] += Gam[q] * z0w[q];
+          g_kc[l] += Gam[q] * KCj[q];
+        }
+      }
+      const index_t hj = lr.ks > 1 ? j : 0;
+#pragma omp simd
+      for (index_t l = 0; l < L; ++l) {
+        const double gb_col = gb[l] * colR[j * L + l];
+        const double gw_wj = beta * a[j] * gkw0[l] - beta * v_c[l] - a[j] * g_z[l] + g_kc[l];
+        hyper[hj * L + l] -= xg_r[l] + lam * gw_wj + gb_col;
+        gl2[l] -= al * gw_wj;
+      }
+      if (mode == Mode::maml) {
+        const double* cj = curv.data() + j * nL;
+        for (index_t i = 0; i < n; ++i) {
+#pragma omp simd
+          for (index_t l = 0; l < L; ++l) {
+            const index_t q = i * L + l;
+            H[q] = cj[q] * (XG[q] + gb[l]);
+            hs[l] += H[q];
+          }
+        }
+#pragma omp simd
+        for (index_t q = 0; q < nL; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
+        for (index_t l = 0; l < L; ++l) gb[l] -= al * hs[l] * inv_n;
+        beta *= rho;
+      }
+    }
+    // Phase 5, per task: dtheta = [beta gK_w - X^T Gam ; gb].
+    for (index_t l = 0; l < g; ++l) {
+      if (bad_code[l]) continue;
+      const index_t t = t0 + l;
+      double* slot = slots + l * slot_len;
+      sup.gather(t, d, rows);
+      for (index_t i = 0; i < n; ++i) neg[i] = -Gam[i * L + l];
+      tile::xtr_body(rows.data(), n, d, neg.data(), beta, gK.data() + l * D, wvec.data());
+      for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
+      slot[1 + d] = gb[l];
+      for (index_t h = 0; h < Hn; ++h) slot[1 + D + h] = hyper[h * L + l];
+      slot[1 + D + Hn] = gl2[l];
+      if (!all_finite(slot, 1 + D + Hn + 1)) {
+        bad_code[l] = static_cast<int>(ErrorCode::nonfinite_grad);
+        bad_step[l] = -1;
+      }
+    }
+  }
+
+  // out = G in, per lane, k in order (the same sum as gram_mul_body).
+  FASTMAML_INLINE void lanes_gram_mul(index_t n, const double* in, double* FASTMAML_RESTRICT out) const {
+    constexpr index_t L = kLanes;
+    for (index_t i = 0; i < n; ++i) {
+      double acc[L] = {};
+      for (index_t k = 0; k < n; ++k) {
+        const double* gik = G.data() + (i * n + k) * L;
+        const double* ink = in + k * L;
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) acc[l] += gik[l] * ink[l];
+      }
+      for (index_t l = 0; l < L; ++l) out[i * L + l] = acc[l];
+    }
+  }
+};
+
+FASTMAML_CLONES inline void lockstep_group(LockstepGram<float>& w, index_t t0, index_t g, double* slots,
+                                           index_t slot_len) {
+  w.run(t0, g, slots, slot_len);
+}
+FASTMAML_CLONES inline void lockstep_group(LockstepGram<double>& w, index_t t0, index_t g, double* slots,
+                                           index_t slot_len) {
+  w.run(t0, g, slots, slot_len);
+}
+
+// Whether a task runs its Gram sweep in a lock-step group: tiny tasks whose
+// n-space work (K n^2 per step set) outweighs the per-task passes over d, so
+// that filling SIMD lanes across tasks pays (W3: n = 10, d = 64, K = 5).
+// Reads the task's own shape only, so a task's result never depends on its
+// neighbours, the shard it lands in or the thread count. A dataset kernel
+// matrix gives the Gram matrix without a pass over the rows; those tasks run
+// alone.
+inline bool lockstep_applies(index_t n, index_t d, index_t K, bool kernel) {
+  return !kernel && n <= 32 && 2.0 * static_cast<double>(K) * n >= static_cast<double>(d);
+}
+
+// The Gram path's group worker (run_groups): a lock-step group of up to
+// kLanes tasks, or one task alone.
+template <class T>
+struct GramGroupWorker {
+  FastGramWorker<T> one;
+  LockstepGram<T> lanes;
+  bool kernel = false;
+  int force_lockstep = -1;  // tests only: 0 never, 1 always, -1 the shape rule
+
+  GramGroupWorker(const TaskSet<T>& ts, const T* theta, const T* alpha, index_t K, LrLayout lr, double lam,
+                  Mode mode) {
+    one.ts = lanes.ts = &ts;
+    one.theta = lanes.theta = theta;
+    one.alpha = lanes.alpha = alpha;
+    one.K = lanes.K = K;
+    one.lr = lanes.lr = lr;
+    one.lam = lanes.lam = lam;
+    one.mode = lanes.mode = mode;
+    kernel = ts.kernel != nullptr && ts.support.idx != nullptr;
+  }
+  bool in_lanes(index_t t) const {
+    if (force_lockstep >= 0) return force_lockstep == 1 && !kernel;
+    return lockstep_applies(one.ts->support.size(t), one.ts->d, one.K, kernel);
+  }
+  // End of the group starting at t: consecutive lock-step tasks of the same
+  // support and query sizes, at most kLanes, never crossing a reduction block.
+  index_t group_end(index_t t) const {
+    const auto& ts = *one.ts;
+    if (!in_lanes(t)) return t + 1;
+    const index_t block_end = std::min(ts.n_tasks, (t / kReduceBlock + 1) * kReduceBlock);
+    index_t e = t + 1;
+    while (e < block_end && e - t < kLanes && ts.support.size(e) == ts.support.size(t) &&
+           ts.query.size(e) == ts.query.size(t) && in_lanes(e))
+      ++e;
+    return e;
+  }
+  void operator()(index_t t0, index_t g, double* slots, index_t slot_len, TaskStatus* status) {
+    if (in_lanes(t0)) {
+      lockstep_group(lanes, t0, g, slots, slot_len);
+      for (index_t l = 0; l < g; ++l)
+        if (lanes.bad_code[static_cast<size_t>(l)]) {
+          status[l].code = static_cast<ErrorCode>(lanes.bad_code[static_cast<size_t>(l)]);
+          status[l].task = t0 + l;
+          status[l].step = lanes.bad_step[static_cast<size_t>(l)];
+        }
+      return;
+    }
+    for (index_t l = 0; l < g; ++l) {
+      index_t step = -1;
+      const ErrorCode code = one(t0 + l, slots + l * slot_len, &step);
+      if (code != ErrorCode::ok) {
+        status[l].code = code;
+        status[l].task = t0 + l;
+        status[l].step = step;
+      }
+    }
+  }
+};
+
+}  // namespace fastmaml

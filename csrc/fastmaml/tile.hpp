@@ -1,0 +1,401 @@
+// Register-tiled micro-kernels over a task's rows (PROTOTYPE, issue 13 item 1).
+//
+// Rows are given by pointer (dense and index-form tasks alike) and are never
+// copied. Three products cover both sweeps:
+//   gram   G = X X^T            4 x 4 tiles of dot products: 8 loads feed 16 FMAs
+//   xv     z = X v              4 rows per load of v (5 loads per 4 FMAs)
+//   xtr    o = c0 base + X^T r  32 features of o held in registers over all n rows
+//                               (one load per FMA, one store per 32 features)
+// plus fused_rows, one pass that forms 4 logits, applies a row function and
+// adds the 4 rows into X^T coef while they are in L1 (the plain sweep).
+//
+// Vectors are 32 bytes (8 floats / 4 doubles) through GCC vector extensions:
+// native on AVX2, and on AVX-512 parts the 32 ymm registers hold a 4 x 4 tile
+// with room to spare (Zen 4 splits 512-bit FMAs in two, so wider vectors buy
+// nothing there). Each kernel is compiled per ISA by FASTMAML_CLONES.
+//
+// Accumulation, as in kernels.hpp: float64 rows in float64; float32 rows in
+// float32 lanes over blocks of 256 features (32 terms per lane), each block's
+// lanes summed into float64. Every output entry is computed by the same
+// sequence of operations wherever it sits in a tile (tail tiles repeat the
+// last row and drop the extra results), so G[i][k] depends only on rows i and
+// k — never on n, the tile grid or the thread.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.hpp"
+#include "vmath.hpp"
+
+// The 32-byte vector helpers below are always inlined into the per-ISA
+// clones; no vector crosses a call boundary, so the ABI note GCC gives for
+// the baseline build does not apply.
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+// GCC / clang vector extensions, or (FASTMAML_PORTABLE_FALLBACKS, other
+// compilers) a standard C++ struct with the same elementwise operations in
+// the same order: the baseline build gives the same bits either way.
+#if (defined(__GNUC__) || defined(__clang__)) && !FASTMAML_PORTABLE_FALLBACKS
+#define FASTMAML_VECTOR_EXT 1
+#else
+#define FASTMAML_VECTOR_EXT 0
+#endif
+
+namespace fastmaml {
+namespace tile {
+
+#if FASTMAML_VECTOR_EXT
+typedef float vf8 __attribute__((vector_size(32)));
+typedef double vd4 __attribute__((vector_size(32)));
+#else
+template <class T, int N>
+struct Vec {
+  T v[N];
+  T operator[](int i) const { return v[i]; }
+  T& operator[](int i) { return v[i]; }
+  Vec& operator+=(const Vec& o) {
+    for (int i = 0; i < N; ++i) v[i] += o.v[i];
+    return *this;
+  }
+  friend Vec operator+(Vec a, const Vec& b) { return a += b; }
+  friend Vec operator*(const Vec& a, const Vec& b) {
+    Vec r;
+    for (int i = 0; i < N; ++i) r.v[i] = a.v[i] * b.v[i];
+    return r;
+  }
+  friend Vec operator*(T a, const Vec& b) {
+    Vec r;
+    for (int i = 0; i < N; ++i) r.v[i] = a * b.v[i];
+    return r;
+  }
+};
+typedef Vec<float, 8> vf8;
+typedef Vec<double, 4> vd4;
+#endif
+
+template <class T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  using V = vf8;
+  static constexpr index_t W = 8;
+  static constexpr index_t kBlock = 256;  // features per float32 block
+};
+template <>
+struct Lanes<double> {
+  using V = vd4;
+  static constexpr index_t W = 4;
+  static constexpr index_t kBlock = index_t(1) << 40;  // one block
+};
+
+template <class V, class T>
+FASTMAML_INLINE inline V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <class V, class T>
+FASTMAML_INLINE inline void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// Four accumulators reduced at once by a shuffle tree (one transpose-add
+// instead of four horizontal sums): returns their lane sums, each formed in
+// the same fixed order.
+#if FASTMAML_VECTOR_EXT
+FASTMAML_INLINE inline void reduce4(const vf8& v0, const vf8& v1, const vf8& v2, const vf8& v3, double* out) {
+  const vf8 s01 = __builtin_shufflevector(v0, v1, 0, 8, 1, 9, 2, 10, 3, 11) +
+                  __builtin_shufflevector(v0, v1, 4, 12, 5, 13, 6, 14, 7, 15);
+  const vf8 s23 = __builtin_shufflevector(v2, v3, 0, 8, 1, 9, 2, 10, 3, 11) +
+                  __builtin_shufflevector(v2, v3, 4, 12, 5, 13, 6, 14, 7, 15);
+  const vf8 u = __builtin_shufflevector(s01, s23, 0, 1, 8, 9, 2, 3, 10, 11) +
+                __builtin_shufflevector(s01, s23, 4, 5, 12, 13, 6, 7, 14, 15);
+  for (int q = 0; q < 4; ++q) out[q] += static_cast<double>(u[q]) + static_cast<double>(u[q + 4]);
+}
+FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2, const vd4& v3, double* out) {
+  const vd4 s01 = __builtin_shufflevector(v0, v1, 0, 4, 1, 5) + __builtin_shufflevector(v0, v1, 2, 6, 3, 7);
+  const vd4 s23 = __builtin_shufflevector(v2, v3, 0, 4, 1, 5) + __builtin_shufflevector(v2, v3, 2, 6, 3, 7);
+  const vd4 u = __builtin_shufflevector(s01, s23, 0, 1, 4, 5) + __builtin_shufflevector(s01, s23, 2, 3, 6, 7);
+  for (int q = 0; q < 4; ++q) out[q] += u[q];
+}
+#else
+// The same shuffle tree, lane by lane: shuffle(a, b, idx)[j] picks lane
+// idx[j] of the concatenation [a, b].
+template <class V, int N>
+FASTMAML_INLINE inline V shuffle_add(const V& a, const V& b, const int (&lo)[N], const int (&hi)[N]) {
+  V r;
+  for (int j = 0; j < N; ++j)
+    r.v[j] = (lo[j] < N ? a.v[lo[j]] : b.v[lo[j] - N]) + (hi[j] < N ? a.v[hi[j]] : b.v[hi[j] - N]);
+  return r;
+}
+FASTMAML_INLINE inline void reduce4(const vf8& v0, const vf8& v1, const vf8& v2, const vf8& v3, double* out) {
+  static constexpr int p[8] = {0, 8, 1, 9, 2, 10, 3, 11}, q[8] = {4, 12, 5, 13, 6, 14, 7, 15};
+  static constexpr int r[8] = {0, 1, 8, 9, 2, 3, 10, 11}, s[8] = {4, 5, 12, 13, 6, 7, 14, 15};
+  const vf8 u = shuffle_add(shuffle_add(v0, v1, p, q), shuffle_add(v2, v3, p, q), r, s);
+  for (int k = 0; k < 4; ++k) out[k] += static_cast<double>(u[k]) + static_cast<double>(u[k + 4]);
+}
+FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2, const vd4& v3, double* out) {
+  static constexpr int p[4] = {0, 4, 1, 5}, q[4] = {2, 6, 3, 7}, r[4] = {0, 1, 4, 5}, s[4] = {2, 3, 6, 7};
+  const vd4 u = shuffle_add(shuffle_add(v0, v1, p, q), shuffle_add(v2, v3, p, q), r, s);
+  for (int k = 0; k < 4; ++k) out[k] += u[k];
+}
+#endif
+
+// out[a][b] = <A_a, B_b> for 4 x NB rows (NB = 1 or 4): one register tile.
+template <class T, int NB>
+FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4]) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr index_t W = L::W;
+  for (int a = 0; a < 4; ++a)
+    for (int b = 0; b < 4; ++b) out[a][b] = 0.0;
+  const index_t dv = d - d % W;
+  for (index_t k0 = 0; k0 < dv; k0 += L::kBlock) {
+    const index_t k1 = std::min(dv, k0 + L::kBlock);
+    V acc[4][NB];
+    for (int a = 0; a < 4; ++a)
+      for (int b = 0; b < NB; ++b) acc[a][b] = V{};
+    for (index_t k = k0; k < k1; k += W) {
+      V bv[NB];
+      for (int b = 0; b < NB; ++b) bv[b] = vload<V>(B[b] + k);
+      for (int a = 0; a < 4; ++a) {
+        const V av = vload<V>(A[a] + k);
+        for (int b = 0; b < NB; ++b) acc[a][b] += av * bv[b];
+      }
+    }
+    if constexpr (NB == 4) {
+      for (int a = 0; a < 4; ++a) reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3], out[a]);
+    } else {
+      double col[4] = {out[0][0], out[1][0], out[2][0], out[3][0]};
+      reduce4(acc[0][0], acc[1][0], acc[2][0], acc[3][0], col);
+      for (int a = 0; a < 4; ++a) out[a][0] = col[a];
+    }
+  }
+  for (index_t k = dv; k < d; ++k)  // feature tail, scalar in double
+    for (int a = 0; a < 4; ++a)
+      for (int b = 0; b < NB; ++b) out[a][b] += static_cast<double>(A[a][k]) * static_cast<double>(B[b][k]);
+}
+
+template <class T>
+FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G) {
+  const T* A[4];
+  const T* B[4];
+  double tileo[4][4];
+  for (index_t i0 = 0; i0 < n; i0 += 4) {
+    for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
+    for (index_t k0 = 0; k0 <= i0; k0 += 4) {
+      for (int b = 0; b < 4; ++b) B[b] = rows[std::min(k0 + b, n - 1)];
+      dot_tile<T, 4>(A, B, d, tileo);
+      for (int a = 0; a < 4 && i0 + a < n; ++a)
+        for (int b = 0; b < 4 && k0 + b < n; ++b) {
+          const index_t i = i0 + a, k = k0 + b;
+          if (k > i) continue;  // the diagonal tile: keep one triangle, mirror it
+          G[i * n + k] = tileo[a][b];
+          G[k * n + i] = tileo[a][b];
+        }
+    }
+  }
+}
+
+// z[i] = <x_i, v> (weights only; no bias)
+template <class T>
+FASTMAML_INLINE inline void xv_body(const T* const* rows, index_t n, index_t d, const T* v, double* FASTMAML_RESTRICT z) {
+  const T* A[4];
+  const T* B[1] = {v};
+  double o[4][4];
+  for (index_t i0 = 0; i0 < n; i0 += 4) {
+    for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
+    dot_tile<T, 1>(A, B, d, o);
+    for (int a = 0; a < 4 && i0 + a < n; ++a) z[i0 + a] = o[a][0];
+  }
+}
+
+// out[k] = c0 * base[k] + sum_i coef[i] x_i[k]  for k < d, in T, rows in order
+// (base may be null: c0 ignored). 32 features at a time stay in registers.
+template <class T>
+FASTMAML_INLINE inline void xtr_body(const T* const* rows, index_t n, index_t d, const double* coef, double c0, const T* base,
+                     T* FASTMAML_RESTRICT out) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr index_t W = L::W;
+  constexpr index_t S = 4 * W;
+  T cf[256];
+  const index_t nb = std::min<index_t>(n, 256);
+  for (index_t i = 0; i < nb; ++i) cf[i] = static_cast<T>(coef[i]);
+  const index_t ds = d - d % S;
+  for (index_t k = 0; k < ds; k += S) {
+    V acc[4];
+    for (int q = 0; q < 4; ++q) acc[q] = base ? static_cast<T>(c0) * vload<V>(base + k + q * W) : V{};
+    for (index_t i = 0; i < n; ++i) {
+      const T c = i < nb ? cf[i] : static_cast<T>(coef[i]);
+      const T* x = rows[i] + k;
+      for (int q = 0; q < 4; ++q) acc[q] += c * vload<V>(x + q * W);
+    }
+    for (int q = 0; q < 4; ++q) vstore(out + k + q * W, acc[q]);
+  }
+  const index_t dw = d - d % W;
+  for (index_t k = ds; k < dw; k += W) {
+    V acc = base ? static_cast<T>(c0) * vload<V>(base + k) : V{};
+    for (index_t i = 0; i < n; ++i) acc += (i < nb ? cf[i] : static_cast<T>(coef[i])) * vload<V>(rows[i] + k);
+    vstore(out + k, acc);
+  }
+  for (index_t k = dw; k < d; ++k) {
+    T acc = base ? static_cast<T>(c0) * base[k] : T(0);
+    for (index_t i = 0; i < n; ++i) acc += (i < nb ? cf[i] : static_cast<T>(coef[i])) * rows[i][k];
+    out[k] = acc;
+  }
+}
+
+// One pass over the rows in blocks of 4 (the plain sweep): z = X v + vb for
+// the block, coef = row_fn(z) (binary link residual and curvature, or the
+// Hessian row s z), then out += X^T coef while the 4 rows are in L1. out is
+// zeroed first; returns sum(coef) (the bias entry). mode 0: forward link
+// (y, scale -> coef = (p - y) scale, curv = p (1 - p)); mode 1: HVP
+// (coef = curv z scale).
+template <class T>
+FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, index_t d, const T* v, double vb, int mode,
+                              const std::int32_t* y, double scale, double* coef, double* curv, T* FASTMAML_RESTRICT out,
+                              double* hinge) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr index_t W = L::W;
+  std::fill(out, out + d, T(0));
+  const T* A[4];
+  const T* B[1] = {v};
+  double o[4][4];
+  double bias = 0.0;
+  const index_t dw = d - d % W;
+  for (index_t i0 = 0; i0 < n; i0 += 4) {
+    const index_t nb = std::min<index_t>(4, n - i0);
+    for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
+    dot_tile<T, 1>(A, B, d, o);
+    double z[4];
+    for (int a = 0; a < 4; ++a) z[a] = o[a][0] + vb;
+    for (index_t a = 0; a < nb; ++a) {
+      const index_t i = i0 + a;
+      if (mode != 1) {
+        const double e = vmath::exp_nonpos(-std::fabs(z[a]));
+        const double big = 1.0 / (1.0 + e), small = e * big;
+        const double pz = z[a] >= 0.0 ? big : small, pm = z[a] >= 0.0 ? small : big;
+        coef[i] = (y[i] == 1 ? -pm : pz) * scale;
+        // mode 2 (query): curv receives exp(-|z|) and hinge the max(+-z, 0) sum
+        curv[i] = mode == 0 ? big * small : e;
+        if (mode == 2) {
+          const double h = y[i] == 1 ? -z[a] : z[a];
+          *hinge += h > 0.0 ? h : 0.0;
+        }
+      } else {
+        coef[i] = curv[i] * z[a] * scale;
+      }
+      bias += coef[i];
+    }
+    if (nb == 4) {
+      const T c0 = static_cast<T>(coef[i0]), c1 = static_cast<T>(coef[i0 + 1]);
+      const T c2 = static_cast<T>(coef[i0 + 2]), c3 = static_cast<T>(coef[i0 + 3]);
+      for (index_t k = 0; k < dw; k += W) {
+        V acc = vload<V>(out + k);
+        acc += c0 * vload<V>(A[0] + k);
+        acc += c1 * vload<V>(A[1] + k);
+        acc += c2 * vload<V>(A[2] + k);
+        acc += c3 * vload<V>(A[3] + k);
+        vstore(out + k, acc);
+      }
+      for (index_t k = dw; k < d; ++k) {
+        T acc = out[k];
+        acc += c0 * A[0][k];
+        acc += c1 * A[1][k];
+        acc += c2 * A[2][k];
+        acc += c3 * A[3][k];
+        out[k] = acc;
+      }
+    } else {
+      for (index_t a = 0; a < nb; ++a) {
+        const T c = static_cast<T>(coef[i0 + a]);
+        for (index_t k = 0; k < dw; k += W) vstore(out + k, vload<V>(out + k) + c * vload<V>(A[a] + k));
+        for (index_t k = dw; k < d; ++k) out[k] += c * A[a][k];
+      }
+    }
+  }
+  return bias;
+}
+
+FASTMAML_CLONES inline double fused_rows(const float* const* rows, index_t n, index_t d, const float* v, double vb,
+                                         int mode, const std::int32_t* y, double scale, double* coef, double* curv,
+                                         float* out, double* hinge = nullptr) {
+  return fused_rows_body(rows, n, d, v, vb, mode, y, scale, coef, curv, out, hinge);
+}
+FASTMAML_CLONES inline double fused_rows(const double* const* rows, index_t n, index_t d, const double* v, double vb,
+                                         int mode, const std::int32_t* y, double scale, double* coef, double* curv,
+                                         double* out, double* hinge = nullptr) {
+  return fused_rows_body(rows, n, d, v, vb, mode, y, scale, coef, curv, out, hinge);
+}
+
+// out (n) = G in (n), G symmetric n x n, in double: column form
+// out += G[:, k] in[k] (rows of G are its columns), vectorised over the
+// output with no horizontal sums; k in order, so each out[i] is the same
+// fixed-order sum for any n.
+FASTMAML_INLINE inline void gram_mul_body(const double* G, index_t n, const double* in, double* FASTMAML_RESTRICT out) {
+  // 16 outputs held in registers across all k (no store-to-load chain
+  // through out), then 4 at a time, then single outputs: each out[i] is the
+  // same k-ordered sum in every variant.
+  index_t i0 = 0;
+  for (; i0 + 16 <= n; i0 += 16) {
+    vd4 a0{}, a1{}, a2{}, a3{};
+    for (index_t k = 0; k < n; ++k) {
+      const double c = in[k];
+      const double* g = G + k * n + i0;
+      a0 += c * vload<vd4>(g);
+      a1 += c * vload<vd4>(g + 4);
+      a2 += c * vload<vd4>(g + 8);
+      a3 += c * vload<vd4>(g + 12);
+    }
+    vstore(out + i0, a0);
+    vstore(out + i0 + 4, a1);
+    vstore(out + i0 + 8, a2);
+    vstore(out + i0 + 12, a3);
+  }
+  for (; i0 + 4 <= n; i0 += 4) {
+    vd4 a0{};
+    for (index_t k = 0; k < n; ++k) a0 += in[k] * vload<vd4>(G + k * n + i0);
+    vstore(out + i0, a0);
+  }
+  for (; i0 < n; ++i0) {
+    vd4 a0{};  // lane 0 only: the same operation as one lane above
+    for (index_t k = 0; k < n; ++k) a0[0] += in[k] * G[k * n + i0];
+    out[i0] = a0[0];
+  }
+}
+
+FASTMAML_CLONES inline void gram_mul(const double* G, index_t n, const double* in, double* out) {
+  gram_mul_body(G, n, in, out);
+}
+
+FASTMAML_CLONES inline void gram(const float* const* rows, index_t n, index_t d, double* G) { gram_body(rows, n, d, G); }
+FASTMAML_CLONES inline void gram(const double* const* rows, index_t n, index_t d, double* G) { gram_body(rows, n, d, G); }
+FASTMAML_CLONES inline void xv(const float* const* rows, index_t n, index_t d, const float* v, double* z) {
+  xv_body(rows, n, d, v, z);
+}
+FASTMAML_CLONES inline void xv(const double* const* rows, index_t n, index_t d, const double* v, double* z) {
+  xv_body(rows, n, d, v, z);
+}
+FASTMAML_CLONES inline void xtr(const float* const* rows, index_t n, index_t d, const double* coef, double c0,
+                                const float* base, float* out) {
+  xtr_body(rows, n, d, coef, c0, base, out);
+}
+FASTMAML_CLONES inline void xtr(const double* const* rows, index_t n, index_t d, const double* coef, double c0,
+                                const double* base, double* out) {
+  xtr_body(rows, n, d, coef, c0, base, out);
+}
+
+}  // namespace tile
+}  // namespace fastmaml
+
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -271,7 +271,7 @@ def load_idx(path: PathLike) -> np.ndarray:
         extent = dtype.itemsize
         for s in shape:
             extent *= max(s, 1)
-        if extent > np.iinfo(np.intp).max:
+        if count == 0 and extent > np.iinfo(np.intp).max:  # (a non-empty one meets the memory check below)
             raise ValueError(f"{path}: IDX header declares shape {shape}, too large for an array")
         expected = header_len + count * dtype.itemsize
         what = f"header says shape {shape} of {dtype.name} ({expected} bytes including the header)"

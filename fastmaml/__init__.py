@@ -5,6 +5,9 @@ import os as _os
 try:
     from . import _core
 except ImportError as exc:  # pragma: no cover - only without a build
+    _cause = exc.__cause__ or exc.__context__
+    if isinstance(_cause, KeyboardInterrupt):  # Ctrl-C while the extension loaded: not a broken install
+        raise KeyboardInterrupt from None
     _here = _os.path.dirname(_os.path.abspath(__file__))
     if _os.path.isfile(_os.path.join(_here, _os.pardir, "pyproject.toml")):
         # the usual cause: Python started in the checkout, whose fastmaml/ folder (no compiled extension)

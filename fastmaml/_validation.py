@@ -205,6 +205,17 @@ def as_index(idx, name: str) -> np.ndarray:
     return arr
 
 
+def check_bool(value, name: str) -> bool:
+    """``value`` as a bool; anything but True/False (or a NumPy bool) is a TypeError naming ``name``.
+
+    A string such as ``"False"`` is truthy: taking flags by truthiness would
+    silently switch modes, so it is refused.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 def check_int(value, name: str, *, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")

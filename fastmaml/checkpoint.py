@@ -97,7 +97,11 @@ def write_bytes_atomic(path, data) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename), keeping or umask-deriving its mode."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    # never create folders behind the user's back: a typo in a path would scatter files
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; expected a file path such as {os.path.join(path, 'model.npz')}")
     mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:

@@ -496,6 +496,8 @@ def _cmd_train(args) -> int:
         if args.resume and not os.path.isfile(args.checkpoint):
             raise CLIError(f"--resume: no checkpoint file {args.checkpoint!r}")
         _check_output(args.checkpoint, "--checkpoint")
+        if os.path.abspath(args.checkpoint) == os.path.abspath(args.out):
+            raise CLIError("--checkpoint: must differ from --out (the saved model would overwrite the checkpoint)")
     elif args.resume:
         raise CLIError("--resume: needs --checkpoint PATH")
     if not 0 < args.val_fraction < 1:
@@ -539,8 +541,9 @@ def _cmd_train(args) -> int:
           f"(best-loss iteration {getattr(model, 'best_iteration_', model.n_iter_)})")
     print(f"model saved to {args.out}")
     if model.interrupted_:
-        print(f"fastmaml: interrupted after {model.n_iter_} iterations; the saved model holds the last complete "
-              "iteration" + (" (resume with --resume)" if args.checkpoint else ""), file=sys.stderr)
+        print(f"fastmaml: interrupted after {model.n_iter_} complete iterations; the saved model holds the "
+              f"iterate meta-validation selected among them (iteration {getattr(model, 'best_iteration_', model.n_iter_)})"
+              + (" (resume with --resume)" if args.checkpoint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -31,7 +31,7 @@ from .optim import SGD, Adam
 from ._links import sigmoid, softmax
 from .evaluation import mean_ci, query_scores
 from ._tasks import Tasks
-from ._validation import as_feature_array, check_float, check_int, check_threads
+from ._validation import as_feature_array, check_bool, check_float, check_int, check_threads
 from .functional import _prepare_inner_lr
 from . import _core
 
@@ -225,10 +225,10 @@ _PARAMS = (
            '"per_parameter" is Meta-SGD; "preconditioner" learns P = diag(exp(s)) + U U^T (U of rank '
            "``precond_rank``) in place of the step size, starting from a scalar ``inner_lr``.", _one_of(LR_MODES)),
     _Param("l2", 0.0, "float", "L2 strength of the inner (support) loss (>= 0).", _real(0.0)),
-    _Param("learn_l2", False, "bool", "Meta-learn l2 (in log space; needs l2 > 0 to start)."),
+    _Param("learn_l2", False, "bool", "Meta-learn l2 (in log space; needs l2 > 0 to start).", check_bool),
     _Param("learn_init", True, "bool",
            "Meta-learn the initialization theta (False keeps the zero start and learns only the "
-           "hyperparameters)."),
+           "hyperparameters).", check_bool),
     _Param("meta_lr", 1e-3, "float", "Step size of the meta-optimizer (>= 0).", _real(0.0)),
     _Param("meta_optimizer", "adam", '{"adam", "sgd"}', "The meta-optimizer (:mod:`fastmaml.optim`).",
            _one_of(("adam", "sgd"))),
@@ -1330,9 +1330,19 @@ class _TrainingLoop:
 
         try:
             if rng is not None:
+                # The block draws from a private copy of the sampler's bit generator and writes its
+                # state back afterwards: the sampler's own lock is held only for the two copies, so a
+                # process forked meanwhile (or another thread) never finds it held for a whole block.
                 bitgen = rng.bit_generator
                 with bitgen.lock:
-                    call(bit_generator=bitgen.capsule)
+                    private = type(bitgen)()
+                    private.state = bitgen.state
+                try:
+                    with private.lock:
+                        call(bit_generator=private.capsule)
+                finally:
+                    with bitgen.lock:
+                        bitgen.state = private.state
             else:
                 call()
         except BaseException:

@@ -22,6 +22,7 @@ from ._tasks import Tasks, _Side
 from ._validation import (
     as_feature_array,
     as_labels,
+    check_bool,
     check_float,
     check_int,
     check_memory,
@@ -521,7 +522,7 @@ _GRAM_NEEDS = (
 
 def _mode(first_order) -> "_core.Mode":
     """The core's mode for a public ``first_order`` flag (Reptile has its own entry point)."""
-    return _core.Mode.first_order if first_order else _core.Mode.maml
+    return _core.Mode.first_order if check_bool(first_order, "first_order") else _core.Mode.maml
 
 
 def _sweep_arg(sweep) -> "_core.Sweep":

@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import fastmaml
 from fastmaml import MAML, Tasks
 from fastmaml.checkpoint import CheckpointError
 from fastmaml.datasets import make_grouped_tasks
@@ -340,3 +341,64 @@ def test_a_generator_random_state_gives_identical_fits_and_is_not_advanced(table
 def test_a_per_step_inner_lr_needs_an_inner_step(table, mode):
     with pytest.raises(ValueError, match="^learn_inner_lr: .*inner_steps >= 1"):
         model(inner_steps=0, learn_inner_lr=mode).fit(source(table))
+
+
+# --------------------------------------------------------------------------
+# Found by the adversarial review of this change
+# --------------------------------------------------------------------------
+
+
+def test_a_process_forked_during_a_compiled_fit_can_use_the_sampler(tmp_path):
+    """The compiled loop draws from a private copy of the sampler's bit generator, so a child
+    forked mid-fit never inherits the sampler's lock held (it used to hang forever)."""
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, threading, time, warnings, numpy as np, fastmaml
+        warnings.simplefilter("ignore")
+        rng = np.random.default_rng(0)
+        X = rng.random((600, 20)); y = rng.integers(0, 5, 600)
+        sm = fastmaml.EpisodeSampler(X, y, n_way=2, k_shot=3, n_query=5, random_state=0)
+        model = fastmaml.MAML(n_iterations=60000, progress=False)  # one block of a few seconds
+        status = []
+        def forker():
+            time.sleep(0.5)
+            pid = os.fork()
+            if pid == 0:
+                sm.sample(3)
+                os._exit(7)
+            status.append(os.waitpid(pid, 0)[1])
+        t = threading.Thread(target=forker); t.start()
+        model.fit(sm); t.join()
+        print(os.waitstatus_to_exitcode(status[0]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=tempfile.gettempdir())
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "7", out.stdout + out.stderr[-2000:]
+
+
+def test_compiled_fit_leaves_the_sampler_where_its_draws_left_it():
+    """Two fits in a row on one sampler equal one fit of both lengths' draws: the private copy's
+    state is written back after each block."""
+    rng = np.random.default_rng(1)
+    X = rng.random((300, 8)); y = rng.integers(0, 4, 300)
+    a = fastmaml.EpisodeSampler(X, y, n_way=2, k_shot=2, n_query=3, random_state=3)
+    b = fastmaml.EpisodeSampler(X, y, n_way=2, k_shot=2, n_query=3, random_state=3)
+    fastmaml.MAML(n_iterations=7, meta_batch_size=4, progress=False).fit(a)
+    for _ in range(7):
+        b.sample(4)
+    np.testing.assert_array_equal(a.sample(5).support.y, b.sample(5).support.y)
+
+
+@pytest.mark.parametrize("flag", ["False", 0, 1, None])
+def test_flags_are_not_taken_by_truthiness(flag):
+    rng = np.random.default_rng(0)
+    tasks = (rng.random((2, 3, 4)), rng.integers(0, 2, (2, 3)), rng.random((2, 3, 4)), rng.integers(0, 2, (2, 3)))
+    with pytest.raises(TypeError, match="first_order"):
+        fastmaml.meta_value_and_grad(np.zeros(5), tasks, inner_lr=0.1, inner_steps=1, first_order=flag)
+    with pytest.raises(TypeError, match="learn_init"):
+        fastmaml.MAML(learn_init=flag).fit(fastmaml.Tasks(*tasks))

@@ -773,8 +773,16 @@ class MAML:
         for _ in range(n_power):
             hv = hessian_vector_product(params, sub, None, v.reshape(params.shape), l2=l2, n_threads=self.n_threads)
             hv = np.asarray(hv, dtype=np.float64).reshape(sub.n_tasks, -1)
+            if not np.isfinite(hv).all():
+                # finite features whose squares overflow (|x| ~ 1e155 and beyond): no step size is stable
+                raise ValueError("support_X: the features are too large for a step size to be meaningful "
+                                 "(the curvature of the support loss overflows); rescale them, e.g. to [0, 1]")
             lam = np.einsum("ij,ij->i", v, hv)
-            norm = np.linalg.norm(hv, axis=1, keepdims=True)
+            with np.errstate(over="ignore"):
+                norm = np.linalg.norm(hv, axis=1, keepdims=True)
+            if not np.isfinite(norm).all():
+                raise ValueError("support_X: the features are too large for a step size to be meaningful "
+                                 "(the curvature of the support loss overflows); rescale them, e.g. to [0, 1]")
             norm[norm == 0] = 1.0
             v = hv / norm
         return float(lam.max())

@@ -402,3 +402,11 @@ def test_flags_are_not_taken_by_truthiness(flag):
         fastmaml.meta_value_and_grad(np.zeros(5), tasks, inner_lr=0.1, inner_steps=1, first_order=flag)
     with pytest.raises(TypeError, match="learn_init"):
         fastmaml.MAML(learn_init=flag).fit(fastmaml.Tasks(*tasks))
+
+
+def test_features_too_large_for_any_step_size_are_named():
+    rng = np.random.default_rng(0)
+    t = Tasks(rng.random((16, 5, 3)) * 1e200, rng.integers(0, 2, (16, 5)),
+              rng.random((16, 5, 3)) * 1e200, rng.integers(0, 2, (16, 5)))
+    with pytest.raises(ValueError, match="support_X: the features are too large"):
+        MAML(n_iterations=5, progress=False).fit(t)

@@ -110,7 +110,7 @@ def _label_with_notes(ax, label: str, notes: list) -> None:
     if notes:
         import textwrap
 
-        label += "\n" + "\n".join(textwrap.wrap("identical: " + "; ".join(notes), 75))
+        label += "\n" + "\n".join(textwrap.wrap("identical: " + "; ".join(notes), 55))
     ax.set_xlabel(label, fontsize=9)
 
 

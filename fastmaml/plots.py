@@ -11,6 +11,7 @@ stays visible, and each panel names them ("identical: ...").
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -108,9 +109,14 @@ def _draw(ax, xs: dict, curves: dict, styles: dict, base_ms: float) -> list:
 def _label_with_notes(ax, label: str, notes: list) -> None:
     """Axis label plus a wrapped line naming the curves that coincide (so none seems missing)."""
     if notes:
-        import textwrap
-
-        label += "\n" + "\n".join(textwrap.wrap("identical: " + "; ".join(notes), 55))
+        # wrap only between method names, so each name stays whole on one line
+        parts = re.split(r"(?<= = )|(?<=; )", "identical: " + "; ".join(notes))
+        lines = [""]
+        for part in parts:
+            if lines[-1] and len(lines[-1]) + len(part) > 55:
+                lines.append("")
+            lines[-1] += part
+        label += "\n" + "\n".join(line.rstrip() for line in lines)
     ax.set_xlabel(label, fontsize=9)
 
 

@@ -621,15 +621,7 @@ struct GramGroupWorker {
         }
       return;
     }
-    for (index_t l = 0; l < g; ++l) {
-      index_t step = -1;
-      const ErrorCode code = one(t0 + l, slots + l * slot_len, &step);
-      if (code != ErrorCode::ok) {
-        status[l].code = code;
-        status[l].task = t0 + l;
-        status[l].step = step;
-      }
-    }
+    each_task(one, t0, g, slots, slot_len, status);
   }
 };
 

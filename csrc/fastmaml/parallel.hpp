@@ -233,19 +233,26 @@ TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd
 
 // A per-task worker (ErrorCode operator()(index_t t, double* slot,
 // index_t* step)) as a group worker.
+// Runs a one-task worker on each task of the group t0 .. t0+g-1, recording
+// any failure (code, task, step) in that task's status.
+template <class Worker>
+inline void each_task(Worker& w, index_t t0, index_t g, double* slots, index_t slot_len, TaskStatus* status) {
+  for (index_t l = 0; l < g; ++l) {
+    index_t step = -1;
+    const ErrorCode code = w(t0 + l, slots + l * slot_len, &step);
+    if (code != ErrorCode::ok) {
+      status[l].code = code;
+      status[l].task = t0 + l;
+      status[l].step = step;
+    }
+  }
+}
+
 template <class Worker>
 struct PerTask {
   Worker w;
   void operator()(index_t t0, index_t g, double* slots, index_t slot_len, TaskStatus* status) {
-    for (index_t l = 0; l < g; ++l) {
-      index_t step = -1;
-      const ErrorCode code = w(t0 + l, slots + l * slot_len, &step);
-      if (code != ErrorCode::ok) {
-        status[l].code = code;
-        status[l].task = t0 + l;
-        status[l].step = step;
-      }
-    }
+    each_task(w, t0, g, slots, slot_len, status);
   }
 };
 

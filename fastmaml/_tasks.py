@@ -178,6 +178,7 @@ class Tasks:
                 raise ValueError(f"kernel: expected shape ({N}, {N}) = (n_samples, n_samples), got {shape_str(K.shape)}")
             if K.dtype != Xa.dtype or not K.flags.c_contiguous:
                 K = np.ascontiguousarray(K, dtype=Xa.dtype)
+            _check_kernel_diagonal(K, Xa)
             self.kernel = K
         return self
 
@@ -219,3 +220,24 @@ class Tasks:
     def __repr__(self) -> str:
         form = "indexed" if self.is_indexed else "dense"
         return f"Tasks(n_tasks={self.n_tasks}, n_features={self.n_features}, dtype={self.dtype}, {form})"
+
+
+def _check_kernel_diagonal(K: np.ndarray, X: np.ndarray) -> None:
+    """Reject a kernel that is not X X^T, by its diagonal (O(N d), not O(N^2 d)).
+
+    A kernel of another dataset, or of X before an edit, would give silently
+    wrong Gram matrices; its diagonal (the squared row norms) almost always
+    shows it. Rounding of a product formed by BLAS stays far inside the bound.
+    """
+    norms = np.einsum("ij,ij->i", X, X, dtype=np.float64)
+    diag = np.diagonal(K).astype(np.float64)
+    if not np.all(np.isfinite(diag)):
+        raise ValueError("kernel: expected X X^T, but its diagonal holds NaN or infinity")
+    tol = (1e-3 if X.dtype == np.float32 else 1e-9) * max(1.0, float(norms.max(initial=0.0)))
+    bad = np.flatnonzero(np.abs(diag - norms) > tol)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"kernel: expected X X^T (see fastmaml.datasets.dataset_kernel), but kernel[{i}, {i}] = {diag[i]:.6g} "
+            f"differs from the squared norm of X's row {i}, {norms[i]:.6g}"
+        )

@@ -1173,6 +1173,9 @@ def combine_block_sums(parts) -> MetaGradient:
                 f"parts: shard {i} holds {p.n_tasks} tasks, not a multiple of {REDUCE_BLOCK}; only the last "
                 "shard may hold a partial block"
             )
+    for i, p in enumerate(parts):
+        if not np.all(np.isfinite(p.blocks)):
+            raise ValueError(f"parts: shard {i} holds non-finite sums (a corrupted or hand-made BlockSums)")
     total = np.zeros(first.blocks.shape[1])
     for p in parts:
         for row in p.blocks:

@@ -410,3 +410,34 @@ def test_features_too_large_for_any_step_size_are_named():
               rng.random((16, 5, 3)) * 1e200, rng.integers(0, 2, (16, 5)))
     with pytest.raises(ValueError, match="support_X: the features are too large"):
         MAML(n_iterations=5, progress=False).fit(t)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_a_kernel_of_other_data_is_refused_and_the_right_one_kept(dtype):
+    """A Gram kernel that is not X X^T (another dataset, or X edited after the kernel was made) would
+    give silently wrong Gram matrices: its diagonal gives it away."""
+    from fastmaml.datasets import dataset_kernel
+
+    rng = np.random.default_rng(2)
+    X = rng.random((40, 6)).astype(dtype)
+    K = dataset_kernel(X)
+    args = (X, [[0, 1, 2]], [[0, 1, 0]], [[3, 4]], [[1, 0]])
+    assert fastmaml.Tasks.from_index(*args, kernel=K).kernel is not None
+    X2 = X.copy()
+    X2[7, 3] += 0.5
+    with pytest.raises(ValueError, match=r"kernel: expected X X\^T .*kernel\[7, 7\]"):
+        fastmaml.Tasks.from_index(X2, *args[1:], kernel=K)
+    bad = K.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="kernel: .*NaN"):
+        fastmaml.Tasks.from_index(*args, kernel=bad)
+
+
+def test_non_finite_block_sums_are_refused_by_the_combiner():
+    rng = np.random.default_rng(0)
+    tasks = (rng.random((3, 4, 5)), rng.integers(0, 2, (3, 4)), rng.random((3, 4, 5)), rng.integers(0, 2, (3, 4)))
+    part = fastmaml.meta_block_sums(np.zeros(6), tasks, inner_lr=0.1, inner_steps=2)
+    assert np.isfinite(fastmaml.combine_block_sums([part]).loss)
+    part.blocks[0, 1] = np.nan
+    with pytest.raises(ValueError, match="parts: shard 0 holds non-finite sums"):
+        fastmaml.combine_block_sums([part])

@@ -47,6 +47,7 @@ from ._validation import check_int, check_threads, shape_str
 __all__ = ["meta_loss", "adapt", "query_logits"]
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_SymbolicZero = getattr(jax.custom_derivatives, "SymbolicZero", ())
 _Tracer = getattr(jax.core, "Tracer", None)
 if _Tracer is None:  # pragma: no cover - older / newer layouts of jax.core
     from jax._src.core import Tracer as _Tracer
@@ -203,47 +204,57 @@ def _meta_loss_fn(inner_steps: int, first_order: bool, task_axis: bool, n_thread
     """The custom-VJP meta-loss for one static configuration (cached: jit sees one function per config)."""
     nt = n_threads or None
 
-    def host(theta, lr, lam, Xs, ys, Xq, yq):
+    def host(features, theta, lr, lam, Xs, ys, Xq, yq):
         dtype = Xs.dtype
         r = _functional.meta_value_and_grad(
             theta, (Xs, ys, Xq, yq), inner_lr=lr, inner_steps=inner_steps, l2=_l2_arg(lam),
-            first_order=first_order, task_axis=task_axis, n_threads=nt, grad_features=True,
+            first_order=first_order, task_axis=task_axis, n_threads=nt, grad_features=features,
         )
-        return (
+        out = (
             np.asarray(r.loss, dtype=dtype),
             np.asarray(r.grad, dtype=dtype),
             np.asarray(r.grad_inner_lr, dtype=dtype).reshape(lr.shape),
             np.asarray(r.grad_l2, dtype=dtype).reshape(lam.shape),
-            np.asarray(r.grad_support_X, dtype=dtype),
-            np.asarray(r.grad_query_X, dtype=dtype),
         )
+        if features:
+            out += (np.asarray(r.grad_support_X, dtype=dtype), np.asarray(r.grad_query_X, dtype=dtype))
+        return out
 
-    def call(theta, lr, lam, Xs, ys, Xq, yq):
+    def call(features, theta, lr, lam, Xs, ys, Xq, yq):
+        """(loss, d/dtheta, d/dinner_lr, d/dl2[, d/dsupport_X, d/dquery_X]) from one core call."""
         args = (theta, lr, lam, Xs, ys, Xq, yq)
         if not any(isinstance(x, _Tracer) for x in args):
             # Eager (also inside an eager jax.grad, whose custom-VJP forward sees
             # concrete arrays): call the core directly, so that its exceptions
             # (ValueError, DivergenceError) reach the caller as they are.
-            return tuple(jnp.asarray(o) for o in host(*(np.asarray(x) for x in args)))
-        dtype = Xs.dtype
-        shapes = tuple(jax.ShapeDtypeStruct(s, dtype) for s in ((), theta.shape, lr.shape, lam.shape, Xs.shape,
-                                                                 Xq.shape))
-        return jax.pure_callback(host, shapes, theta, lr, lam, Xs, ys, Xq, yq, **_CALLBACK_KW)
+            return tuple(jnp.asarray(o) for o in host(features, *(np.asarray(x) for x in args)))
+        shapes = [(), theta.shape, lr.shape, lam.shape] + ([Xs.shape, Xq.shape] if features else [])
+        return jax.pure_callback(functools.partial(host, features),
+                                 tuple(jax.ShapeDtypeStruct(s, Xs.dtype) for s in shapes), *args, **_CALLBACK_KW)
 
+    # Without differentiation: the loss alone, by the core's fastest exact path.
     @jax.custom_vjp
     def f(theta, lr, lam, Xs, ys, Xq, yq):
-        return call(theta, lr, lam, Xs, ys, Xq, yq)[0]
+        return call(False, theta, lr, lam, Xs, ys, Xq, yq)[0]
 
     def fwd(theta, lr, lam, Xs, ys, Xq, yq):
-        loss, *grads = call(theta, lr, lam, Xs, ys, Xq, yq)
-        return loss, tuple(grads)
+        # symbolic_zeros: each argument says whether it is differentiated. The
+        # feature gradients cost a pass of their own (the plain sweep's feature
+        # pass), so they are computed only when a feature array is perturbed.
+        features = Xs.perturbed or Xq.perturbed
+        loss, *grads = call(features, *(a.value for a in (theta, lr, lam, Xs, ys, Xq, yq)))
+        return loss, tuple(grads)  # 3 or 5 gradients: the length says which (static)
 
     def bwd(grads, ct):
-        g_theta, g_lr, g_lam, g_xs, g_xq = grads
-        # Labels are integer inputs: None is a zero cotangent.
-        return (ct * g_theta, ct * g_lr, ct * g_lam, ct * g_xs, None, ct * g_xq, None)
+        features = len(grads) == 5
+        if isinstance(ct, _SymbolicZero):  # pragma: no cover - JAX skips a backward with a zero cotangent
+            ct = jnp.zeros((), grads[0].dtype)
+        g_theta, g_lr, g_lam = (ct * g for g in grads[:3])
+        g_xs, g_xq = (ct * grads[3], ct * grads[4]) if features else (None, None)
+        # None: a zero cotangent (the labels, and features that are not differentiated).
+        return (g_theta, g_lr, g_lam, g_xs, None, g_xq, None)
 
-    f.defvjp(fwd, bwd)
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
     return f
 
 

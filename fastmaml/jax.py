@@ -204,7 +204,9 @@ def _meta_loss_fn(inner_steps: int, first_order: bool, task_axis: bool, n_thread
     """The custom-VJP meta-loss for one static configuration (cached: jit sees one function per config)."""
     nt = n_threads or None
 
-    def host(features, theta, lr, lam, Xs, ys, Xq, yq):
+    def host(features, *args):
+        # pure_callback may hand over jax.Arrays (recent JAX) or NumPy arrays: views of the host buffers either way
+        theta, lr, lam, Xs, ys, Xq, yq = (np.asarray(x) for x in args)
         dtype = Xs.dtype
         r = _functional.meta_value_and_grad(
             theta, (Xs, ys, Xq, yq), inner_lr=lr, inner_steps=inner_steps, l2=_l2_arg(lam),
@@ -227,7 +229,7 @@ def _meta_loss_fn(inner_steps: int, first_order: bool, task_axis: bool, n_thread
             # Eager (also inside an eager jax.grad, whose custom-VJP forward sees
             # concrete arrays): call the core directly, so that its exceptions
             # (ValueError, DivergenceError) reach the caller as they are.
-            return tuple(jnp.asarray(o) for o in host(features, *(np.asarray(x) for x in args)))
+            return tuple(jnp.asarray(o) for o in host(features, *args))
         shapes = [(), theta.shape, lr.shape, lam.shape] + ([Xs.shape, Xq.shape] if features else [])
         return jax.pure_callback(functools.partial(host, features),
                                  tuple(jax.ShapeDtypeStruct(s, Xs.dtype) for s in shapes), *args, **_CALLBACK_KW)
@@ -345,7 +347,8 @@ def meta_loss(theta, support_X, support_y, query_X, query_y, *, inner_lr, inner_
 # --------------------------------------------------------------------------
 
 
-def _adapt_host(theta, lr, lam, Xs, ys, *, inner_steps, task_axis, n_threads):
+def _adapt_host(*args, inner_steps, task_axis, n_threads):
+    theta, lr, lam, Xs, ys = (np.asarray(x) for x in args)
     nt = n_threads or None
     per_task_lr = task_axis and lr.shape[0] == Xs.shape[0] and Xs.shape[0] > 1
     if not per_task_lr and lam.ndim == 0:
@@ -384,7 +387,7 @@ def adapt(theta, support_X, support_y, *, inner_lr, inner_steps: int, l2=0.0, ta
     host = functools.partial(_adapt_host, inner_steps=a["K"], task_axis=a["task_axis"], n_threads=a["n_threads"])
     args = (th, lr, lam, Xs, a["ys"])
     if not any(isinstance(x, _Tracer) for x in args):
-        return jnp.asarray(host(*(np.asarray(x) for x in args)))
+        return jnp.asarray(host(*args))
     shape = jax.ShapeDtypeStruct((Xs.shape[0],) + th.shape, a["dtype"])
     return jax.pure_callback(host, shape, *args, **_CALLBACK_KW)
 

@@ -95,7 +95,7 @@ def _features(x, name: str, ndim: int):
     dt = _dtype_of(x)
     if dt not in _FLOATS:
         raise TypeError(f"{name}: expected a float32 or float64 array, got dtype {dt}")
-    arr = jnp.asarray(x)
+    arr = _as_jax(x)
     if arr.dtype != dt:  # float64 data while jax_enable_x64 is off
         raise TypeError(
             f"{name}: float64 input needs jax_enable_x64 (jax.config.update('jax_enable_x64', True)); "
@@ -115,7 +115,7 @@ def _labels(y, name: str, shape: tuple):
             f"{name}: expected integer (or boolean) labels, got dtype {dt}; labels are not differentiable — "
             f"cast them, e.g. {name}.astype(jnp.int32)"
         )
-    arr = jnp.asarray(y)
+    arr = _as_jax(y)
     if arr.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {shape_str(shape)}, got {shape_str(arr.shape)}")
     return arr.astype(jnp.int32) if arr.dtype == jnp.bool_ else arr
@@ -127,14 +127,20 @@ def _param(x, name: str, dtype):
     The cast happens in JAX, outside the custom VJP, so a float32 theta used
     with float64 features gets its gradient back in float32.
     """
-    if isinstance(x, (numbers.Real, np.number)) and not isinstance(x, (bool, np.bool_)) and _dtype_of(x) is None:
-        return jnp.asarray(x, dtype=dtype)
+    if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)) and _dtype_of(x) is None:
+        return np.asarray(x, dtype=dtype)  # a Python number is a constant: no JAX dispatch needed
     dt = _dtype_of(x)
     if isinstance(x, (bool, np.bool_, str, bytes)) or dt is None:
         raise TypeError(f"{name}: expected a number or a float32/float64 array, got {type(x).__name__}")
     if dt not in _FLOATS and not (dt.kind in "iuf" and np.ndim(x) == 0 and isinstance(x, np.generic)):
         raise TypeError(f"{name}: expected a number or a float32/float64 array, got dtype {dt}")
-    return jnp.asarray(x).astype(dtype)
+    arr = _as_jax(x)
+    return arr if arr.dtype == dtype else arr.astype(dtype)
+
+
+def _as_jax(x):
+    """x itself when it is already a JAX array or tracer (eager jnp.asarray costs a dispatch per call)."""
+    return x if isinstance(x, jax.Array) else jnp.asarray(x)
 
 
 def _prepare(theta, support_X, support_y, *, inner_lr, inner_steps, l2, task_axis, n_threads, query=None):

@@ -3,7 +3,7 @@
 :func:`meta_loss` returns the MAML meta-loss of a meta-batch as a JAX scalar
 whose gradients (``jax.grad`` / ``jax.value_and_grad``) with respect to
 ``theta``, ``inner_lr``, ``l2`` and both feature arrays are fastmaml's exact
-ones (docs/design.md, "Feature gradients"; "Framework front ends" / "JAX").
+ones (docs/design.md, "Feature gradients"; "Framework front ends — JAX").
 It is a ``jax.custom_vjp`` around one host callback (``jax.pure_callback``):
 the forward pass makes ONE call into the compiled core, which returns the
 loss and every gradient at once; the backward pass only scales them by the

@@ -1,4 +1,4 @@
-"""fastmaml.jax: the exact head as a differentiable JAX function (docs/design.md, "Framework front ends" / "JAX").
+"""fastmaml.jax: the exact head as a differentiable JAX function (docs/design.md, "Framework front ends — JAX").
 
 The oracle is plain JAX: the inner loop unrolled step by step and
 differentiated by ``jax.grad`` (for first-order MAML each inner gradient is

@@ -379,3 +379,17 @@ def test_divergence_names_the_task_with_the_huge_step():
     lr[2] = 1e300
     with pytest.raises(fastmaml.DivergenceError, match="task 2"):
         fastmaml.meta_value_and_grad(theta, tasks, inner_lr=lr, inner_steps=5, task_axis=True, grad_features=True)
+
+
+@pytest.mark.parametrize("side", ["support_X", "query_X"])
+@pytest.mark.parametrize("options", [dict(grad_features=True), dict(l2=np.full(T, 0.1)),
+                                     dict(task_axis=True, inner_lr=np.full(T, 0.5))],
+                         ids=["grad_features", "per_task_l2", "task_axis"])
+def test_non_finite_features_are_named_not_reported_as_divergence(side, options):
+    """As on the default path (meta.hpp): a NaN feature is a ValueError naming the array, not a DivergenceError."""
+    theta, (Xs, ys, Xq, yq) = dense_problem("binary")
+    (Xs if side == "support_X" else Xq)[1, 2, 0] = np.nan
+    kw = dict(inner_lr=0.5, inner_steps=2)
+    kw.update(options)
+    with pytest.raises(ValueError, match=f"{side}: contains NaN or infinity"):
+        fastmaml.meta_value_and_grad(theta, (Xs, ys, Xq, yq), **kw)

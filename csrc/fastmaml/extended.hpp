@@ -38,7 +38,9 @@ TaskStatus meta_value_and_grad_extended(const TaskSet<T>& ts, Link link, const T
   const double work = sweeps * (rows + qrows) * static_cast<double>(model.P);
   const Preconditioner<T> none;
   auto make = [&]() { return MetaWorker<T, Link>{model, theta, alpha, none, K, lr, lam, mode, {}, ext, {}}; };
-  return meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2, nullptr);
+  // As meta.hpp does: a non-finite feature shows up as a divergence; name the array instead.
+  return name_nonfinite_input(
+      ts, K, meta_value_and_grad_with(ts, model, H, mode, n_threads, work, make, loss, grad, hyper, grad_l2, nullptr));
 }
 
 }  // namespace fastmaml

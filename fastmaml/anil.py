@@ -120,7 +120,7 @@ class CNNDemoConfig:
     meta_iterations: int = 300
     meta_lr: float = 1e-3
     validate_every: int = 25
-    pretrain_epochs: int = 10
+    pretrain_epochs: int = 6
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
     timing_repeats: int = 20
@@ -341,11 +341,23 @@ def _choose_val_digits(train_digits: list, n_val: int, seed_seq) -> list:
     return sorted(int(c) for c in rng.permutation(train_digits)[:n_val])
 
 
-def _embed(backbone, images, batch: int = 1000) -> np.ndarray:
-    """Features of every image (N, n_features) as float32 numpy, no gradients."""
+def _embed(backbone, images, episodes=None, batch: int = 1000) -> np.ndarray:
+    """Features (N, n_features) as float32 numpy, no gradients: of every image, or with ``episodes`` only of
+    the rows they use (the other rows stay zero; validation embeds its digits, not the whole dataset)."""
     torch = import_torch()
+    if episodes is None:
+        rows = np.arange(images.shape[0])
+    else:
+        rows = np.unique(np.concatenate([np.concatenate([ep.tasks.support.idx, ep.tasks.query.idx])
+                                         for ep in episodes]))
+    index = torch.from_numpy(rows)
     with torch.no_grad():
-        return torch.cat([backbone(images[i:i + batch]) for i in range(0, images.shape[0], batch)]).numpy()
+        part = torch.cat([backbone(images[index[i:i + batch]]) for i in range(0, rows.size, batch)])
+    if episodes is None:
+        return part.numpy()
+    out = np.zeros((images.shape[0], part.shape[1]), dtype=np.float32)
+    out[rows] = part.numpy()
+    return out
 
 
 # ------------------------------------------------------------------ (b) classification pre-training
@@ -401,14 +413,14 @@ def _pretrain(config, images, y, train_digits, val_episodes, make_model, progres
         seconds += time.perf_counter() - t0
         progress.update(1)
         # one C for choosing the epoch: a C per epoch and K would cost a grid of fits per epoch
-        feats = _l2_normalise(_embed(backbone, images))
+        feats = _l2_normalise(_embed(backbone, images, val_episodes))
         score = float(np.mean([_lr_accuracy(ep.on(feats), C_mid).mean() for ep in val_episodes]))
         curve.append(score)
         if score > best[0]:
             best = (score, epoch, copy.deepcopy(backbone.state_dict()))
     backbone.load_state_dict(best[2])
     progress.stage("(b) choosing C on the validation digits")
-    feats = _l2_normalise(_embed(backbone, images))
+    feats = _l2_normalise(_embed(backbone, images, val_episodes))
     C, val_acc = {}, {}
     with _one_blas_thread():
         for ep in val_episodes:
@@ -422,7 +434,7 @@ def _pretrain(config, images, y, train_digits, val_episodes, make_model, progres
 def _anil_accuracy(kind, backbone, head, images, episodes, config, fastmaml_torch=None) -> dict:
     """Per-task query accuracy of every K's episodes, the head adapted by its own implementation."""
     torch = import_torch()
-    feats = torch.from_numpy(_embed(backbone, images))
+    feats = torch.from_numpy(_embed(backbone, images, episodes))
     theta = head.theta.detach()
     lr = float(head.log_inner_lr.detach().exp())
     out = {}
@@ -490,7 +502,7 @@ def _anil(kind, config, X, y, images, train_digits, val_episodes, make_model, pr
     curve = [(0, best["val_accuracy"])]
     losses, seconds = [], []
     for it in range(1, config.meta_iterations + 1):
-        if it % 10 == 1 or config.meta_iterations < 10:
+        if it % 50 == 1:
             progress.stage(f"{name}: iteration {it}/{config.meta_iterations}")
         t0 = time.perf_counter()
         tasks = samplers[(it - 1) % len(samplers)].sample(config.meta_batch_size)
@@ -641,7 +653,7 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
         # (b) pre-trained embedding + logistic regression per task
         pre = _pretrain(config, images, y, train_digits, val_eps, make_model, progress, torch_seeds[0])
         progress.stage("(b) logistic regression per test task")
-        feats = _l2_normalise(_embed(pre["backbone"], images))
+        feats = _l2_normalise(_embed(pre["backbone"], images, test_eps))
         per_task[PRETRAINED] = {ep.K: _lr_accuracy(ep.on(feats), pre["C"][ep.K]) for ep in test_eps}
         results["methods"][PRETRAINED] = {
             "choice": {"epoch": pre["epoch"], "C": pre["C"]}, "val_accuracy": pre["val_accuracy"],

@@ -20,14 +20,16 @@ on the same 2-vs-3 test episodes at K = 1, 5, 10 examples per class:
     (:func:`unrolled_meta_loss`): the oracle (c) is tested against, and the
     wall time per meta-iteration beside it.
 
-Protocol: the meta-training digits are every digit but the held-out pair;
-a few of them (``n_val_digits``, chosen by the seed) are set aside as
-class-disjoint validation digits -- never trained on -- and every choice
-(step sizes, C, which checkpoint) is made on validation episodes of those
-digits. The test pair is scored last, on episodes drawn once per K and shared
-by all four methods (paired differences). (c) and (d) train the same
-backbone from the same initial weights on the same episodes; they differ only
-in how the head's inner loop and its gradients are computed.
+Protocol (the pixel demo's): the meta-training digits are every digit but
+the held-out pair. A few of them (``n_val_digits``, chosen by the seed) are
+set aside as class-disjoint validation digits, and every choice (step sizes,
+C, how many epochs or meta-iterations) is made on validation episodes of those
+digits by models trained on the other meta-training digits only; then (b),
+(c) and (d) are refit on every meta-training digit for the chosen number of
+epochs / iterations. The test pair is scored last, on episodes drawn once per
+K and shared by all four methods (paired differences). (c) and (d) train the
+same backbone from the same initial weights on the same episodes; they differ
+only in how the head's inner loop and its gradients are computed.
 
 PyTorch is imported only here (and by :mod:`fastmaml.torch`), when a run
 starts: ``pip install "fastmaml[torch]"``.
@@ -90,9 +92,11 @@ class CNNDemoConfig:
     channels : tuple of int
         Channels of the two 3x3 convolutions (stride 2 each).
     meta_batch_size, meta_iterations, meta_lr, validate_every : int, int, float, int
-        ANIL's outer loop (Adam on backbone and head).
+        ANIL's outer loop (Adam on backbone and head); ``meta_iterations``
+        bounds the selection run, validated every ``validate_every``.
     pretrain_epochs, pretrain_batch_size, pretrain_lr : int, int, float
-        The classification pre-training of (b) (Adam); validated after every epoch.
+        The classification pre-training of (b) (Adam); ``pretrain_epochs``
+        bounds the selection run, validated after every epoch.
     timing_repeats : int
         Repeats of the head-only forward+backward timing of (c) and (d).
     seed : int
@@ -117,7 +121,7 @@ class CNNDemoConfig:
     n_features: int = 64
     channels: tuple = (16, 32)
     meta_batch_size: int = 16
-    meta_iterations: int = 300
+    meta_iterations: int = 200
     meta_lr: float = 1e-3
     validate_every: int = 25
     pretrain_epochs: int = 6
@@ -380,28 +384,32 @@ def _l2_normalise(F: np.ndarray) -> np.ndarray:
     return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
 
 
-def _pretrain(config, images, y, train_digits, val_episodes, make_model, progress, seed) -> dict:
-    """(b): the backbone trained by ordinary classification of the training digits; the epoch (at the middle C
-    of the grid) and then C per K chosen on the validation digits' episodes (LR on L2-normalised features)."""
+def _pretrain(config, images, y, digits, val_episodes, n_epochs, make_model, progress, seed) -> dict:
+    """(b): the backbone trained by ordinary classification of ``digits`` for ``n_epochs`` epochs.
+
+    With ``val_episodes`` (the selection run) also the best epoch (LR at the middle C of the grid) and then C
+    per K, both on the validation digits' episodes (LR on L2-normalised features).
+    """
     from .evaluation import choose_C_on_validation
 
     torch = import_torch()
     torch.manual_seed(seed)
     backbone = make_model()
-    classifier = torch.nn.Linear(config.n_features, len(train_digits))
+    classifier = torch.nn.Linear(config.n_features, len(digits))
     model = torch.nn.Sequential(backbone, classifier)
     opt = torch.optim.Adam(model.parameters(), lr=config.pretrain_lr)
-    rows = np.flatnonzero(np.isin(y, train_digits))
-    target = torch.from_numpy(np.searchsorted(train_digits, y[rows]).astype(np.int64))
+    rows = np.flatnonzero(np.isin(y, digits))
+    target = torch.from_numpy(np.searchsorted(digits, y[rows]).astype(np.int64))
     x_train = images[torch.from_numpy(rows)]
     gen = torch.Generator().manual_seed(seed)
     c_grid = tuple(sorted(config.c_grid))
     C_mid = c_grid[len(c_grid) // 2]
-    best = (-1.0, None, None)
+    best = (-1.0, 0, None)
     curve = []
     seconds = 0.0
-    for epoch in range(1, config.pretrain_epochs + 1):
-        progress.stage(f"(b) pre-training: epoch {epoch}/{config.pretrain_epochs}")
+    what = "choosing the epoch" if val_episodes else "refit on every meta-training digit"
+    for epoch in range(1, n_epochs + 1):
+        progress.stage(f"(b) pre-training, {what}: epoch {epoch}/{n_epochs}")
         t0 = time.perf_counter()
         perm = torch.randperm(len(rows), generator=gen)
         for i in range(0, len(rows), config.pretrain_batch_size):
@@ -412,12 +420,17 @@ def _pretrain(config, images, y, train_digits, val_episodes, make_model, progres
             opt.step()
         seconds += time.perf_counter() - t0
         progress.update(1)
+        if not val_episodes:
+            continue
         # one C for choosing the epoch: a C per epoch and K would cost a grid of fits per epoch
         feats = _l2_normalise(_embed(backbone, images, val_episodes))
         score = float(np.mean([_lr_accuracy(ep.on(feats), C_mid).mean() for ep in val_episodes]))
         curve.append(score)
         if score > best[0]:
             best = (score, epoch, copy.deepcopy(backbone.state_dict()))
+    out = {"backbone": backbone, "train_seconds": seconds}
+    if not val_episodes:
+        return out
     backbone.load_state_dict(best[2])
     progress.stage("(b) choosing C on the validation digits")
     feats = _l2_normalise(_embed(backbone, images, val_episodes))
@@ -426,8 +439,8 @@ def _pretrain(config, images, y, train_digits, val_episodes, make_model, progres
         for ep in val_episodes:
             C[ep.K], acc = choose_C_on_validation([ep.on(feats)], c_grid)
             val_acc[ep.K] = float(acc.max())
-    return {"backbone": backbone, "C": C, "val_accuracy": float(np.mean(list(val_acc.values()))),
-            "epoch": best[1], "val_curve": curve, "train_seconds": seconds}
+    out.update(C=C, val_accuracy=float(np.mean(list(val_acc.values()))), epoch=best[1], val_curve=curve)
+    return out
 
 
 # ------------------------------------------------------------------ (c), (d) ANIL
@@ -476,11 +489,13 @@ def _batch_features(backbone, images, tasks: Tasks):
             torch.from_numpy(q.y.reshape(T, -1).astype(np.int64)))
 
 
-def _anil(kind, config, X, y, images, train_digits, val_episodes, make_model, progress, seed, sampler_seeds,
-          fastmaml_torch=None) -> dict:
-    """Meta-train backbone + head (ANIL); keep the checkpoint best on the validation digits.
+def _anil(kind, config, X, y, images, digits, val_episodes, n_iterations, make_model, progress, seed,
+          sampler_seeds, fastmaml_torch=None) -> dict:
+    """Meta-train backbone + head (ANIL) on episodes of ``digits`` for ``n_iterations`` iterations.
 
-    Iteration i meta-trains on K = shots[i % len(shots)] (one backbone for every K).
+    Iteration i meta-trains on K = shots[i % len(shots)] (one backbone for every K). With ``val_episodes``
+    (the selection run) the iteration best on them is found (0 = before any meta-training counts too) and
+    its checkpoint returned.
     """
     torch = import_torch()
     torch.manual_seed(seed)
@@ -489,21 +504,24 @@ def _anil(kind, config, X, y, images, train_digits, val_episodes, make_model, pr
     opt = torch.optim.Adam(list(backbone.parameters()) + list(head.parameters()), lr=config.meta_lr)
     meta_loss = _meta_loss_fn(kind, fastmaml_torch, config)
     # (c) and (d) see the same episodes: samplers seeded alike
-    samplers = [EpisodeSampler(X, y, n_way=2, k_shot=int(K), n_query=config.train_query, classes=train_digits,
+    samplers = [EpisodeSampler(X, y, n_way=2, k_shot=int(K), n_query=config.train_query, classes=digits,
                                random_state=np.random.default_rng(s)) for K, s in zip(config.shots, sampler_seeds)]
     name = ANIL_FASTMAML if kind == "fastmaml" else ANIL_UNROLLED
+    what = "choosing the iteration" if val_episodes else "refit on every meta-training digit"
 
-    def validate(iteration):
+    def validate():
+        if not val_episodes:
+            return float("nan")
         acc = _anil_accuracy(kind, backbone, head, images, val_episodes, config)
         return float(np.mean([a.mean() for a in acc.values()]))
 
-    best = {"val_accuracy": validate(0), "iteration": 0, "state": copy.deepcopy((backbone.state_dict(),
-                                                                                  head.state_dict()))}
+    best = {"val_accuracy": validate(), "iteration": 0, "state": copy.deepcopy((backbone.state_dict(),
+                                                                                 head.state_dict()))}
     curve = [(0, best["val_accuracy"])]
     losses, seconds = [], []
-    for it in range(1, config.meta_iterations + 1):
+    for it in range(1, n_iterations + 1):
         if it % 50 == 1:
-            progress.stage(f"{name}: iteration {it}/{config.meta_iterations}")
+            progress.stage(f"{name}, {what}: iteration {it}/{n_iterations}")
         t0 = time.perf_counter()
         tasks = samplers[(it - 1) % len(samplers)].sample(config.meta_batch_size)
         loss = meta_loss(head, *_batch_features(backbone, images, tasks))
@@ -516,17 +534,18 @@ def _anil(kind, config, X, y, images, train_digits, val_episodes, make_model, pr
             raise FloatingPointError(f"{name}: the meta-loss became {losses[-1]} at iteration {it}; "
                                      "lower meta_lr or inner_lr")
         progress.update(1)
-        if it % config.validate_every == 0 or it == config.meta_iterations:
-            acc = validate(it)
+        if val_episodes and (it % config.validate_every == 0 or it == n_iterations):
+            acc = validate()
             curve.append((it, acc))
             if acc > best["val_accuracy"]:
                 best = {"val_accuracy": acc, "iteration": it,
                         "state": copy.deepcopy((backbone.state_dict(), head.state_dict()))}
-    backbone.load_state_dict(best["state"][0])
-    head.load_state_dict(best["state"][1])
+    if val_episodes:
+        backbone.load_state_dict(best["state"][0])
+        head.load_state_dict(best["state"][1])
     return {"backbone": backbone, "head": head, "val_accuracy": best["val_accuracy"],
             "iteration": best["iteration"], "val_curve": curve, "loss_curve": losses,
-            "seconds_per_iteration": float(np.median(seconds)), "train_seconds": float(np.sum(seconds)),
+            "iteration_seconds": seconds, "train_seconds": float(np.sum(seconds)),
             "inner_lr": float(head.log_inner_lr.detach().exp())}
 
 
@@ -624,6 +643,7 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
         "data": {"name": data.name, "description": data.description, "n_samples": int(X.shape[0]),
                  "image_shape": list(data.image_shape), "notes": notes},
         "holdout": holdout,
+        "meta_train_digits": meta_digits,
         "train_digits": train_digits,
         "validation_digits": val_digits,
         "methods": {},
@@ -635,7 +655,8 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
     threads_before = torch.get_num_threads()
     if config.n_threads:
         torch.set_num_threads(int(config.n_threads))
-    progress = _Progress(log, config.progress, config.pretrain_epochs + 2 * config.meta_iterations + 1)
+    # an upper bound: the refits run as many epochs / iterations as validation chose
+    progress = _Progress(log, config.progress, 2 * config.pretrain_epochs + 4 * config.meta_iterations + 1)
     per_task = {}
     try:
         # (a) pixels + zero start: only the step size, chosen on the validation digits
@@ -650,27 +671,34 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
                                                            inner_steps=config.inner_steps, n_threads=config.n_threads)
         results["methods"][PIXELS] = {"choice": {"inner_lr": lrs}, "train_seconds": 0.0}
 
-        # (b) pre-trained embedding + logistic regression per task
-        pre = _pretrain(config, images, y, train_digits, val_eps, make_model, progress, torch_seeds[0])
+        # (b) pre-trained embedding + logistic regression per task: epoch and C chosen with the validation
+        # digits held out, then the backbone refit on every meta-training digit for that many epochs
+        sel = _pretrain(config, images, y, train_digits, val_eps, config.pretrain_epochs, make_model, progress,
+                        torch_seeds[0])
+        pre = _pretrain(config, images, y, meta_digits, None, sel["epoch"], make_model, progress, torch_seeds[0])
         progress.stage("(b) logistic regression per test task")
         feats = _l2_normalise(_embed(pre["backbone"], images, test_eps))
-        per_task[PRETRAINED] = {ep.K: _lr_accuracy(ep.on(feats), pre["C"][ep.K]) for ep in test_eps}
+        per_task[PRETRAINED] = {ep.K: _lr_accuracy(ep.on(feats), sel["C"][ep.K]) for ep in test_eps}
         results["methods"][PRETRAINED] = {
-            "choice": {"epoch": pre["epoch"], "C": pre["C"]}, "val_accuracy": pre["val_accuracy"],
-            "val_curve": pre["val_curve"], "train_seconds": pre["train_seconds"]}
+            "choice": {"epochs": sel["epoch"], "C": sel["C"]}, "val_accuracy": sel["val_accuracy"],
+            "val_curve": sel["val_curve"], "train_seconds": sel["train_seconds"] + pre["train_seconds"]}
 
-        # (c), (d) ANIL: the same initial weights (torch_seeds[1]) and episodes, two implementations of the head
-        timing = {}
+        # (c), (d) ANIL: the same initial weights (torch_seeds[1]) and episodes, two implementations of the head;
+        # the iteration chosen with the validation digits held out, then a refit on every meta-training digit
+        iteration_seconds = {}
         for kind, name in (("fastmaml", ANIL_FASTMAML), ("unrolled", ANIL_UNROLLED)):
-            run = _anil(kind, config, X, y, images, train_digits, val_eps, make_model, progress, torch_seeds[1],
-                        sampler_seeds, fastmaml_torch)
+            sel = _anil(kind, config, X, y, images, train_digits, val_eps, config.meta_iterations, make_model,
+                        progress, torch_seeds[1], sampler_seeds, fastmaml_torch)
+            run = _anil(kind, config, X, y, images, meta_digits, None, sel["iteration"], make_model, progress,
+                        torch_seeds[1], sampler_seeds, fastmaml_torch)
             progress.stage(f"{name}: test episodes")
             per_task[name] = _anil_accuracy(kind, run["backbone"], run["head"], images, test_eps, config)
             results["methods"][name] = {
-                "choice": {"iteration": run["iteration"], "inner_lr": run["inner_lr"]},
-                "val_accuracy": run["val_accuracy"], "val_curve": run["val_curve"], "loss_curve": run["loss_curve"],
-                "train_seconds": run["train_seconds"]}
-            timing[name] = run["seconds_per_iteration"]
+                "choice": {"iterations": sel["iteration"], "inner_lr": run["inner_lr"]},
+                "val_accuracy": sel["val_accuracy"], "val_curve": sel["val_curve"],
+                "loss_curve": sel["loss_curve"], "refit_loss_curve": run["loss_curve"],
+                "train_seconds": sel["train_seconds"] + run["train_seconds"]}
+            iteration_seconds[name] = float(np.median(sel["iteration_seconds"] + run["iteration_seconds"]))
             if kind == "fastmaml":
                 trained = run["backbone"]
         progress.stage("timing the heads alone")
@@ -680,7 +708,7 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
         progress.close()
         torch.set_num_threads(threads_before)
     results["timing"] = {
-        "seconds_per_meta_iteration": {ANIL_FASTMAML: timing[ANIL_FASTMAML], ANIL_UNROLLED: timing[ANIL_UNROLLED]},
+        "seconds_per_meta_iteration": iteration_seconds,
         "head_forward_backward": head_times,
         "note": "median wall time on this machine; the meta-iteration includes sampling, the backbone's forward "
                 "and backward passes and the Adam step",
@@ -740,10 +768,10 @@ def summarize(results: dict) -> list:
 
 def format_table(results: dict) -> str:
     """The results table as text."""
-    out = [f"Learned representation (CNN backbone): train on digits {results['train_digits']}, choose on "
-           f"validation digits {results['validation_digits']} (never trained on), test on "
-           f"{results['holdout'][0]} vs {results['holdout'][1]} ({results['data']['name']}, "
-           f"{results['data']['n_samples']} images)"]
+    out = [f"Learned representation (CNN backbone), {results['data']['name']} ({results['data']['n_samples']} "
+           f"images): every choice made on validation digits {results['validation_digits']} with training on "
+           f"{results['train_digits']}; then refit on all of {results['meta_train_digits']}; test on "
+           f"{results['holdout'][0]} vs {results['holdout'][1]}"]
     for K, res in results["shots"].items():
         out.append("")
         out.append(f"K = {K} shots per class, {res['n_test_episodes']} test episodes (the same for every method)")

@@ -55,8 +55,10 @@ def test_quick_cnn_demo_through_the_cli_writes_every_method_and_shot(tmp_path):
     res = json.loads(out_json.read_text())
     cfg = anil.CNNDemoConfig.quick()
     assert sorted(res["shots"]) == sorted(str(K) for K in cfg.shots)
+    # choices on validation digits the selection runs never trained on; refits on every non-test digit
     assert set(res["validation_digits"]).isdisjoint(res["train_digits"])
-    assert set(res["holdout"]).isdisjoint(res["train_digits"] + res["validation_digits"])
+    assert sorted(res["meta_train_digits"]) == sorted(res["train_digits"] + res["validation_digits"])
+    assert set(res["holdout"]).isdisjoint(res["meta_train_digits"])
     for K, shot in res["shots"].items():
         assert list(shot["table"]) == list(anil.METHODS)
         for name, row in shot["table"].items():
@@ -110,9 +112,8 @@ def test_unrolled_adapt_matches_fastmaml_adapt():
     assert_rel(phi.numpy(), adapt(theta, Xs, ys, inner_lr=0.3, inner_steps=3), RTOL_F64)
 
 
-def test_same_seed_same_numbers_other_seed_other_numbers():
-    """Seeded (numpy Generators + torch.manual_seed): a rerun reproduces every accuracy and loss; another seed
-    does not."""
+def test_same_seed_same_numbers():
+    """Seeded (numpy Generators + torch.manual_seed): a rerun reproduces every accuracy and meta-loss."""
     pytest.importorskip("fastmaml.torch")
 
     def run(seed):
@@ -123,9 +124,9 @@ def test_same_seed_same_numbers_other_seed_other_numbers():
         return ({n: r["per_task"] for n, r in res["shots"]["1"]["table"].items()},
                 res["methods"][anil.ANIL_FASTMAML]["loss_curve"], res["validation_digits"])
 
-    first, again, other = run(3), run(3), run(4)
+    first, again = run(3), run(3)
+    assert len(first[1]) == 2 and len(set(first[0][anil.PIXELS])) > 1  # something was trained and scored
     assert first == again
-    assert first != other
 
 
 def test_default_demo_never_imports_torch(tmp_path):
@@ -185,7 +186,7 @@ def test_ctrl_c_during_anil_meta_training_stops_with_exit_130(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     try:
         seen = ""
-        while "ANIL, fastmaml head: iteration" not in seen:
+        while "ANIL, fastmaml head, choosing the iteration" not in seen:
             line = proc.stderr.readline()
             assert line, f"the demo ended early: {seen}"
             seen += line

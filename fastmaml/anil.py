@@ -115,7 +115,7 @@ class CNNDemoConfig:
     train_query: int = 5
     test_episodes: int = 600
     val_episodes: int = 100
-    n_val_digits: int = 2
+    n_val_digits: int = 3
     inner_steps: int = 5
     inner_lr: float = 0.5
     n_features: int = 64

@@ -548,7 +548,7 @@ def test_metahead_in_anil_loop_trains_backbone_through_exact_gradients():
             head(backbone(a), b, backbone(c), d).backward()
             opt.step()
     after = mean_loss()
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.5 * before, (before, after)  # measured: 0.62 -> 0.013
     phi = head.adapt(backbone(xs), ys)
     pred = head.predict(phi, backbone(xq))
     assert phi.shape == (n_tasks, d_feat + 1) and pred.shape == (n_tasks, N_QRY) and pred.dtype == torch.int64

@@ -252,14 +252,14 @@ def adapt(theta, support_X, support_y, *, inner_lr, inner_steps, l2=0.0, task_ax
     lr_host = _hyper(inner_lr, "inner_lr", dtype)[0]
     l2_host = _hyper(l2, "l2", dtype)[0]
     task_axis = _functional._check_flag(task_axis, "task_axis")
+    if Xs.ndim != 3:
+        raise ValueError(f"support_X: expected a 3-d tensor (n_tasks, n_support, n_features), got shape "
+                         f"{tuple(Xs.shape)}")
     per_task_l2 = not isinstance(l2_host, numbers.Real) and np.ndim(l2_host) > 0
     if not (task_axis or per_task_l2):
         phi = _functional.adapt(th, Xs, ys, inner_lr=lr_host, inner_steps=inner_steps, l2=l2_host,
                                 n_threads=n_threads)
         return torch.from_numpy(phi)
-    if Xs.ndim != 3:
-        raise ValueError(f"support_X: expected a 3-d tensor (n_tasks, n_support, n_features), got shape "
-                         f"{tuple(Xs.shape)}")
     T = Xs.shape[0]
     K = check_int(inner_steps, "inner_steps", minimum=0)
     # Validate the per-task shapes exactly as meta_loss does (same messages).

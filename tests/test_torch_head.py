@@ -548,10 +548,23 @@ def test_metahead_in_anil_loop_trains_backbone_through_exact_gradients():
             head(backbone(a), b, backbone(c), d).backward()
             opt.step()
     after = mean_loss()
-    assert after < 0.9 * before, (before, after)
+    assert after < 0.5 * before, (before, after)  # measured: 0.62 -> 0.013
     phi = head.adapt(backbone(xs), ys)
     pred = head.predict(phi, backbone(xq))
     assert phi.shape == (n_tasks, d_feat + 1) and pred.shape == (n_tasks, N_QRY) and pred.dtype == torch.int64
+
+
+def test_adapt_needs_a_batch_of_tasks():
+    theta, Xs, ys, Xq, yq = make_case("binary")
+    with pytest.raises(ValueError, match=r"support_X: expected a 3-d tensor"):
+        fmt.adapt(theta, Xs[0], ys[0], inner_lr=0.5, inner_steps=K)
+
+
+def test_metahead_fixed_step_sizes_are_a_buffer_not_a_parameter():
+    head = fmt.MetaHead(3, inner_steps=2, inner_lr=0.3, learn_inner_lr=False)
+    assert [name for name, _ in head.named_parameters()] == ["theta"]
+    assert "log_inner_lr" in dict(head.named_buffers())
+    assert_rel(head.inner_lr().numpy(), np.full((2, 1), 0.3), 1e-6)
 
 
 def test_metahead_argument_errors():

@@ -444,7 +444,7 @@ def _pretrain(config, images, y, digits, val_episodes, n_epochs, make_model, pro
 
 
 # ------------------------------------------------------------------ (c), (d) ANIL
-def _anil_accuracy(kind, backbone, head, images, episodes, config, fastmaml_torch=None) -> dict:
+def _anil_accuracy(kind, backbone, head, images, episodes, config) -> dict:
     """Per-task query accuracy of every K's episodes, the head adapted by its own implementation."""
     torch = import_torch()
     feats = torch.from_numpy(_embed(backbone, images, episodes))

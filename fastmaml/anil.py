@@ -609,8 +609,8 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
     if len(holdout) != 2 or holdout[0] == holdout[1] or any(c not in classes for c in holdout):
         raise ValueError(f"holdout: expected two different digits of the data {classes}, got {holdout}")
     shots = [int(K) for K in config.shots]
-    if not shots or min(shots) < 1:
-        raise ValueError(f"shots: expected positive K's, got {config.shots}")
+    if not shots or min(shots) < 1 or len(set(shots)) != len(shots):
+        raise ValueError(f"shots: expected different positive K's, got {config.shots}")
     for name in ("test_episodes", "val_episodes", "meta_batch_size", "meta_iterations", "validate_every",
                  "pretrain_epochs", "inner_steps", "n_query", "train_query"):
         if int(getattr(config, name)) < 1:

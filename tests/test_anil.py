@@ -167,6 +167,7 @@ def test_cnn_demo_without_torch_says_how_to_install_it(monkeypatch, capsys, tmp_
     (["--ways", "3"], "--backbone cnn"),
     (["--holdout", "2,2"], "--holdout"),
     (["--holdout", "2,42"], "holdout"),
+    (["--shots", "5,5"], "shots"),
 ])
 def test_cnn_demo_rejects_options_it_cannot_honour(argv, needle, capsys):
     """Options of the pixel demo that the CNN run does not support end in one line naming them, exit 2."""

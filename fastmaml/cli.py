@@ -145,6 +145,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--family", choices=("digits", "grouped"), default="digits",
                       help="digits: MNIST digit pairs (random labels per episode); grouped: synthetic groups "
                            "whose labels mean the same in every group")
+    demo.add_argument("--backbone", choices=("pixels", "cnn"), default="pixels",
+                      help="pixels: logistic regression on raw pixels (NumPy only); cnn: a small CNN meta-trained "
+                           "through fastmaml's head (ANIL) against a pre-trained embedding and the same ANIL "
+                           "unrolled in torch (digit pairs only, no plot; pip install \"fastmaml[torch]\")")
     demo.add_argument("--holdout", type=_int_list, default=None, metavar="A,B",
                       help="held-out test digits (default: 2,3; 2,3,5 for --ways 3)")
     demo.add_argument("--ways", type=_positive, default=2,
@@ -409,6 +413,10 @@ def _write_text(path: str, text: str, option: str) -> None:
 
 # ------------------------------------------------------------------ commands
 def _cmd_demo(args) -> int:
+    if args.backbone == "cnn":
+        from . import anil  # imports torch only when a run starts
+
+        return anil.main(args)
     from . import demo
 
     plot_path = None

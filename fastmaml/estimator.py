@@ -578,7 +578,9 @@ class MAML:
 
         These stay on the Python loop (one call of the core per iteration),
         with the same compiled optimizer step: Reptile and iMAML (other
-        gradient computations than the loop's), a task source that computes
+        gradient computations than the loop's), a ``hyper_policy`` (each
+        iteration computes the drawn tasks' descriptors in NumPy or with the
+        user's callable), a task source that computes
         its own meta-gradient (``fastmaml.distributed.DaskTaskSource``: the
         work runs on the cluster), and samplers the loop does not draw itself
         -- other sampler classes (any ``sample(n_tasks)``), an

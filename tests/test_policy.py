@@ -499,3 +499,38 @@ def test_descriptor_of_another_length_at_adaptation_is_named():
         model.adapt(sX, sy)
     with pytest.raises(ValueError, match=r"descriptor: .*returned 3 values for task 0, expected 2"):
         model.evaluate(dense_tasks())
+
+
+# ---------------------------------------------------------------------------
+# it learns what the data needs
+# ---------------------------------------------------------------------------
+
+def test_learns_the_step_size_dependence_on_support_size():
+    """A family built to need it: noisy labels, support sets of 3 to 300 rows (log-uniform), 5 steps from the
+    zero start (a small support set overfits its noise with a large step, a large one underfits with a small
+    step). The fitted policy gives larger support sets larger steps (the largest fifth of the held-out tasks
+    e^1 times those of the smallest fifth, at least; measured over 5 sampler seeds: e^2 to e^2.8), and the data
+    agrees: on held-out groups its meta-loss is at least 10% below that of the same policy with its slopes set
+    to 0, the same intercepts for every task (measured: 19% to 39% below)."""
+    G = 160
+    X, y, g = fastmaml.make_grouped_tasks(n_groups=G, n_per_group=600, n_features=10, noise=1.0, random_state=0)
+    sizes = np.exp(np.random.default_rng(2).uniform(np.log(6), np.log(600), size=G)).astype(int)
+    keep = np.concatenate([np.flatnonzero(g == k)[:sizes[k]] for k in range(G)])
+    X, y, g = X[keep], y[keep], g[keep]
+    sampler = fastmaml.GroupedSampler(X, y, g, support_size=0.5, groups_subset=np.arange(120), random_state=0)
+    model = fastmaml.MAML(hyper_policy=fastmaml.HyperPolicy(learn_l2=False), inner_lr=0.3, inner_steps=5,
+                          learn_init=False, n_iterations=300, meta_batch_size=16, meta_lr=3e-2,
+                          progress=False).fit(sampler)
+    held_out = fastmaml.GroupedSampler(X, y, g, support_size=0.5, groups_subset=np.arange(120, G)).tasks_for()
+    hyper = model.task_hyperparameters(held_out)
+    n = np.diff(held_out.support.ptr)
+    small, large = n <= np.quantile(n, 0.2), n >= np.quantile(n, 0.8)
+    log_alpha = np.log(hyper["inner_lr"]).mean(axis=1)
+    assert log_alpha[large].mean() - log_alpha[small].mean() > 1.0
+
+    z = P.standardise(hyper["descriptor"], model._policy_mean, model._policy_scale)
+    fitted = model._policy_params()
+    flat = dict(fitted, **{P.LR_SLOPE: np.zeros_like(fitted[P.LR_SLOPE])})
+    loss = P.policy_value_and_grad(model.theta_, held_out, fitted, z, inner_steps=5, l2=0.0)[0]
+    loss_flat = P.policy_value_and_grad(model.theta_, held_out, flat, z, inner_steps=5, l2=0.0)[0]
+    assert loss < 0.9 * loss_flat

@@ -45,6 +45,7 @@ DESCRIPTOR_FEATURES = (
 # extrapolation of the affine map (exp of it could diverge the inner loop).
 Z_CLIP = 4.0
 _POWER_ITERATIONS = 12
+_BLOCK_VALUES = 1 << 22  # feature values per block of tasks in support_descriptors (32 MB in float64)
 # Parameter names of the policy inside MAML's parameter dict (saved as
 # param.<name> and optimizer moments opt.m.<name> like every other parameter).
 LR_INTERCEPT, LR_SLOPE = "policy_lr_intercept", "policy_lr_slope"
@@ -212,15 +213,6 @@ class HyperPolicy:
 # ---------------------------------------------------------------------------
 
 
-def _support_rows(side) -> tuple:
-    """(rows float64 (R, d), labels (R,), ptr (T + 1,)) of a Tasks side, gathered once."""
-    d = side.X.shape[-1]
-    flat = side.X.reshape(-1, d)
-    ptr = np.asarray(side.ptr, dtype=np.int64)
-    rows = flat[side.idx] if side.idx is not None else flat[: int(ptr[-1])]
-    return np.asarray(rows, dtype=np.float64), np.asarray(side.y), ptr
-
-
 def _features_from_rows(rows: np.ndarray, y: np.ndarray, ptr: np.ndarray, n_classes: int) -> np.ndarray:
     """The built-in descriptor of T tasks given their flat support rows (vectorised, no Python per task).
 
@@ -294,15 +286,45 @@ def support_descriptors(tasks: Tasks, n_classes: int = 2) -> np.ndarray:
     """
     if not isinstance(tasks, Tasks):
         raise TypeError(f"tasks: expected a Tasks, got {type(tasks).__name__}")
-    rows, y, ptr = _support_rows(tasks.support)
-    return _features_from_rows(rows, y, ptr, n_classes)
+    side = tasks.support
+    ptr = np.asarray(side.ptr, dtype=np.int64)
+    d = side.X.shape[-1]
+    flat = side.X.reshape(-1, d)
+    # Blocks of whole tasks of at most _BLOCK_VALUES feature values, so that the few (rows, d + 1)
+    # temporaries stay small for a large evaluation pool; a task's numbers come from its own rows
+    # only, so the blocks change no result.
+    out = np.empty((ptr.size - 1, len(DESCRIPTOR_FEATURES)))
+    start = 0
+    while start < ptr.size - 1:
+        stop = max(start + 1, int(np.searchsorted(ptr, ptr[start] + _BLOCK_VALUES // (d + 1), side="right")) - 1)
+        lo, hi = int(ptr[start]), int(ptr[stop])
+        rows = flat[side.idx[lo:hi]] if side.idx is not None else flat[lo:hi]
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is named below
+            out[start:stop] = _features_from_rows(np.asarray(rows, dtype=np.float64), np.asarray(side.y[lo:hi]),
+                                                  ptr[start:stop + 1] - lo, n_classes)
+        start = stop
+    _check_builtin(out)
+    return out
+
+
+def _check_builtin(out: np.ndarray) -> None:
+    """The built-in descriptor must be finite: name the support rows at fault, not a later step-size error."""
+    bad = ~np.isfinite(out).all(axis=1)
+    if bad.any():
+        raise ValueError(
+            f"support_X: the support rows of task {int(np.flatnonzero(bad)[0])} give a non-finite descriptor "
+            "(NaN or infinite features, or features so large that their squares overflow)"
+        )
 
 
 def _one_task_descriptor(X: np.ndarray, y: np.ndarray, descriptor, n_classes: int) -> np.ndarray:
     """The descriptor of one task (support_X (n, d), class codes y (n,)): shape (n_descriptor,)."""
     if isinstance(descriptor, str):
         rows = np.asarray(X, dtype=np.float64)
-        return _features_from_rows(rows, np.asarray(y), np.array([0, rows.shape[0]], dtype=np.int64), n_classes)[0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = _features_from_rows(rows, np.asarray(y), np.array([0, rows.shape[0]], dtype=np.int64), n_classes)
+        _check_builtin(out)
+        return out[0]
     return _call_descriptor(descriptor, np.asarray(X, dtype=np.float64), np.asarray(y), 0, None)
 
 

@@ -209,6 +209,14 @@ def test_descriptor_of_a_task_depends_on_that_task_only():
     assert np.array_equal(P.support_descriptors(ragged)[1], dense[2])
 
 
+def test_descriptors_in_blocks_of_tasks_are_bitwise_the_same(monkeypatch):
+    """A large pool is described in blocks of whole tasks (bounded memory); the blocks change no bit."""
+    tasks = ragged_tasks(T=9, seed=3)
+    whole = P.support_descriptors(tasks)
+    monkeypatch.setattr(P, "_BLOCK_VALUES", 20)  # about 5 rows of 4 values: one or two tasks per block
+    assert np.array_equal(P.support_descriptors(tasks), whole)
+
+
 def test_descriptor_standardisation_is_fixed_at_fit_start_and_saved(tmp_path):
     """mean/scale come from the meta-training tasks (a constant feature gets scale 1) and survive save/load."""
     tasks = dense_tasks(T=12, n=8, d=4, seed=1)
@@ -534,3 +542,14 @@ def test_learns_the_step_size_dependence_on_support_size():
     loss = P.policy_value_and_grad(model.theta_, held_out, fitted, z, inner_steps=5, l2=0.0)[0]
     loss_flat = P.policy_value_and_grad(model.theta_, held_out, flat, z, inner_steps=5, l2=0.0)[0]
     assert loss < 0.9 * loss_flat
+
+
+def test_features_too_large_for_a_descriptor_are_named():
+    """Finite features whose squares overflow give no descriptor: a ValueError naming support_X, not a NaN step."""
+    model, tasks = _trained_policy(form="dense")
+    sX, sy, qX, qy = tasks.task(0)
+    with pytest.raises(ValueError, match=r"support_X: the support rows of task 0 give a non-finite descriptor"):
+        model.adapt(sX * 1e200, sy)
+    huge = fastmaml.Tasks(sX[None] * 1e200, sy[None], qX[None], qy[None])
+    with pytest.raises(ValueError, match=r"support_X: the support rows of task 0 give a non-finite descriptor"):
+        model.evaluate(huge)

@@ -209,6 +209,22 @@ def test_descriptor_of_a_task_depends_on_that_task_only():
     assert np.array_equal(P.support_descriptors(ragged)[1], dense[2])
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 6, 9, 16])
+def test_each_tasks_descriptor_alone_equals_it_in_a_ragged_batch(d):
+    """Random ragged batches, many feature counts: every task's descriptor alone is bitwise its batch row."""
+    rng = np.random.default_rng(d)
+    sizes = rng.integers(2, 30, size=11)
+    ptr = np.concatenate([[0], np.cumsum(sizes)])
+    X = rng.uniform(size=(ptr[-1], d)) * rng.uniform(0.1, 3.0)
+    y = rng.integers(0, 2, ptr[-1])
+    tasks = fastmaml.Tasks.from_index(X, np.arange(ptr[-1]), y, np.array([0] * 11), np.zeros(11, dtype=int),
+                                      support_ptr=ptr, query_ptr=np.arange(12))
+    batch = P.support_descriptors(tasks)
+    for t in range(11):
+        alone = P._one_task_descriptor(X[ptr[t]:ptr[t + 1]], y[ptr[t]:ptr[t + 1]], "support", 2)
+        assert np.array_equal(alone, batch[t]), t
+
+
 def test_descriptors_in_blocks_of_tasks_are_bitwise_the_same(monkeypatch):
     """A large pool is described in blocks of whole tasks (bounded memory); the blocks change no bit."""
     tasks = ragged_tasks(T=9, seed=3)

@@ -323,7 +323,12 @@ class MAML:
     ----------
     theta_ : ndarray of shape (n_features + 1,) or (n_features + 1, n_classes)
     inner_lr_ : float or ndarray
+        With a ``hyper_policy``: the per-step step sizes, shape
+        (inner_steps, 1) (or (inner_steps, 1, 1)), of a task whose descriptor
+        is the meta-training mean; each task's own are
+        :meth:`task_hyperparameters`.
     l2_ : float
+        With a ``hyper_policy`` likewise that of the mean task.
     history_ : list of dict
         One record per iteration (loss, time, hyperparameters) and, at
         validation iterations, ``val_accuracy`` and ``val_loss``.

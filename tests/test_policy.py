@@ -147,6 +147,8 @@ def test_iteration_zero_equals_the_global_setting(inner_lr):
     lr = np.broadcast_to(np.asarray(inner_lr, dtype=float).reshape(-1), (K,))
     assert_rel(hyper["inner_lr"], np.broadcast_to(lr, (test.n_tasks, K)), RTOL_F64)
     assert_rel(hyper["l2"], np.full(test.n_tasks, 0.01), RTOL_F64)
+    assert_rel(pol.inner_lr_, lr.reshape(K, 1), RTOL_F64)  # the mean task's (z = 0) step sizes
+    assert_rel(pol.l2_, 0.01, RTOL_F64)
     assert_rel(pol.adapt_tasks(test), glob.adapt_tasks(test), RTOL_F64)
     assert pol.evaluate(test)["accuracy"] == glob.evaluate(test)["accuracy"]
     pol.set_params(n_iterations=1).fit(grouped_sampler(seed=2)[0])

@@ -44,7 +44,8 @@ DESCRIPTOR_FEATURES = (
 # hyperparameters of the nearest edge of that range rather than an
 # extrapolation of the affine map (exp of it could diverge the inner loop).
 Z_CLIP = 4.0
-_POWER_ITERATIONS = 10
+_POWER_ITERATIONS = 30  # at most; each task stops when its estimate settles to _POWER_TOL
+_POWER_TOL = 1e-9
 _BLOCK_VALUES = 1 << 22  # feature values per block of tasks in support_descriptors (32 MB in float64)
 # Parameter names of the policy inside MAML's parameter dict (saved as
 # param.<name> and optimizer moments opt.m.<name> like every other parameter).
@@ -91,7 +92,8 @@ class HyperPolicy:
           augmented rows [x, 1], i.e. log(trace(X~^T X~) / n): the scale of the
           curvature, an upper bound of the largest eigenvalue below.
         * ``log_top_eigenvalue`` -- log of the largest eigenvalue of
-          X~^T X~ / n (power iteration, 10 steps from the task's mean row). The
+          X~^T X~ / n (power iteration from the task's mean row until the
+          estimate settles to 1e-9 relative, at most 30 steps). The
           support loss's Hessian is at most X~^T X~ / (4n) (binary; softmax
           likewise), so the stable step size is of order 1 / this eigenvalue:
           the natural unit of a step size. Its gap to ``log_mean_sq_norm``
@@ -253,12 +255,20 @@ def _features_from_rows(rows: np.ndarray, y: np.ndarray, ptr: np.ndarray, n_clas
     v = task_sums(np.ones(R)) / n[:, None]
     v /= np.sqrt(np.einsum("ij,ij->i", v, v))[:, None]
     lam = np.zeros(T)
+    active = np.ones(T, dtype=bool)
     for _ in range(_POWER_ITERATIONS):
         u = task_sums(np.einsum("ij,ij->i", aug, np.repeat(v, counts, axis=0))) / n[:, None]
-        lam = np.einsum("ij,ij->i", u, v)
+        new = np.einsum("ij,ij->i", u, v)
         norm = np.sqrt(np.einsum("ij,ij->i", u, u))
         norm[norm == 0] = 1.0
-        v = u / norm[:, None]
+        # a task stops once its own Rayleigh quotient has settled, so its value never depends on how
+        # long the other tasks of the batch take
+        settled = np.abs(new - lam) <= _POWER_TOL * np.abs(new)
+        lam[active] = new[active]
+        v[active] = u[active] / norm[active, None]
+        active &= ~settled
+        if not active.any():
+            break
     # X~^T X~ / n has the bias entry 1 on its diagonal, so lam >= 1 once converged: the floor only guards
     # a start orthogonal to every large eigenvector
     out[:, 3] = np.log(np.maximum(lam, 1e-12))

@@ -281,7 +281,7 @@ _PARAMS = (
 )
 _PARAM_NAMES = tuple(p.name for p in _PARAMS)
 # settings a resumed run may change: they cannot change its results (n_iterations may change only without a
-# learning-rate schedule, since the cosine schedule depends on it)
+# learning-rate schedule and without a hyper_policy warm-up, since both depend on it)
 _RESUME_FREE = ("checkpoint_path", "checkpoint_every", "n_threads", "random_state", "progress", "callbacks")
 
 
@@ -559,8 +559,8 @@ class MAML:
             model's settings must equal the checkpoint's, except those that
             cannot change the result: ``checkpoint_path``,
             ``checkpoint_every``, ``n_threads``, ``random_state``,
-            ``progress``, ``callbacks`` and, without ``lr_schedule``,
-            ``n_iterations``. Any other difference is a ``ValueError``
+            ``progress``, ``callbacks`` and, without ``lr_schedule`` and
+            without a ``hyper_policy`` warm-up, ``n_iterations``. Any other difference is a ``ValueError``
             naming each setting; a file that is not a valid checkpoint for
             this configuration is a :class:`fastmaml.CheckpointError`.
 
@@ -652,6 +652,10 @@ class MAML:
         lr = np.broadcast_to(np.asarray(self.inner_lr, dtype=np.float64).reshape(-1), (K,))
         self._params.update(_policy.initial_params(lr, float(self.l2), desc.shape[1],
                                                    bool(self.hyper_policy.learn_l2)))
+
+    def _policy_warmup_end(self) -> int:
+        """The first iteration whose slopes are learned (HyperPolicy.warmup of n_iterations)."""
+        return int(math.ceil(float(self.hyper_policy.warmup) * int(self.n_iterations)))
 
     @property
     def _has_policy(self) -> bool:
@@ -760,6 +764,11 @@ class MAML:
                 first_order=self.algorithm == "fomaml", n_threads=self.n_threads)
             if self.learn_init:
                 grads["theta"] = grad_theta
+            if self.n_iter_ < self._policy_warmup_end():
+                # warm-up: the slopes keep their zero gradient (and zero Adam moments) until it ends
+                for key in (_policy.LR_SLOPE, _policy.L2_SLOPE):
+                    if key in grads:
+                        grads[key] = np.zeros_like(grads[key])
             self._last_extra = stats
             return loss, grads
         if "U" in params:
@@ -1187,7 +1196,9 @@ class MAML:
         if not isinstance(cfg, dict):
             raise _checkpoint.CheckpointError(f"path: {path!r}: metadata has no configuration")
         mine = self._config()
-        free = set(_RESUME_FREE) | ({"n_iterations"} if self.lr_schedule is None else set())
+        # n_iterations sets the cosine schedule and the policy's warm-up: only without both may it change
+        warmup = self.hyper_policy is not None and float(self.hyper_policy.warmup) > 0
+        free = set(_RESUME_FREE) | ({"n_iterations"} if self.lr_schedule is None and not warmup else set())
         differ = [key for key in sorted(set(cfg) | set(mine)) if key not in free and cfg.get(key) != mine.get(key)]
         if differ:
             raise ValueError(

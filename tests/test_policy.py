@@ -64,7 +64,7 @@ def grouped_sampler(seed=0, n_groups=40, sizes=(8, 60), d=5, data_seed=None, **k
 
 
 def policy_maml(**kw):
-    base = dict(hyper_policy=fastmaml.HyperPolicy(), inner_steps=K, inner_lr=0.3, l2=0.01, meta_batch_size=8,
+    base = dict(hyper_policy=fastmaml.HyperPolicy(warmup=0.0), inner_steps=K, inner_lr=0.3, l2=0.01, meta_batch_size=8,
                 meta_lr=1e-2, n_iterations=6, progress=False)
     base.update(kw)
     return fastmaml.MAML(**base)
@@ -426,6 +426,33 @@ def test_checkpoint_resume_is_bitwise(tmp_path):
     assert full.best_iteration_ == resumed.best_iteration_
 
 
+def test_warmup_keeps_the_slopes_at_zero_then_learns_them():
+    """HyperPolicy(warmup=0.4) with 10 iterations: the slopes are exactly 0 after iterations 1-4, not after 5."""
+    seen = []
+    model = policy_maml(n_iterations=10, hyper_policy=fastmaml.HyperPolicy(warmup=0.4),
+                        callbacks=[lambda m, r: seen.append(np.abs(m._params[P.LR_SLOPE]).max()
+                                                            + np.abs(m._params[P.L2_SLOPE]).max())])
+    model.fit(grouped_sampler(seed=3)[0])
+    assert seen[:4] == [0.0] * 4 and all(v > 0 for v in seen[4:])
+    assert np.any(model._params[P.LR_INTERCEPT] != np.log(0.3))  # the intercepts learn from the start
+
+
+def test_resume_during_warmup_is_bitwise(tmp_path):
+    """Stopped at 3 of 10 (a callback, like Ctrl-C) inside the warm-up and resumed: equal to the straight run."""
+    policy = fastmaml.HyperPolicy(warmup=0.5)
+    full = policy_maml(n_iterations=10, hyper_policy=policy).fit(grouped_sampler(seed=6)[0])
+    ck = str(tmp_path / "ck.npz")
+    policy_maml(n_iterations=10, hyper_policy=policy, checkpoint_path=ck,
+                callbacks=[lambda m, r: r["iteration"] == 3]).fit(grouped_sampler(seed=6)[0])
+    resumed = policy_maml(n_iterations=10, hyper_policy=policy, checkpoint_path=ck).fit(
+        grouped_sampler(seed=99, data_seed=6)[0], resume=True)
+    for key in full._params:
+        assert np.array_equal(full._params[key], resumed._params[key]), key
+    with pytest.raises(ValueError, match=r"resume: .*n_iterations=10 in the checkpoint, 20 in this model"):
+        policy_maml(n_iterations=20, hyper_policy=policy, checkpoint_path=ck).fit(
+            grouped_sampler(seed=6)[0], resume=True)
+
+
 def test_resume_with_another_policy_is_refused(tmp_path):
     ck = str(tmp_path / "ck.npz")
     policy_maml(n_iterations=2, checkpoint_path=ck).fit(grouped_sampler(seed=6)[0])
@@ -443,6 +470,7 @@ def test_parameter_protocol():
     model = fastmaml.MAML(hyper_policy=policy)
     assert model.get_params()["hyper_policy"] is policy
     assert "hyper_policy=HyperPolicy(learn_l2=False)" in repr(model)
+    assert repr(fastmaml.HyperPolicy(warmup=0.0)) == "HyperPolicy(warmup=0.0)"
     assert model.set_params(hyper_policy=None).hyper_policy is None
     assert "hyper_policy" in fastmaml.MAML.__doc__
     sklearn_base = pytest.importorskip("sklearn.base")
@@ -463,6 +491,9 @@ def test_parameter_protocol():
     (dict(hyper_policy=fastmaml.HyperPolicy(descriptor="size")), ValueError, r"descriptor: expected 'support'"),
     (dict(hyper_policy=fastmaml.HyperPolicy(descriptor=3)), TypeError, r"descriptor: expected 'support'"),
     (dict(hyper_policy=fastmaml.HyperPolicy(learn_l2="yes")), TypeError, r"learn_l2"),
+    (dict(hyper_policy=fastmaml.HyperPolicy(warmup=1.0)), ValueError, r"warmup: expected a fraction of n_iterations"),
+    (dict(hyper_policy=fastmaml.HyperPolicy(warmup=-0.1)), ValueError, r"warmup: expected a fraction"),
+    (dict(hyper_policy=fastmaml.HyperPolicy(warmup="half")), TypeError, r"warmup: expected a number"),
 ])
 def test_bad_settings_are_named(kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -544,7 +575,8 @@ def test_learns_the_step_size_dependence_on_support_size():
     keep = np.concatenate([np.flatnonzero(g == k)[:sizes[k]] for k in range(G)])
     X, y, g = X[keep], y[keep], g[keep]
     sampler = fastmaml.GroupedSampler(X, y, g, support_size=0.5, groups_subset=np.arange(120), random_state=0)
-    model = fastmaml.MAML(hyper_policy=fastmaml.HyperPolicy(learn_l2=False), inner_lr=0.3, inner_steps=5,
+    # slopes learned from the first iteration (the zero start is fixed: nothing to wait for)
+    model = fastmaml.MAML(hyper_policy=fastmaml.HyperPolicy(learn_l2=False, warmup=0.0), inner_lr=0.3, inner_steps=5,
                           learn_init=False, n_iterations=300, meta_batch_size=16, meta_lr=3e-2,
                           progress=False).fit(sampler)
     held_out = fastmaml.GroupedSampler(X, y, g, support_size=0.5, groups_subset=np.arange(120, G)).tasks_for()

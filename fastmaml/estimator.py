@@ -1251,7 +1251,7 @@ class MAML:
             shapes["log_l2"] = ()
         if self.hyper_policy is not None:
             shapes[_policy.LR_INTERCEPT] = (K,)
-            shapes[_policy.LR_SLOPE] = (K, n_descriptor)
+            shapes[_policy.LR_SLOPE] = (n_descriptor,)
             if self.hyper_policy.learn_l2:
                 shapes[_policy.L2_INTERCEPT] = ()
                 shapes[_policy.L2_SLOPE] = (n_descriptor,)

@@ -9,7 +9,7 @@ hyperparameter policy"):
     log lam_t       = c + e . z_t
 
 ``mean`` and ``scale`` are fixed from the meta-training tasks when fit starts
-(and saved with the model); (a, B, c, e) are meta-learned with the
+(and saved with the model); (a, b, c, e) are meta-learned with the
 initialization by the chain rule through the core's exact per-task
 hypergradients (``task_axis=True`` inner_lr and a per-task l2 of
 :func:`fastmaml.meta_value_and_grad`). The intercepts start at log(inner_lr)

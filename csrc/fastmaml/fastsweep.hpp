@@ -262,7 +262,8 @@ struct FastPlainWorker {
       if (lam_t != 0.0) axpy(g, phi, d, lam_t);
       const T al = alpha_t[j * D];
       for (index_t k = 0; k < D; ++k) next[k] = phi[k] - al * g[k];
-      if (!all_finite(next, D)) {
+      // (the same answer; the extras' instantiation takes the vectorised check)
+      if (!(Ext ? tile::finite_body(next, D) : all_finite(next, D))) {
         *step = j;
         return ErrorCode::diverged;
       }
@@ -367,7 +368,7 @@ struct FastPlainWorker {
     vecs[0] = phi_path.data() + K * D;
     T* gq = ext.grad_query_X + qry.begin(t) * d;
     tile::combine_body(m, d, 1, cf.data(), vecs.data(), gq);
-    if (!all_finite(gs, n * d) || !all_finite(gq, m * d)) {
+    if (!tile::finite_body(gs, n * d) || !tile::finite_body(gq, m * d)) {
       *step = -1;
       return ErrorCode::nonfinite_grad;
     }

@@ -325,6 +325,25 @@ FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, i
   return bias;
 }
 
+// Whether x (len) is all finite: the vectorised form of all_finite
+// (kernels.hpp), for outputs as large as the feature gradients. x * 0 is 0
+// for finite x and NaN otherwise, so the sum is 0 in any order.
+template <class T>
+FASTMAML_INLINE inline bool finite_body(const T* x, index_t len) {
+  using Vt = typename Lanes<T>::V;
+  constexpr index_t W = Lanes<T>::W;
+  Vt acc[4] = {Vt{}, Vt{}, Vt{}, Vt{}};  // four chains: the adds do not wait on each other
+  index_t k = 0;
+  for (; k + 4 * W <= len; k += 4 * W)
+    for (int q = 0; q < 4; ++q) acc[q] += T(0) * vload<Vt>(x + k + q * W);
+  for (; k + W <= len; k += W) acc[0] += T(0) * vload<Vt>(x + k);
+  T s = T(0);
+  for (int q = 0; q < 4; ++q)
+    for (index_t l = 0; l < W; ++l) s += acc[q][static_cast<int>(l)];
+  for (; k < len; ++k) s += T(0) * x[k];
+  return s == T(0);
+}
+
 // out (n x d) row i = sum_l cf[l * n + i] V_l, l in order, for L vectors V_l
 // (d, by pointer) and coefficients cf (L x n): the per-step rank-1 terms of
 // the feature gradients (fastsweep.hpp) as one product (n x L)(L x d).

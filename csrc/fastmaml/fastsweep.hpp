@@ -7,6 +7,8 @@
 // [loss, grad (D), hyper (lr.size()), grad_l2]; meta.hpp dispatches.
 //   FastPlainWorker  2 fused passes over the support rows per step (forward:
 //                    logits + X^T r; reverse: X u + X^T (s X u)/n).
+//                    With TaskExtras (extended.hpp dispatches) also per-task
+//                    step sizes and L2 strengths and the feature gradients.
 //   FastGramWorker   the sweep in the span of the support rows: the Gram
 //                    matrix once (4 x 4 register tiles), then O(n^2) a step.
 //   LockstepGram     the same sweep for kLanes tiny tasks at once.

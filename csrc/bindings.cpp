@@ -322,13 +322,14 @@ py::tuple meta_impl(const py::array& theta, const Side& s, const Side& q, index_
 
 // A meta-gradient with per-task hyperparameters (task_lr: inner_lr is one
 // (K, P) table per task; l2_per_task: float64 (n_tasks,)) and/or feature
-// gradients: always the plain sweep (extended.hpp). Returns (loss, grad,
+// gradients: a plain sweep (extended.hpp; `generic`, tests only, keeps the
+// generic one where the fast binary sweep applies). Returns (loss, grad,
 // grad_inner_lr: (n_tasks, H) or (H,), grad_l2: (n_tasks,) or float,
 // grad_support_X: (support rows, d) or None, grad_query_X likewise).
 template <class T>
 py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, index_t C, index_t K, double l2,
                         fastmaml::Mode mode, int n_threads, const py::object& alpha, fastmaml::LrLayout lr,
-                        bool task_lr, const py::object& l2_per_task, bool grad_features) {
+                        bool task_lr, const py::object& l2_per_task, bool grad_features, bool generic) {
   TaskGuard guard;
   auto ts = make_taskset<T>(C, s, &q, py::none(), guard);
   const index_t d = ts.d, D = d + 1, P = D * C, n_tasks = ts.n_tasks;
@@ -374,7 +375,7 @@ py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, in
     st = with_link<T>(C, [&](auto link) {
       return fastmaml::meta_value_and_grad_extended<T>(ts, link, th, al, K, lr, l2, mode, ext, n_threads, &loss,
                                                        grad.mutable_data(), task_lr ? nullptr : hyper.mutable_data(),
-                                                       &grad_l2);
+                                                       &grad_l2, generic);
     });
   }
   raise_status(st);
@@ -790,7 +791,7 @@ PYBIND11_MODULE(_core, m) {
       [](py::array theta, const Side& support, const Side& query, index_t n_classes, index_t inner_steps, double l2,
          Mode mode, Sweep sweep, int n_threads, py::object inner_lr, Layout lr_layout, py::object log_scale,
          py::object U, py::object kernel, bool block_sums, bool task_lr, py::object l2_per_task,
-         bool grad_features) {
+         bool grad_features, bool ext_generic) {
         const auto lr = lr_layout_of(lr_layout);
         if (task_lr || !l2_per_task.is_none() || grad_features) {
           if (!log_scale.is_none() || !kernel.is_none() || block_sums || sweep == Sweep::gram)
@@ -798,9 +799,9 @@ PYBIND11_MODULE(_core, m) {
                         "not with a preconditioner, a kernel, block sums or sweep=gram");
           if (is_f32(support.X))
             return meta_ext_impl<float>(theta, support, query, n_classes, inner_steps, l2, mode, n_threads,
-                                        inner_lr, lr, task_lr, l2_per_task, grad_features);
+                                        inner_lr, lr, task_lr, l2_per_task, grad_features, ext_generic);
           return meta_ext_impl<double>(theta, support, query, n_classes, inner_steps, l2, mode, n_threads,
-                                       inner_lr, lr, task_lr, l2_per_task, grad_features);
+                                       inner_lr, lr, task_lr, l2_per_task, grad_features, ext_generic);
         }
         if (is_f32(support.X))
           return meta_impl<float>(theta, support, query, n_classes, inner_steps, l2, mode, sweep, n_threads,
@@ -812,7 +813,8 @@ PYBIND11_MODULE(_core, m) {
       py::arg("inner_steps"), py::arg("l2"), py::arg("mode"), py::arg("sweep"), py::arg("n_threads"),
       py::arg("inner_lr") = py::none(), py::arg("lr_layout") = Layout{1, 1, 1}, py::arg("log_scale") = py::none(),
       py::arg("U") = py::none(), py::arg("kernel") = py::none(), py::arg("block_sums") = false,
-      py::arg("task_lr") = false, py::arg("l2_per_task") = py::none(), py::arg("grad_features") = false);
+      py::arg("task_lr") = false, py::arg("l2_per_task") = py::none(), py::arg("grad_features") = false,
+      py::arg("ext_generic") = false);
 
   m.def(
       "adapt",
@@ -871,6 +873,21 @@ PYBIND11_MODULE(_core, m) {
       py::arg("requested") = Sweep::automatic,
       "The path (Sweep.plain or Sweep.gram) the core takes for a call of these shapes: the same rule as the "
       "dispatcher. A requested gram that does not apply gives plain.");
+
+  m.def(
+      "extended_path",
+      [](index_t n_classes, index_t inner_steps, Layout lr_layout, Mode mode) {
+        fastmaml::CallShape shape;
+        shape.C = n_classes;
+        shape.K = inner_steps;
+        shape.lr = lr_layout_of(lr_layout);
+        shape.mode = mode;
+        return std::string(fastmaml::extended_runs_fast(shape) ? "fast" : "generic");
+      },
+      py::arg("n_classes"), py::arg("inner_steps"), py::arg("lr_layout") = Layout{1, 1, 1},
+      py::arg("mode") = Mode::maml,
+      "Which plain sweep runs a call with per-task hyperparameters or feature gradients: 'fast' (the binary "
+      "fast sweep) or 'generic'.");
 
   m.def(
       "uses_gram",

@@ -7,6 +7,8 @@
 // [loss, grad (D), hyper (lr.size()), grad_l2]; meta.hpp dispatches.
 //   FastPlainWorker  2 fused passes over the support rows per step (forward:
 //                    logits + X^T r; reverse: X u + X^T (s X u)/n).
+//                    With TaskExtras (extended.hpp dispatches) also per-task
+//                    step sizes and L2 strengths and the feature gradients.
 //   FastGramWorker   the sweep in the span of the support rows: the Gram
 //                    matrix once (4 x 4 register tiles), then O(n^2) a step.
 //   LockstepGram     the same sweep for kLanes tiny tasks at once.
@@ -219,11 +221,22 @@ struct FastPlainWorker {
   LrLayout lr;
   double lam;
   Mode mode;
+  // Per-task step tables and L2 strengths, feature gradients (features.hpp;
+  // extended.hpp dispatches). Left empty, the sweep is the shared call's.
+  TaskExtras<T> ext{};
   std::vector<const T*> rows;
-  std::vector<T> phi_path, g_path, gbar, u, hu;
-  std::vector<double> curv, coef, qz, qr, tails;
+  std::vector<T> phi_path, g_path, gbar, u, hu, cf, upath;
+  std::vector<double> curv, coef, crev, qz, qr, tails;
+  std::vector<const T*> vecs;
+
+  bool extended = false;  // ext holds something: run sweep<true>
 
   ErrorCode operator()(index_t t, double* slot, index_t* step);
+  // Ext = false is the shared call, Ext = true adds what ext asks for. Two
+  // instantiations, not a runtime flag in one body: the shared call's code
+  // (and with it the rounding of its vectorised reductions) stays exactly
+  // what it is without the extras.
+  template <bool Ext>
   FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
     const index_t d = ts->d, D = d + 1;
     const auto& sup = ts->support;
@@ -231,21 +244,28 @@ struct FastPlainWorker {
     const std::int32_t* y = sup.y + sup.begin(t);
     const double inv_n = 1.0 / static_cast<double>(n);
     const index_t Kc = std::max<index_t>(K, 1);
+    const T* alpha_t = Ext ? alpha + t * ext.alpha_stride : alpha;
+    const double lam_t = Ext && ext.lam ? ext.lam[t] : lam;
+    const bool feat = Ext && ext.features();
     phi_path.resize(static_cast<size_t>((K + 1) * D));
     g_path.resize(static_cast<size_t>(Kc * D));
     curv.resize(static_cast<size_t>(Kc * n));
-    coef.resize(static_cast<size_t>(n));
+    // With the extras, every step's residuals (p - y) / n and Hessian-row
+    // coefficients s (x~ . u) / n are kept for the feature gradients.
+    coef.resize(static_cast<size_t>(Ext ? Kc * n : n));
+    if (Ext) crev.resize(static_cast<size_t>(Kc * n));
     std::copy(theta, theta + D, phi_path.begin());
     for (index_t j = 0; j < K; ++j) {
       const T* phi = phi_path.data() + j * D;
       T* next = phi_path.data() + (j + 1) * D;
       T* g = g_path.data() + j * D;
       g[d] = static_cast<T>(tile::fused_rows_body(rows.data(), n, d, phi, static_cast<double>(phi[d]), 0, y, inv_n,
-                                                  coef.data(), curv.data() + j * n, g, nullptr));
-      if (lam != 0.0) axpy(g, phi, d, lam);
-      const T al = alpha[j * D];
+                                                  coef.data() + (Ext ? j * n : 0), curv.data() + j * n, g, nullptr));
+      if (lam_t != 0.0) axpy(g, phi, d, lam_t);
+      const T al = alpha_t[j * D];
       for (index_t k = 0; k < D; ++k) next[k] = phi[k] - al * g[k];
-      if (!all_finite(next, D)) {
+      // (the same answer; the extras' instantiation takes the vectorised check)
+      if (!(Ext ? tile::finite_body(next, D) : all_finite(next, D))) {
         *step = j;
         return ErrorCode::diverged;
       }
@@ -264,10 +284,12 @@ struct FastPlainWorker {
     double grad_l2 = 0.0;
     u.resize(static_cast<size_t>(D));
     hu.resize(static_cast<size_t>(D));
+    // u_j = alpha_j gbar_{j+1} of every step, for the feature gradients.
+    if (feat) upath.resize(static_cast<size_t>(Kc * D));
     for (index_t j = K - 1; j >= 0; --j) {
       const T* g = g_path.data() + j * D;
       const T* phi = phi_path.data() + j * D;
-      const T al = alpha[j * D];
+      const T al = alpha_t[j * D];
       double gg = 0.0, wu = 0.0;
       T* up = u.data();
       const T* gb = gbar.data();
@@ -280,16 +302,75 @@ struct FastPlainWorker {
       for (index_t k = 0; k < d; ++k) wu += static_cast<double>(up[k]) * static_cast<double>(phi[k]);
       hyper[lr.ks > 1 ? j : 0] -= gg;
       grad_l2 -= wu;
+      if (feat) std::copy(up, up + D, upath.data() + j * D);
       if (mode == Mode::maml) {
         hu[d] = static_cast<T>(tile::fused_rows_body(rows.data(), n, d, u.data(), static_cast<double>(u[d]), 1, y,
-                                                     inv_n, coef.data(), curv.data() + j * n, hu.data(), nullptr));
-        if (lam != 0.0) axpy(hu.data(), u.data(), d, lam);
+                                                     inv_n, Ext ? crev.data() + j * n : coef.data(),
+                                                     curv.data() + j * n, hu.data(), nullptr));
+        if (lam_t != 0.0) axpy(hu.data(), u.data(), d, lam_t);
         for (index_t k = 0; k < D; ++k) gbar[k] -= hu[k];
+      }
+    }
+    if (feat && mode != Mode::maml) {
+      // First order: no HVP, but the feature gradients still need X~ u_j
+      // (the same products and operations as the fused pass forms).
+      qz.resize(static_cast<size_t>(n));
+      for (index_t j = 0; j < K; ++j) {
+        const T* uj = upath.data() + j * D;
+        tile::xv_body(rows.data(), n, d, uj, qz.data());
+        const double* cv = curv.data() + j * n;
+        double* cj = crev.data() + j * n;
+        for (index_t i = 0; i < n; ++i) cj[i] = cv[i] * (qz[i] + static_cast<double>(uj[d])) * inv_n;
       }
     }
     for (index_t p = 0; p < D; ++p) slot[1 + p] = static_cast<double>(gbar[p]);
     slot[1 + D + lr.size()] = grad_l2;
     if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
+    if (Ext) return finish_extras(t, slot, n, step);
+    return ErrorCode::ok;
+  }
+
+  // Task t's own hypergradients and feature gradients, scaled by the 1/T of
+  // the mean, into their per-task outputs (the slot keeps its sums), as
+  // MetaWorker::finish_extras does. Binary support row i:
+  //   -(1/T) sum_j [ (p_ji - y_i)/n u_{j,w} + s_ji (x~_i . u_j)/n w_j ]
+  // is one product (n x 2K)(2K x d) of the recorded coefficients and
+  // vectors; query row i: (1/T) (p_i - y_i)/m w_K, rank one.
+  FASTMAML_INLINE ErrorCode finish_extras(index_t t, const double* slot, index_t n, index_t* step) {
+    const index_t d = ts->d, D = d + 1, H = lr.size();
+    if (ext.grad_alpha)
+      for (index_t k = 0; k < H; ++k) ext.grad_alpha[t * H + k] = static_cast<T>(slot[1 + D + k] * ext.inv_T);
+    if (ext.lam) ext.grad_lam[t] = static_cast<T>(slot[1 + D + H] * ext.inv_T);
+    if (!ext.features()) return ErrorCode::ok;
+    const auto& sup = ts->support;
+    const auto& qry = ts->query;
+    const index_t L = 2 * K;
+    cf.resize(static_cast<size_t>(std::max<index_t>(L * n, qry.size(t))));
+    vecs.resize(static_cast<size_t>(std::max<index_t>(L, 1)));
+    const double neg = -ext.inv_T;
+    for (index_t j = 0; j < K; ++j) {
+      const double* r = coef.data() + j * n;
+      const double* c = crev.data() + j * n;
+      T* cr = cf.data() + (2 * j) * n;
+      T* cc = cf.data() + (2 * j + 1) * n;
+      for (index_t i = 0; i < n; ++i) {
+        cr[i] = static_cast<T>(neg * r[i]);
+        cc[i] = static_cast<T>(neg * c[i]);
+      }
+      vecs[2 * j] = upath.data() + j * D;
+      vecs[2 * j + 1] = phi_path.data() + j * D;
+    }
+    T* gs = ext.grad_support_X + sup.begin(t) * d;
+    tile::combine_body(n, d, L, cf.data(), vecs.data(), gs);
+    const index_t m = qry.size(t);
+    for (index_t i = 0; i < m; ++i) cf[i] = static_cast<T>(qr[i] * ext.inv_T);
+    vecs[0] = phi_path.data() + K * D;
+    T* gq = ext.grad_query_X + qry.begin(t) * d;
+    tile::combine_body(m, d, 1, cf.data(), vecs.data(), gq);
+    if (!tile::finite_body(gs, n * d) || !tile::finite_body(gq, m * d)) {
       *step = -1;
       return ErrorCode::nonfinite_grad;
     }
@@ -304,10 +385,18 @@ FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<double>& w, index_t t,
   return w.sweep(t, slot, step);
 }
 FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<float>& w, index_t t, double* slot, index_t* step) {
-  return w.sweep(t, slot, step);
+  return w.template sweep<false>(t, slot, step);
 }
 FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<double>& w, index_t t, double* slot, index_t* step) {
-  return w.sweep(t, slot, step);
+  return w.template sweep<false>(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode plain_task_extras(FastPlainWorker<float>& w, index_t t, double* slot,
+                                                   index_t* step) {
+  return w.template sweep<true>(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode plain_task_extras(FastPlainWorker<double>& w, index_t t, double* slot,
+                                                   index_t* step) {
+  return w.template sweep<true>(t, slot, step);
 }
 template <class T>
 ErrorCode FastGramWorker<T>::operator()(index_t t, double* slot, index_t* step) {
@@ -315,7 +404,7 @@ ErrorCode FastGramWorker<T>::operator()(index_t t, double* slot, index_t* step) 
 }
 template <class T>
 ErrorCode FastPlainWorker<T>::operator()(index_t t, double* slot, index_t* step) {
-  return plain_task(*this, t, slot, step);
+  return extended ? plain_task_extras(*this, t, slot, step) : plain_task(*this, t, slot, step);
 }
 
 // Lock-step groups (tiny tasks, W3: n = 10, d = 64). The per-task products

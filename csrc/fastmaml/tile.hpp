@@ -325,6 +325,79 @@ FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, i
   return bias;
 }
 
+// Whether x (len) is all finite: the vectorised form of all_finite
+// (kernels.hpp), for outputs as large as the feature gradients. x * 0 is 0
+// for finite x and NaN otherwise, so the sum is 0 in any order.
+template <class T>
+FASTMAML_INLINE inline bool finite_body(const T* x, index_t len) {
+  using Vt = typename Lanes<T>::V;
+  constexpr index_t W = Lanes<T>::W;
+  Vt acc[4] = {Vt{}, Vt{}, Vt{}, Vt{}};  // four chains: the adds do not wait on each other
+  index_t k = 0;
+  for (; k + 4 * W <= len; k += 4 * W)
+    for (int q = 0; q < 4; ++q) acc[q] += T(0) * vload<Vt>(x + k + q * W);
+  for (; k + W <= len; k += W) acc[0] += T(0) * vload<Vt>(x + k);
+  T s = T(0);
+  for (int q = 0; q < 4; ++q)
+    for (index_t l = 0; l < W; ++l) s += acc[q][static_cast<int>(l)];
+  for (; k < len; ++k) s += T(0) * x[k];
+  return s == T(0);
+}
+
+// out (n x d) row i = sum_l cf[l * n + i] V_l, l in order, for L vectors V_l
+// (d, by pointer) and coefficients cf (L x n): the per-step rank-1 terms of
+// the feature gradients (fastsweep.hpp) as one product (n x L)(L x d).
+// 4 rows x 2 vectors of features stay in registers over all L terms; each
+// output entry is the same l-ordered sum wherever it sits in the tile grid
+// (tail tiles repeat the last row and drop its results).
+template <class T>
+FASTMAML_INLINE inline void combine_body(index_t n, index_t d, index_t L, const T* cf, const T* const* V,
+                                         T* FASTMAML_RESTRICT out) {
+  using Ln = Lanes<T>;
+  using Vt = typename Ln::V;
+  constexpr index_t W = Ln::W;
+  const index_t ds = d - d % (2 * W), dw = d - d % W;
+  for (index_t i0 = 0; i0 < n; i0 += 4) {
+    const index_t nb = std::min<index_t>(4, n - i0);
+    index_t ri[4];
+    for (int a = 0; a < 4; ++a) ri[a] = std::min(i0 + a, n - 1);
+    for (index_t k = 0; k < ds; k += 2 * W) {
+      Vt acc[4][2];
+      for (int a = 0; a < 4; ++a) acc[a][0] = acc[a][1] = Vt{};
+      for (index_t l = 0; l < L; ++l) {
+        const Vt v0 = vload<Vt>(V[l] + k), v1 = vload<Vt>(V[l] + k + W);
+        const T* c = cf + l * n;
+        for (int a = 0; a < 4; ++a) {
+          const T ca = c[ri[a]];
+          acc[a][0] += ca * v0;
+          acc[a][1] += ca * v1;
+        }
+      }
+      for (index_t a = 0; a < nb; ++a) {
+        vstore(out + (i0 + a) * d + k, acc[a][0]);
+        vstore(out + (i0 + a) * d + k + W, acc[a][1]);
+      }
+    }
+    for (index_t k = ds; k < dw; k += W) {
+      Vt acc[4];
+      for (int a = 0; a < 4; ++a) acc[a] = Vt{};
+      for (index_t l = 0; l < L; ++l) {
+        const Vt v0 = vload<Vt>(V[l] + k);
+        const T* c = cf + l * n;
+        for (int a = 0; a < 4; ++a) acc[a] += c[ri[a]] * v0;
+      }
+      for (index_t a = 0; a < nb; ++a) vstore(out + (i0 + a) * d + k, acc[a]);
+    }
+    for (index_t k = dw; k < d; ++k) {
+      for (index_t a = 0; a < nb; ++a) {
+        T acc = T(0);
+        for (index_t l = 0; l < L; ++l) acc += cf[l * n + i0 + a] * V[l][k];
+        out[(i0 + a) * d + k] = acc;
+      }
+    }
+  }
+}
+
 FASTMAML_CLONES inline double fused_rows(const float* const* rows, index_t n, index_t d, const float* v, double vb,
                                          int mode, const std::int32_t* y, double scale, double* coef, double* curv,
                                          float* out, double* hinge = nullptr) {
@@ -383,6 +456,14 @@ FASTMAML_CLONES inline void xv(const float* const* rows, index_t n, index_t d, c
 }
 FASTMAML_CLONES inline void xv(const double* const* rows, index_t n, index_t d, const double* v, double* z) {
   xv_body(rows, n, d, v, z);
+}
+FASTMAML_CLONES inline void combine(index_t n, index_t d, index_t L, const float* cf, const float* const* V,
+                                    float* out) {
+  combine_body(n, d, L, cf, V, out);
+}
+FASTMAML_CLONES inline void combine(index_t n, index_t d, index_t L, const double* cf, const double* const* V,
+                                    double* out) {
+  combine_body(n, d, L, cf, V, out);
 }
 FASTMAML_CLONES inline void xtr(const float* const* rows, index_t n, index_t d, const double* coef, double c0,
                                 const float* base, float* out) {

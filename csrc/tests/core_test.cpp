@@ -311,6 +311,85 @@ static void extended_case(Link link, index_t C, const char* name) {
   check(C == 1 ? close : same_bits, std::string(name) + ": equal per-task values equal the shared call");
 }
 
+// The binary extras on the fast plain sweep (fastsweep.hpp, FastPlainWorker
+// with TaskExtras) against the generic plain sweep (sweep.hpp + features.hpp)
+// forced on the same call: ragged index-form tasks of 2..6 support and 1..6
+// query rows, d = 13 (every tail of the 4-row and 4/8-feature tiles), per-task
+// step sizes and L2 strengths, feature gradients, MAML and first order;
+// bitwise across threads; and the choice itself.
+static void extended_fast_case() {
+  const index_t d = 13, K = 3, T = 150;
+  Data D = make(T, d, 1, 77);
+  auto ts = view(D);
+  const index_t P = d + 1;
+  std::mt19937_64 rng(9);
+  std::normal_distribution<double> g(0.0, 0.3);
+  std::uniform_real_distribution<double> u(0.2, 0.6);
+  std::vector<double> theta(static_cast<size_t>(P));
+  for (auto& x : theta) x = g(rng);
+  const LrLayout lr{K, 1, 1};
+  std::vector<double> alpha(static_cast<size_t>(T * K * P)), lam(static_cast<size_t>(T));
+  for (index_t t = 0; t < T; ++t) {
+    for (index_t j = 0; j < K; ++j) {
+      const double a = u(rng);
+      for (index_t p = 0; p < P; ++p) alpha[(t * K + j) * P + p] = a;
+    }
+    lam[t] = u(rng) * 0.3;
+  }
+  const index_t S = D.sptr.back(), Q = D.qptr.back();
+  struct Out {
+    TaskStatus st;
+    double loss = 0, gl2 = 0;
+    std::vector<double> grad, galpha, glam, gsx, gqx;
+  };
+  auto run = [&](const std::vector<double>& al, int threads, Mode mode, bool generic) {
+    Out o;
+    o.grad.resize(static_cast<size_t>(P));
+    o.galpha.resize(static_cast<size_t>(T * K));
+    o.glam.resize(static_cast<size_t>(T));
+    o.gsx.resize(static_cast<size_t>(S * d));
+    o.gqx.resize(static_cast<size_t>(Q * d));
+    TaskExtras<double> ext;
+    ext.alpha_stride = K * P;
+    ext.lam = lam.data();
+    ext.grad_alpha = o.galpha.data();
+    ext.grad_lam = o.glam.data();
+    ext.grad_support_X = o.gsx.data();
+    ext.grad_query_X = o.gqx.data();
+    o.st = meta_value_and_grad_extended<double>(ts, BinaryLink{}, theta.data(), al.data(), K, lr, 0.0, mode, ext,
+                                                threads, &o.loss, o.grad.data(), nullptr, &o.gl2, generic);
+    return o;
+  };
+  for (Mode mode : {Mode::maml, Mode::first_order}) {
+    const std::string what = mode == Mode::maml ? "extended fast (MAML)" : "extended fast (first order)";
+    const Out fast = run(alpha, 2, mode, false), slow = run(alpha, 2, mode, true);
+    double worst = std::fabs(fast.loss - slow.loss) / std::fabs(slow.loss);
+    for (auto pr : {std::make_pair(&fast.grad, &slow.grad), std::make_pair(&fast.galpha, &slow.galpha),
+                    std::make_pair(&fast.glam, &slow.glam), std::make_pair(&fast.gsx, &slow.gsx),
+                    std::make_pair(&fast.gqx, &slow.gqx)})
+      worst = std::max(worst, rel_err(*pr.first, *pr.second));
+    check(fast.st.ok() && slow.st.ok() && worst < 1e-12,
+          what + ": equals the generic plain sweep (ragged index form, tails)");
+    const Out one = run(alpha, 1, mode, false);
+    check(one.loss == fast.loss && one.grad == fast.grad && one.galpha == fast.galpha && one.glam == fast.glam &&
+              one.gsx == fast.gsx && one.gqx == fast.gqx,
+          what + ": bitwise equal for 1 and 2 threads");
+  }
+  // A huge step in one task: that task's divergence, on the fast sweep.
+  std::vector<double> huge = alpha;
+  for (index_t k = 0; k < K * P; ++k) huge[37 * K * P + k] = 1e300;
+  const Out bad = run(huge, 2, Mode::maml, false);
+  check(bad.st.code == ErrorCode::diverged && bad.st.task == 37, "extended fast: divergence names its task");
+  CallShape shape;
+  shape.C = 1, shape.K = K, shape.lr = lr;
+  const bool binary_fast = extended_runs_fast(shape);
+  shape.lr = LrLayout{K, P, 1};
+  const bool per_param = extended_runs_fast(shape);
+  shape.lr = lr, shape.C = 3;
+  const bool softmax = extended_runs_fast(shape);
+  check(binary_fast && !per_param && !softmax, "extended fast: only binary one-step-size calls take it");
+}
+
 // The choice of sweep: the cost model, and gram only where it applies.
 static void sweep_choice() {
   CallShape s;
@@ -496,6 +575,7 @@ int main() {
   run_case(soft, 3, "softmax C=3");
   extended_case(BinaryLink{}, 1, "extended binary");
   extended_case(soft, 3, "extended softmax C=3");
+  extended_fast_case();
   sweep_choice();
   portable_sampling();
   training_loop();

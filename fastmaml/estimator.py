@@ -1395,7 +1395,9 @@ class MAML:
         else:
             if not (isinstance(saved_policy, dict) and isinstance(saved_policy.get("descriptor"), str)
                     and isinstance(saved_policy.get("custom"), bool)
-                    and isinstance(saved_policy.get("learn_l2"), bool)):
+                    and isinstance(saved_policy.get("learn_l2"), bool)
+                    and isinstance(saved_policy.get("warmup", 0.5), numbers.Real)
+                    and not isinstance(saved_policy.get("warmup", 0.5), bool)):
                 raise _checkpoint.CheckpointError(f"path: {path!r}: metadata hyper_policy={saved_policy!r} is not "
                                                   "a saved policy")
             cfg["hyper_policy"] = HyperPolicy._from_config(saved_policy, descriptor, path)

@@ -372,6 +372,10 @@ def _call_descriptor(f, X, y, t: int, length: Optional[int]) -> np.ndarray:
     """f(X, y) checked: a finite 1-D array of numbers (of ``length`` entries when given)."""
     name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
     value = f(X, y)
+    if np.iscomplexobj(value):  # np.asarray(..., float64) would drop the imaginary part with only a warning
+        raise TypeError(
+            f"descriptor: {name}(support_X, support_y) must return real numbers, got complex values (task {t})"
+        )
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):

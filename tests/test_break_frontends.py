@@ -161,3 +161,30 @@ def test_policy_load_malformed_warmup_is_a_checkpoint_error(grouped, tmp_path, w
     with pytest.raises(CheckpointError, match="hyper_policy"):
         fastmaml.MAML.load(edited)
     fastmaml.MAML.load(path)  # the untouched file loads
+
+
+def test_policy_changed_after_fit_gives_named_errors_not_unloadable_files(grouped, tmp_path):
+    """set_params(hyper_policy=...) after fit: save wrote a file load rejected; adapt raised AttributeError."""
+    X, y, groups = grouped
+    sampler = fastmaml.GroupedSampler(X, y, groups, support_size=0.5, random_state=0)
+    model = _policy_model().fit(sampler)
+    fitted = model.task_hyperparameters(X[:10], y[:10])
+    model.set_params(hyper_policy=fastmaml.HyperPolicy(learn_l2=False, warmup=0.0))
+    with pytest.raises(ValueError, match="hyper_policy: the model was fitted with a hyperparameter policy that learns"):
+        model.save(tmp_path / "changed.npz")
+    assert not (tmp_path / "changed.npz").exists()
+    model.set_params(hyper_policy=None)
+    with pytest.raises(ValueError, match="hyper_policy: the model was fitted with"):
+        model.adapt(X[:10], y[:10])
+    with pytest.raises(ValueError, match="hyper_policy: the model was fitted with"):
+        model.save(tmp_path / "none.npz")
+    # set back: everything works again and the file round-trips
+    model.set_params(hyper_policy=fastmaml.HyperPolicy(warmup=0.0))
+    model.save(tmp_path / "ok.npz")
+    again = fastmaml.MAML.load(tmp_path / "ok.npz").task_hyperparameters(X[:10], y[:10])
+    np.testing.assert_array_equal(again["inner_lr"], fitted["inner_lr"])
+
+    plain = fastmaml.MAML(inner_lr=0.3, n_iterations=2, meta_batch_size=4, random_state=0).fit(sampler)
+    plain.set_params(hyper_policy=fastmaml.HyperPolicy())
+    with pytest.raises(ValueError, match="hyper_policy: the model was fitted with no hyperparameter policy"):
+        plain.save(tmp_path / "plain.npz")

@@ -188,3 +188,20 @@ def test_policy_changed_after_fit_gives_named_errors_not_unloadable_files(groupe
     plain.set_params(hyper_policy=fastmaml.HyperPolicy())
     with pytest.raises(ValueError, match="hyper_policy: the model was fitted with no hyperparameter policy"):
         plain.save(tmp_path / "plain.npz")
+
+
+def test_policy_descriptor_cannot_overwrite_the_training_data():
+    """A custom descriptor writing into its support_X silently zeroed the user's dense Tasks arrays."""
+    rng = np.random.default_rng(0)
+    xs, xq = rng.normal(size=(6, 8, 5)), rng.normal(size=(6, 8, 5))
+    ys = np.arange(48).reshape(6, 8) % 2
+    tasks = fastmaml.Tasks(xs, ys, xq, ys)
+    before = xs.copy()
+
+    def overwrite(sX, sy):
+        sX[...] = 0.0
+        return [float(len(sy))]
+
+    with pytest.raises(ValueError, match="read-only"):
+        _policy_model(overwrite, n_iterations=2).fit(tasks)
+    np.testing.assert_array_equal(xs, before)

@@ -18,7 +18,8 @@ It is differentiable once (no double backward).
 Hand-over (docs/design.md, "Framework front ends"): C-contiguous CPU float32 /
 float64 tensors reach the core without a copy (``t.detach().numpy()`` shares
 the tensor's memory); a non-contiguous tensor is made contiguous first (one
-copy). Tensors on any other device raise a ValueError telling you to call
+copy). The core reads that memory while it runs, with the GIL released: do not
+write to the tensors from another thread during the call. Tensors on any other device raise a ValueError telling you to call
 ``.cpu()`` (nothing is moved silently). Every floating tensor of a call
 (theta, both feature sets, and inner_lr / l2 when they are tensors) must
 share one dtype, float32 or float64.
@@ -42,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 import numpy as np
 
 from . import functional as _functional
-from ._validation import check_float, check_int
+from ._validation import check_float, check_int, check_memory, check_threads
 
 __all__ = ["meta_loss", "adapt", "query_logits", "MetaHead"]
 
@@ -390,6 +391,13 @@ class MetaHead(torch.nn.Module):
             raise ValueError(f"inner_lr: a learned step size is kept in log space and must be > 0, got {lr}")
         if learn_l2 and lam <= 0:
             raise ValueError(f"l2: a learned L2 strength is kept in log space and must be > 0, got {lam}")
+        check_threads(n_threads)  # here rather than at the first forward
+        # the core's float64 step-size table of every call (inner_steps x theta's entries), before
+        # torch's unnamed allocation failure for the (inner_steps,) parameter
+        n_theta = (d + 1) * (1 if C == 2 else C)
+        check_memory(self.inner_steps * n_theta * 8, "inner_steps",
+                     f"the step-size table of {self.inner_steps} inner steps x {n_theta} parameters",
+                     hint="use fewer inner_steps")
         self.n_classes = C
         self.first_order = _functional._check_flag(first_order, "first_order")
         self.n_threads = n_threads

@@ -205,3 +205,14 @@ def test_policy_descriptor_cannot_overwrite_the_training_data():
     with pytest.raises(ValueError, match="read-only"):
         _policy_model(overwrite, n_iterations=2).fit(tasks)
     np.testing.assert_array_equal(xs, before)
+
+
+def test_torch_metahead_checks_threads_and_inner_steps_when_built():
+    """MetaHead(n_threads=0) failed only at the first forward; inner_steps=10**12 was torch's unnamed RuntimeError."""
+    _framework("torch")
+    import fastmaml.torch as fmt
+
+    with pytest.raises(ValueError, match="n_threads"):
+        fmt.MetaHead(3, n_threads=0)
+    with pytest.raises(MemoryError, match="inner_steps"):
+        fmt.MetaHead(3, inner_steps=10**12)

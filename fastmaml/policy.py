@@ -448,8 +448,18 @@ def task_descriptors(tasks: Tasks, descriptor="support", *, n_classes: int = 2, 
 
 def standardisation(descriptors: np.ndarray) -> tuple:
     """(mean, scale) of meta-training descriptors (T, F); a constant feature gets scale 1."""
-    mean = descriptors.mean(axis=0)
-    scale = descriptors.std(axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):  # named below
+        mean = descriptors.mean(axis=0)
+        scale = descriptors.std(axis=0)
+    bad = ~(np.isfinite(mean) & np.isfinite(scale))
+    if bad.any():
+        # else the feature would be silently ignored (z = 0) and the saved model would not load
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"descriptor: feature {j} of the meta-training tasks' descriptors is too large for its mean and "
+            f"standard deviation in float64 (largest magnitude {np.max(np.abs(descriptors[:, j])):.3g}); "
+            "return a rescaled value (e.g. its log)"
+        )
     tiny = scale <= 1e-12 * np.maximum(1.0, np.abs(mean))
     scale[tiny] = 1.0
     return mean, scale

@@ -216,3 +216,16 @@ def test_torch_metahead_checks_threads_and_inner_steps_when_built():
         fmt.MetaHead(3, n_threads=0)
     with pytest.raises(MemoryError, match="inner_steps"):
         fmt.MetaHead(3, inner_steps=10**12)
+
+
+def test_policy_descriptor_too_large_to_standardise_is_named(grouped):
+    """Finite descriptors whose spread overflows float64: the feature was silently dropped (scale inf) and the
+    saved model did not load ('policy_scale contains NaN or infinity')."""
+    X, y, groups = grouped
+    sampler = fastmaml.GroupedSampler(X, y, groups, support_size=0.5, random_state=0)
+
+    def huge(sX, sy):
+        return [1e300 * len(sy), 1.0]
+
+    with pytest.raises(ValueError, match="descriptor: feature 0 .*too large"):
+        _policy_model(huge).fit(sampler)

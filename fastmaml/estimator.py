@@ -661,12 +661,26 @@ class MAML:
     def _has_policy(self) -> bool:
         return hasattr(self, "_params") and _policy.LR_INTERCEPT in self._params
 
+    def _check_policy_state(self) -> None:
+        """The fitted state must match ``hyper_policy``: set_params after fit must not break adapt or save."""
+        pol, fitted = self.hyper_policy, self._has_policy
+        learns_l2 = fitted and _policy.L2_INTERCEPT in self._params
+        if (pol is None) == fitted or (fitted and bool(pol.learn_l2) != learns_l2):
+            have = (f"a hyperparameter policy that {'learns' if learns_l2 else 'does not learn'} l2" if fitted
+                    else "no hyperparameter policy")
+            raise ValueError(f"hyper_policy: the model was fitted with {have}, but hyper_policy is now {pol!r}; "
+                             "set it back with set_params(hyper_policy=...) or call fit again")
+
+    def _descriptor(self):
+        self._check_policy_state()
+        return self.hyper_policy.descriptor
+
     def _policy_params(self) -> dict:
         return {k: self._params[k] for k in _policy.POLICY_KEYS if k in self._params}
 
     def _task_hyper(self, tasks: Tasks) -> tuple:
         """(descriptors (T, F), alpha (T, K), lam (T,) or float) of a batch of tasks."""
-        desc = _policy.task_descriptors(tasks, self.hyper_policy.descriptor, n_classes=self.n_classes_,
+        desc = _policy.task_descriptors(tasks, self._descriptor(), n_classes=self.n_classes_,
                                         length=self._policy_mean.size)
         z = _policy.standardise(desc, self._policy_mean, self._policy_scale)
         alpha, lam = _policy.hyperparameters(self._policy_params(), z, float(self.l2))
@@ -710,7 +724,7 @@ class MAML:
         return self._one_task_hyper(Xa, codes)
 
     def _one_task_hyper(self, Xa, codes) -> dict:
-        desc = _policy._one_task_descriptor(Xa, codes, self.hyper_policy.descriptor, self.n_classes_)
+        desc = _policy._one_task_descriptor(Xa, codes, self._descriptor(), self.n_classes_)
         if desc.size != self._policy_mean.size:
             raise ValueError(f"descriptor: returned {desc.size} values, the model was fitted with "
                              f"{self._policy_mean.size}")
@@ -1148,6 +1162,7 @@ class MAML:
     def _meta(self) -> dict:
         from . import __version__
 
+        self._check_policy_state()  # else the file would not load (its arrays would disagree with its config)
         return {
             "fastmaml_version": __version__,
             "config": self._config(),
@@ -1395,7 +1410,9 @@ class MAML:
         else:
             if not (isinstance(saved_policy, dict) and isinstance(saved_policy.get("descriptor"), str)
                     and isinstance(saved_policy.get("custom"), bool)
-                    and isinstance(saved_policy.get("learn_l2"), bool)):
+                    and isinstance(saved_policy.get("learn_l2"), bool)
+                    and isinstance(saved_policy.get("warmup", 0.5), numbers.Real)
+                    and not isinstance(saved_policy.get("warmup", 0.5), bool)):
                 raise _checkpoint.CheckpointError(f"path: {path!r}: metadata hyper_policy={saved_policy!r} is not "
                                                   "a saved policy")
             cfg["hyper_policy"] = HyperPolicy._from_config(saved_policy, descriptor, path)

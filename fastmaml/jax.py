@@ -42,7 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
     ) from exc
 
 from . import functional as _functional
-from ._validation import check_int, check_threads, shape_str
+from ._validation import check_int, check_memory, check_threads, shape_str
 
 __all__ = ["meta_loss", "adapt", "query_logits"]
 
@@ -181,6 +181,11 @@ def _prepare(theta, support_X, support_y, *, inner_lr, inner_steps, l2, task_axi
     task_axis = _functional._check_flag(task_axis, "task_axis")
     nt = check_threads(n_threads)
     lr = _param(inner_lr, "inner_lr", dtype)
+    # The probe below builds the (K, *theta.shape) table: fail as the NumPy API does, naming inner_steps,
+    # rather than with NumPy's unnamed MemoryError.
+    check_memory(K * int(np.prod(th.shape)) * 8, "inner_steps",
+                 f"the step-size table of {K} inner steps x {int(np.prod(th.shape))} parameters",
+                 hint="use fewer inner_steps")
     # The core's own broadcasting rules and messages, applied to the shape only.
     probe = np.zeros(lr.shape, dtype=np.float64)
     if task_axis:

@@ -115,7 +115,8 @@ class HyperPolicy:
         None of these depends on theta, so theta's meta-gradient stays exact.
         Or a callable ``f(support_X, support_y) -> 1-D array`` of a fixed
         length (support_X of shape (n, n_features), float64; support_y of
-        shape (n,), the task's integer class codes 0 .. C - 1). It is called
+        shape (n,), the task's integer class codes 0 .. C - 1; both
+        read-only, they may be views of your training data). It is called
         once per task (Python), must return finite numbers and must not depend
         on the model. A saved model records its name (``__qualname__``) and
         :meth:`fastmaml.MAML.load` needs it passed again as ``descriptor=``.
@@ -371,7 +372,15 @@ def _one_task_descriptor(X: np.ndarray, y: np.ndarray, descriptor, n_classes: in
 def _call_descriptor(f, X, y, t: int, length: Optional[int]) -> np.ndarray:
     """f(X, y) checked: a finite 1-D array of numbers (of ``length`` entries when given)."""
     name = getattr(f, "__qualname__", None) or getattr(f, "__name__", None) or type(f).__name__
+    # Read-only views: the rows may be the caller's own training data (a dense Tasks is used in place),
+    # which a descriptor writing into its argument would otherwise change silently.
+    X, y = X.view(), y.view()
+    X.flags.writeable = y.flags.writeable = False
     value = f(X, y)
+    if np.iscomplexobj(value):  # np.asarray(..., float64) would drop the imaginary part with only a warning
+        raise TypeError(
+            f"descriptor: {name}(support_X, support_y) must return real numbers, got complex values (task {t})"
+        )
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -439,8 +448,18 @@ def task_descriptors(tasks: Tasks, descriptor="support", *, n_classes: int = 2, 
 
 def standardisation(descriptors: np.ndarray) -> tuple:
     """(mean, scale) of meta-training descriptors (T, F); a constant feature gets scale 1."""
-    mean = descriptors.mean(axis=0)
-    scale = descriptors.std(axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):  # named below
+        mean = descriptors.mean(axis=0)
+        scale = descriptors.std(axis=0)
+    bad = ~(np.isfinite(mean) & np.isfinite(scale))
+    if bad.any():
+        # else the feature would be silently ignored (z = 0) and the saved model would not load
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"descriptor: feature {j} of the meta-training tasks' descriptors is too large for its mean and "
+            f"standard deviation in float64 (largest magnitude {np.max(np.abs(descriptors[:, j])):.3g}); "
+            "return a rescaled value (e.g. its log)"
+        )
     tiny = scale <= 1e-12 * np.maximum(1.0, np.abs(mean))
     scale[tiny] = 1.0
     return mean, scale

@@ -18,7 +18,8 @@ It is differentiable once (no double backward).
 Hand-over (docs/design.md, "Framework front ends"): C-contiguous CPU float32 /
 float64 tensors reach the core without a copy (``t.detach().numpy()`` shares
 the tensor's memory); a non-contiguous tensor is made contiguous first (one
-copy). Tensors on any other device raise a ValueError telling you to call
+copy). The core reads that memory while it runs, with the GIL released: do not
+write to the tensors from another thread during the call. Tensors on any other device raise a ValueError telling you to call
 ``.cpu()`` (nothing is moved silently). Every floating tensor of a call
 (theta, both feature sets, and inner_lr / l2 when they are tensors) must
 share one dtype, float32 or float64.
@@ -40,10 +41,9 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
     ) from exc
 
 import numpy as np
-from torch.autograd.function import once_differentiable
 
 from . import functional as _functional
-from ._validation import check_float, check_int
+from ._validation import check_float, check_int, check_memory, check_threads
 
 __all__ = ["meta_loss", "adapt", "query_logits", "MetaHead"]
 
@@ -60,12 +60,20 @@ def _check_device(t: "torch.Tensor", name: str) -> None:
         raise TypeError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}; use .to_dense()")
 
 
-def _host(t: "torch.Tensor") -> np.ndarray:
+def _host(t: "torch.Tensor", name: str) -> np.ndarray:
     """The tensor's memory as a NumPy array: no copy when it is C-contiguous (else one contiguous copy)."""
     t = t.detach()
     if not t.is_contiguous():
         t = t.contiguous()
-    return t.resolve_neg().resolve_conj().numpy()
+    try:
+        return t.resolve_neg().resolve_conj().numpy()
+    except RuntimeError as exc:
+        # torch.func's wrapped tensors (grad, vmap, jacrev) have no storage the core could read
+        raise TypeError(
+            f"{name}: fastmaml's core cannot read this tensor's memory ({exc}), as happens inside the torch.func "
+            "transforms (grad, vmap, jacrev, ...), which are not supported: differentiate with loss.backward() or "
+            "torch.autograd.grad, and loop over batches instead of vmap"
+        ) from None
 
 
 def _float_tensor(t, name: str, dtype=None) -> np.ndarray:
@@ -82,7 +90,7 @@ def _float_tensor(t, name: str, dtype=None) -> np.ndarray:
             f"{name}: dtype {t.dtype} differs from support_X's {dtype}; every floating tensor of a call must "
             f"share one dtype (convert with .to({dtype}))"
         )
-    return _host(t)
+    return _host(t, name)
 
 
 def _labels(y, name: str):
@@ -96,7 +104,7 @@ def _labels(y, name: str):
             )
         if y.dtype.is_complex:
             raise TypeError(f"{name}: expected integer labels, got {y.dtype}")
-        return _host(y)
+        return _host(y, name)
     return y
 
 
@@ -137,14 +145,36 @@ class _MetaLoss(torch.autograd.Function):
         return torch.tensor(result.loss, dtype=dtype)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         needs = ctx.needs_input_grad
-        out = tuple(
-            grad * grad_output if (need and grad is not None) else None
-            for need, grad in zip(needs[:5], ctx.grads)
+        with torch.no_grad():
+            out = [grad * grad_output if (need and grad is not None) else None
+                   for need, grad in zip(needs[:5], ctx.grads)]
+        if torch.is_grad_enabled():
+            # create_graph=True: the saved gradients are constants to autograd, so a second derivative
+            # (a gradient penalty, a Hessian-vector product) would silently be 0; mark them so that
+            # differentiating them raises instead. (torch's once_differentiable marks them only when
+            # grad_output requires grad, which it does not here.)
+            present = [g for g in out if g is not None]
+            if present:
+                marked = iter(_FirstOrderOnly.apply(*(g.detach().requires_grad_() for g in present)))
+                out = [next(marked) if g is not None else None for g in out]
+        return tuple(out) + (None,)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """meta_loss's gradients under create_graph=True: differentiating them again is an error."""
+
+    @staticmethod
+    def forward(ctx, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError(
+            "fastmaml.torch.meta_loss is differentiable once: its gradients (from create_graph=True) cannot be "
+            "differentiated again (no Hessian-vector products or gradient penalties through the head)"
         )
-        return out + (None,)
 
 
 def meta_loss(theta, support_X, support_y, query_X, query_y, *, inner_lr, inner_steps, l2=0.0,
@@ -271,6 +301,9 @@ def adapt(theta, support_X, support_y, *, inner_lr, inner_steps, l2=0.0, task_ax
         lrs = [lr_host] * T
     l2s = [float(v) for v in _functional._check_task_l2(l2_host, T, Xs.dtype)] if per_task_l2 else [l2_host] * T
     ys_arr = np.asarray(ys)
+    if ys_arr.shape != Xs.shape[:2]:  # the per-task slices below would otherwise name a one-task shape
+        raise ValueError(f"support_y: expected shape {tuple(Xs.shape[:2])} (n_tasks, n_support), got "
+                         f"{tuple(ys_arr.shape)}")
     phis = [
         _functional.adapt(theta_c, Xs[t:t + 1], ys_arr[t:t + 1], inner_lr=lrs[t], inner_steps=K, l2=l2s[t],
                           n_threads=n_threads)
@@ -358,6 +391,13 @@ class MetaHead(torch.nn.Module):
             raise ValueError(f"inner_lr: a learned step size is kept in log space and must be > 0, got {lr}")
         if learn_l2 and lam <= 0:
             raise ValueError(f"l2: a learned L2 strength is kept in log space and must be > 0, got {lam}")
+        check_threads(n_threads)  # here rather than at the first forward
+        # the core's float64 step-size table of every call (inner_steps x theta's entries), before
+        # torch's unnamed allocation failure for the (inner_steps,) parameter
+        n_theta = (d + 1) * (1 if C == 2 else C)
+        check_memory(self.inner_steps * n_theta * 8, "inner_steps",
+                     f"the step-size table of {self.inner_steps} inner steps x {n_theta} parameters",
+                     hint="use fewer inner_steps")
         self.n_classes = C
         self.first_order = _functional._check_flag(first_order, "first_order")
         self.n_threads = n_threads

@@ -48,7 +48,7 @@ import numpy as np
 
 from . import EpisodeSampler, Tasks
 from .datasets import load_digits_dataset
-from .demo import _one_blas_thread  # thousands of tiny scikit-learn fits: threads only add overhead
+from .demo import _Log, _one_blas_thread  # thousands of tiny scikit-learn fits: threads only add overhead
 from .evaluation import adaptation_accuracy, choose_inner_lr, mean_ci, paired_difference
 
 TORCH_HINT = 'pip install "fastmaml[torch]"'
@@ -282,33 +282,8 @@ def unrolled_meta_loss(theta, support_X, support_y, query_X, query_y, *, inner_l
 
 
 # ------------------------------------------------------------------ progress
-class _Progress:
-    """A tqdm bar over work units when tqdm is installed (and wanted), else one log line per stage."""
-
-    def __init__(self, log: Optional[Callable[[str], None]], enabled: bool, total: int):
-        self.log = log
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc="fastmaml demo --backbone cnn", unit="step", leave=False)
-            except ImportError:
-                self.bar = None
-
-    def stage(self, msg: str):
-        if self.bar is not None:
-            self.bar.set_postfix_str(msg[:60])
-        elif self.log is not None:
-            self.log(msg)
-
-    def update(self, n: int = 1):
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+def _progress(log: Optional[Callable[[str], None]], enabled: bool, total: int) -> _Log:
+    return _Log(log, enabled, total, desc="fastmaml demo --backbone cnn", unit="step")
 
 
 # ------------------------------------------------------------------ data
@@ -409,7 +384,7 @@ def _pretrain(config, images, y, digits, val_episodes, n_epochs, make_model, pro
     seconds = 0.0
     what = "choosing the epoch" if val_episodes else "refit on every meta-training digit"
     for epoch in range(1, n_epochs + 1):
-        progress.stage(f"(b) pre-training, {what}: epoch {epoch}/{n_epochs}")
+        progress(f"(b) pre-training, {what}: epoch {epoch}/{n_epochs}")
         t0 = time.perf_counter()
         perm = torch.randperm(len(rows), generator=gen)
         for i in range(0, len(rows), config.pretrain_batch_size):
@@ -419,7 +394,7 @@ def _pretrain(config, images, y, digits, val_episodes, n_epochs, make_model, pro
             loss.backward()
             opt.step()
         seconds += time.perf_counter() - t0
-        progress.update(1)
+        progress.step()
         if not val_episodes:
             continue
         # one C for choosing the epoch: a C per epoch and K would cost a grid of fits per epoch
@@ -432,7 +407,7 @@ def _pretrain(config, images, y, digits, val_episodes, n_epochs, make_model, pro
     if not val_episodes:
         return out
     backbone.load_state_dict(best[2])
-    progress.stage("(b) choosing C on the validation digits")
+    progress("(b) choosing C on the validation digits")
     feats = _l2_normalise(_embed(backbone, images, val_episodes))
     C, val_acc = {}, {}
     with _one_blas_thread():
@@ -521,7 +496,7 @@ def _anil(kind, config, X, y, images, digits, val_episodes, n_iterations, make_m
     losses, seconds = [], []
     for it in range(1, n_iterations + 1):
         if it % 50 == 1:
-            progress.stage(f"{name}, {what}: iteration {it}/{n_iterations}")
+            progress(f"{name}, {what}: iteration {it}/{n_iterations}")
         t0 = time.perf_counter()
         tasks = samplers[(it - 1) % len(samplers)].sample(config.meta_batch_size)
         loss = meta_loss(head, *_batch_features(backbone, images, tasks))
@@ -533,7 +508,7 @@ def _anil(kind, config, X, y, images, digits, val_episodes, n_iterations, make_m
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"{name}: the meta-loss became {losses[-1]} at iteration {it}; "
                                      "lower meta_lr or inner_lr")
-        progress.update(1)
+        progress.step()
         if val_episodes and (it % config.validate_every == 0 or it == n_iterations):
             acc = validate()
             curve.append((it, acc))
@@ -656,11 +631,11 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
     if config.n_threads:
         torch.set_num_threads(int(config.n_threads))
     # an upper bound: the refits run as many epochs / iterations as validation chose
-    progress = _Progress(log, config.progress, 2 * config.pretrain_epochs + 4 * config.meta_iterations + 1)
+    progress = _progress(log, config.progress, 2 * config.pretrain_epochs + 4 * config.meta_iterations + 1)
     per_task = {}
     try:
         # (a) pixels + zero start: only the step size, chosen on the validation digits
-        progress.stage("(a) pixels + zero start")
+        progress("(a) pixels + zero start")
         zero = np.zeros(X.shape[1] + 1)
         per_task[PIXELS], lrs = {}, {}
         for val, test in zip(val_eps, test_eps):
@@ -676,7 +651,7 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
         sel = _pretrain(config, images, y, train_digits, val_eps, config.pretrain_epochs, make_model, progress,
                         torch_seeds[0])
         pre = _pretrain(config, images, y, meta_digits, None, sel["epoch"], make_model, progress, torch_seeds[0])
-        progress.stage("(b) logistic regression per test task")
+        progress("(b) logistic regression per test task")
         feats = _l2_normalise(_embed(pre["backbone"], images, test_eps))
         per_task[PRETRAINED] = {ep.K: _lr_accuracy(ep.on(feats), sel["C"][ep.K]) for ep in test_eps}
         results["methods"][PRETRAINED] = {
@@ -691,7 +666,7 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
                         progress, torch_seeds[1], sampler_seeds, fastmaml_torch)
             run = _anil(kind, config, X, y, images, meta_digits, None, sel["iteration"], make_model, progress,
                         torch_seeds[1], sampler_seeds, fastmaml_torch)
-            progress.stage(f"{name}: test episodes")
+            progress(f"{name}: test episodes")
             per_task[name] = _anil_accuracy(kind, run["backbone"], run["head"], images, test_eps, config)
             results["methods"][name] = {
                 "choice": {"iterations": sel["iteration"], "inner_lr": run["inner_lr"]},
@@ -701,9 +676,9 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
             iteration_seconds[name] = float(np.median(sel["iteration_seconds"] + run["iteration_seconds"]))
             if kind == "fastmaml":
                 trained = run["backbone"]
-        progress.stage("timing the heads alone")
+        progress("timing the heads alone")
         head_times = _time_heads(config, fastmaml_torch, trained, images, X, y, train_digits, s_time)
-        progress.update(1)
+        progress.step()
     finally:
         progress.close()
         torch.set_num_threads(threads_before)

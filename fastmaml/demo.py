@@ -98,14 +98,17 @@ class DemoConfig:
 
 # ------------------------------------------------------------------ helpers
 class _Log:
-    def __init__(self, fn: Optional[Callable[[str], None]], progress: bool, total: int):
+    """A tqdm bar over work units when tqdm is installed (and wanted), else one log line per stage."""
+
+    def __init__(self, fn: Optional[Callable[[str], None]], progress: bool, total: int,
+                 desc: str = "fastmaml demo", unit: str = "stage"):
         self.fn = fn
         self.bar = None
         if progress:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total, desc="fastmaml demo", unit="stage", leave=False)
+                self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
             except ImportError:
                 self.bar = None
 

@@ -147,8 +147,11 @@ class _MetaLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         needs = ctx.needs_input_grad
+        # loss.backward() seeds 1: hand the saved gradients on as they are (autograd never writes into
+        # a gradient it does not own; a leaf's .grad is then a copy), saving a pass over both feature sets.
+        unit = grad_output.dim() == 0 and not grad_output.requires_grad and bool(grad_output == 1)
         with torch.no_grad():
-            out = [grad * grad_output if (need and grad is not None) else None
+            out = [(grad if unit else grad * grad_output) if (need and grad is not None) else None
                    for need, grad in zip(needs[:5], ctx.grads)]
         if torch.is_grad_enabled():
             # create_graph=True: the saved gradients are constants to autograd, so a second derivative

@@ -71,6 +71,33 @@ def test_torch_create_graph_first_order_use_still_works():
     assert float(g_theta.detach().norm()) > 0  # a value, e.g. for logging or clipping
 
 
+def test_torch_gradients_handed_on_unscaled_are_never_aliased_by_what_users_write():
+    """backward passes the saved gradients on as they are when the seed is 1: writing into a leaf's
+    .grad, or aliasing support_X and query_X, must not change what a second backward gives."""
+    torch = _framework("torch")
+    import fastmaml.torch as fmt
+
+    xs, ys, xq, yq = _torch_batch(torch)
+    theta = torch.zeros(D_FEAT + 1, dtype=torch.float64, requires_grad=True)
+    xs.requires_grad_()
+    loss = fmt.meta_loss(theta, xs, ys, xq, yq, inner_lr=0.3, inner_steps=3)
+    loss.backward(retain_graph=True)
+    first = xs.grad.clone()
+    xs.grad.mul_(0.0)
+    theta.grad.fill_(7.0)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(xs.grad, first, rtol=0, atol=0)
+    (2.0 * loss).backward()  # a seed other than 1 scales
+    torch.testing.assert_close(xs.grad, 3.0 * first, rtol=1e-15, atol=0)
+    # one tensor as both feature sets: the two parts are summed, neither saved part is overwritten
+    x = torch.randn(T, N_SUP, D_FEAT, dtype=torch.float64, requires_grad=True)
+    both = fmt.meta_loss(theta.detach(), x, ys, x, ys, inner_lr=0.3, inner_steps=3)
+    both.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    both.backward()
+    torch.testing.assert_close(x.grad, 2.0 * g1, rtol=1e-15, atol=0)
+
+
 def test_torch_func_transforms_give_a_named_error():
     """torch.func.grad / vmap: was 'Cannot access data pointer of Tensor that doesn't have storage'."""
     torch = _framework("torch")

@@ -52,6 +52,7 @@ from .functional import (
 from ._config import show_config
 from ._tasks import Tasks
 from .estimator import MAML, LogisticModel, StepSizeWarning
+from .policy import HyperPolicy
 from .datasets import make_grouped_tasks
 from .samplers import EpisodeSampler, GroupedSampler
 from .splits import split_groups, split_rows
@@ -79,6 +80,7 @@ __all__ = [
     "ForkWarning",
     "MetaGradient",
     "MAML",
+    "HyperPolicy",
     "EpisodeSampler",
     "GroupedSampler",
     "make_grouped_tasks",

@@ -30,10 +30,12 @@ from .functional import meta_value_and_grad, precond_value_and_grad, reptile_gra
 from .optim import SGD, Adam
 from ._links import sigmoid, softmax
 from .evaluation import mean_ci, query_scores
-from ._tasks import Tasks
+from ._tasks import Tasks, _Side
 from ._validation import as_feature_array, check_bool, check_float, check_int, check_threads
 from .functional import _prepare_inner_lr
 from . import _core
+from . import policy as _policy
+from .policy import HyperPolicy
 
 __all__ = ["MAML", "LogisticModel", "StepSizeWarning"]
 
@@ -193,6 +195,14 @@ def _seed(value, name):
         raise ValueError(f"{name}: expected a non-negative integer seed, got {value}")
 
 
+def _hyper_policy(value, name):
+    if value is None:
+        return
+    if not isinstance(value, HyperPolicy):
+        raise TypeError(f"{name}: expected None or a fastmaml.HyperPolicy, got {value!r}")
+    value._check()
+
+
 def _callables(value, name):
     for cb in value:
         if not callable(cb):
@@ -229,6 +239,11 @@ _PARAMS = (
     _Param("learn_init", True, "bool",
            "Meta-learn the initialization theta (False keeps the zero start and learns only the "
            "hyperparameters).", check_bool),
+    _Param("hyper_policy", None, "HyperPolicy or None",
+           "Per-task step sizes (one per inner step) and L2 from a descriptor of each task's support set, "
+           "meta-learned with the initialization (:class:`fastmaml.HyperPolicy`; docs/design.md, \"The "
+           "hyperparameter policy\"). Starts from ``inner_lr`` (a scalar or one value per step) and ``l2`` for "
+           "every task; needs algorithm maml or fomaml, learn_inner_lr=None and learn_l2=False.", _hyper_policy),
     _Param("meta_lr", 1e-3, "float", "Step size of the meta-optimizer (>= 0).", _real(0.0)),
     _Param("meta_optimizer", "adam", '{"adam", "sgd"}', "The meta-optimizer (:mod:`fastmaml.optim`).",
            _one_of(("adam", "sgd"))),
@@ -371,6 +386,10 @@ class MAML:
     def _config(self) -> dict:
         cfg = {p.name: getattr(self, p.name) for p in _PARAMS if p.saved}
         cfg["inner_lr"] = np.asarray(self.inner_lr, dtype=np.float64).tolist()
+        if self.hyper_policy is None:
+            del cfg["hyper_policy"]  # files of models without a policy stay as they were
+        else:
+            cfg["hyper_policy"] = self.hyper_policy._config()
         return cfg
 
     def _validate_config(self):
@@ -382,6 +401,8 @@ class MAML:
             raise ValueError(
                 f"algorithm: {self.algorithm!r} has no hypergradients; use learn_inner_lr=None and learn_l2=False"
             )
+        if self.hyper_policy is not None:
+            self._validate_policy()
         if self.algorithm == "imaml":
             mu = check_float(self.imaml_mu, "imaml_mu")
             if not mu > 0:
@@ -398,6 +419,29 @@ class MAML:
                 "inner_steps >= 1, got inner_steps=0"
             )
         return int(self.inner_steps)
+
+    def _validate_policy(self):
+        if self.algorithm not in ("maml", "fomaml"):
+            raise ValueError(f"hyper_policy: needs algorithm 'maml' or 'fomaml' (per-task hypergradients), got "
+                             f"{self.algorithm!r}")
+        if self.learn_inner_lr is not None or self.learn_l2:
+            raise ValueError(
+                "hyper_policy: the policy learns the step sizes (and, with HyperPolicy(learn_l2=True), l2) itself; "
+                f"leave learn_inner_lr=None and learn_l2=False (got learn_inner_lr={self.learn_inner_lr!r}, "
+                f"learn_l2={self.learn_l2!r})"
+            )
+        K = int(self.inner_steps)
+        if K < 1:
+            raise ValueError("inner_steps: hyper_policy learns one step size per inner step and needs inner_steps >= 1, "
+                             f"got {K}")
+        lr = np.asarray(self.inner_lr, dtype=np.float64)
+        if lr.size not in (1, K) or (lr.size == K and K > 1 and max(lr.shape) != K):
+            raise ValueError(f"inner_lr: hyper_policy starts from a scalar inner_lr or one per step ({K} values), "
+                             f"got shape {lr.shape}")
+        if np.any(lr <= 0):
+            raise ValueError("inner_lr: must be > 0 with hyper_policy (step sizes are learned in log space)")
+        if self.hyper_policy.learn_l2 and not self.l2 > 0:
+            raise ValueError("l2: must be > 0 when HyperPolicy(learn_l2=True) learns it (in log space)")
 
     def _fit_rng(self) -> np.random.Generator:
         """The Generator of one fit: a copy of a given Generator's state, so fits repeat and it is not advanced."""
@@ -443,6 +487,9 @@ class MAML:
             raise AttributeError("this MAML model is not fitted yet: call fit(...) or MAML.load(path)")
 
     def _lr_value(self, params):
+        if _policy.LR_INTERCEPT in params:  # the policy's steps for z = 0 (the meta-training mean)
+            a = np.exp(params[_policy.LR_INTERCEPT])
+            return a.reshape((a.size,) + (1,) * params["theta"].ndim)
         if "log_inner_lr" in params:
             return np.exp(params["log_inner_lr"])
         if "log_scale" in params:  # the diagonal of P = diag(exp(s)) + U U^T
@@ -450,6 +497,8 @@ class MAML:
         return self._fixed_lr
 
     def _l2_value(self, params):
+        if _policy.L2_INTERCEPT in params:
+            return float(np.exp(params[_policy.L2_INTERCEPT]))
         if "log_l2" in params:
             return float(np.exp(params["log_l2"]))
         return float(self.l2)
@@ -482,6 +531,7 @@ class MAML:
         self.n_iter_ = 0
         self.interrupted_ = False
         self._best = None  # (score, iteration, params)
+        self._last_extra = {}
 
     def fit(self, tasks, *, validation=None, val_episodes=200, resume=False):
         """Meta-train.
@@ -540,6 +590,9 @@ class MAML:
         K = self._validate_config()
         if not isinstance(tasks, Tasks) and not hasattr(tasks, "sample") and not _is_gradient_source(tasks):
             raise TypeError(f"tasks: expected a Tasks or a sampler with sample(n_tasks), got {type(tasks).__name__}")
+        if self.hyper_policy is not None and _is_gradient_source(tasks):
+            raise ValueError("tasks: a distributed task source does not support hyper_policy (the policy needs each "
+                             "task's support set for its descriptor); use a sampler or a Tasks")
         n_features = _n_features(tasks)
         val_tasks = None
         val_state = None
@@ -560,6 +613,8 @@ class MAML:
                 val_state = self._resume_meta["val_sampler_state"]
         else:
             self._init_state(n_features, K, _n_classes(tasks))
+            if self.hyper_policy is not None:
+                self._init_policy(tasks, K)
         if val_state is not None:
             validation.set_state(val_state)
             val_tasks = validation.sample(val_episodes)
@@ -570,6 +625,91 @@ class MAML:
             self._warn_step_size(tasks)
         self._run(tasks, val_tasks, K)
         return self
+
+    # ---------------------------------------------------------------- policy
+    def _init_policy(self, tasks, K: int, n_probe: int = 256):
+        """Fix the descriptor's standardisation from meta-training tasks and start the policy at the global setting.
+
+        A Tasks pool is described whole; a sampler gives max(n_probe,
+        meta_batch_size) tasks and is then put back to its state, so the
+        training stream does not shift.
+        """
+        if isinstance(tasks, Tasks):
+            probe = tasks
+        else:
+            state = tasks.get_state()
+            probe = tasks.sample(max(n_probe, int(self.meta_batch_size)))
+            tasks.set_state(state)
+        desc = self.hyper_policy.describe(probe, n_classes=self.n_classes_)
+        self._policy_mean, self._policy_scale = _policy.standardisation(desc)
+        lr = np.broadcast_to(np.asarray(self.inner_lr, dtype=np.float64).reshape(-1), (K,))
+        self._params.update(_policy.initial_params(lr, float(self.l2), desc.shape[1],
+                                                   bool(self.hyper_policy.learn_l2)))
+
+    @property
+    def _has_policy(self) -> bool:
+        return hasattr(self, "_params") and _policy.LR_INTERCEPT in self._params
+
+    def _policy_params(self) -> dict:
+        return {k: self._params[k] for k in _policy.POLICY_KEYS if k in self._params}
+
+    def _task_hyper(self, tasks: Tasks) -> tuple:
+        """(descriptors (T, F), alpha (T, K), lam (T,) or float) of a batch of tasks."""
+        desc = _policy.task_descriptors(tasks, self.hyper_policy.descriptor, n_classes=self.n_classes_,
+                                        length=self._policy_mean.size)
+        z = _policy.standardise(desc, self._policy_mean, self._policy_scale)
+        alpha, lam = _policy.hyperparameters(self._policy_params(), z, float(self.l2))
+        return desc, alpha, lam
+
+    def task_hyperparameters(self, X, y=None) -> dict:
+        """The step sizes and L2 the fitted policy gives a task (or every task of a batch).
+
+        Parameters
+        ----------
+        X : array_like of shape (n, n_features), or a Tasks
+            One task's support rows, or a batch of tasks (their support sets).
+        y : array_like of shape (n,), optional
+            The task's labels (as for :meth:`adapt`); None with a Tasks.
+
+        Returns
+        -------
+        dict
+            ``inner_lr``: ndarray of shape (inner_steps,) (one task) or
+            (n_tasks, inner_steps); ``l2``: float or ndarray of shape
+            (n_tasks,); ``descriptor``: the raw descriptor, shape
+            (n_descriptor,) or (n_tasks, n_descriptor).
+
+        Raises
+        ------
+        ValueError
+            If the model has no ``hyper_policy``.
+        """
+        self._check_fitted()
+        if not self._has_policy:
+            raise ValueError("hyper_policy: this model has no hyperparameter policy (MAML(hyper_policy=None)); "
+                             "its step sizes are inner_lr_ and its l2 is l2_")
+        if isinstance(X, Tasks):
+            if y is not None:
+                raise ValueError("y: must be None when X is a Tasks (its support labels are used)")
+            self._check_tasks(X)
+            desc, alpha, lam = self._task_hyper(X)
+            lam = np.full(alpha.shape[0], lam) if np.ndim(lam) == 0 else lam
+            return {"inner_lr": alpha, "l2": lam, "descriptor": desc}
+        Xa, codes, _ = self._task_codes(X, y)
+        return self._one_task_hyper(Xa, codes)
+
+    def _one_task_hyper(self, Xa, codes) -> dict:
+        desc = _policy._one_task_descriptor(Xa, codes, self.hyper_policy.descriptor, self.n_classes_)
+        if desc.size != self._policy_mean.size:
+            raise ValueError(f"descriptor: returned {desc.size} values, the model was fitted with "
+                             f"{self._policy_mean.size}")
+        z = _policy.standardise(desc[None], self._policy_mean, self._policy_scale)
+        alpha, lam = _policy.hyperparameters(self._policy_params(), z, float(self.l2))
+        return {"inner_lr": alpha[0], "l2": float(lam if np.ndim(lam) == 0 else lam[0]), "descriptor": desc}
+
+    def _check_tasks(self, tasks: Tasks):
+        if tasks.n_features != self.n_features_in_:
+            raise ValueError(f"tasks: expected {self.n_features_in_} features, got {tasks.n_features}")
 
     def _draw(self, tasks):
         if isinstance(tasks, Tasks) or _is_gradient_source(tasks):
@@ -603,6 +743,18 @@ class MAML:
             self._last_extra = {"imaml_converged": res.converged,
                                 "imaml_inner_residual": float(res.inner_residual.max())}
             return res.loss, {"theta": np.asarray(res.grad, dtype=np.float64)}
+        if _policy.LR_INTERCEPT in params:
+            z = _policy.standardise(
+                _policy.task_descriptors(batch, self.hyper_policy.descriptor, n_classes=self.n_classes_,
+                                         length=self._policy_mean.size),
+                self._policy_mean, self._policy_scale)
+            loss, grad_theta, grads, stats = _policy.policy_value_and_grad(
+                params["theta"], batch, self._policy_params(), z, inner_steps=K, l2=float(self.l2),
+                first_order=self.algorithm == "fomaml", n_threads=self.n_threads)
+            if self.learn_init:
+                grads["theta"] = grad_theta
+            self._last_extra = stats
+            return loss, grads
         if "U" in params:
             res = precond_value_and_grad(
                 params["theta"], batch, log_scale=params["log_scale"], U=params["U"], inner_steps=K, l2=l2,
@@ -665,7 +817,9 @@ class MAML:
             record = {"iteration": 0, "val_accuracy": scores["accuracy"], "val_loss": scores["loss"]}
             self._track_best(record)
             self.history_.append(record)
-        loop = _TrainingLoop(self, tasks, K) if self.algorithm in ("maml", "fomaml") else None
+        # the policy runs on the Python loop: the compiled loop has no descriptors (docs/design.md)
+        loop = (_TrainingLoop(self, tasks, K) if self.algorithm in ("maml", "fomaml") and self.hyper_policy is None
+                else None)
         try:
             with _Interrupt() as interrupt:
                 while self.n_iter_ < self.n_iterations and not stop:
@@ -724,10 +878,10 @@ class MAML:
         self._opt.step(self._params, grads)
         self.n_iter_ += 1
         record = {"iteration": self.n_iter_, "loss": float(loss), "meta_lr": self._opt.current_lr()}
-        record.update(getattr(self, "_last_extra", {}))
         lr = self._lr_value(self._params)
         record["inner_lr_mean"] = float(np.mean(lr))
         record["l2"] = self._l2_value(self._params)
+        record.update(getattr(self, "_last_extra", {}))  # the policy's: means over the batch's tasks
         record["seconds"] = time.perf_counter() - t0
         return record
 
@@ -805,6 +959,10 @@ class MAML:
         Returns
         -------
         LogisticModel
+            With a ``hyper_policy`` it also reports what the policy chose for
+            this task: ``inner_lr_`` (ndarray of shape (inner_steps,)),
+            ``l2_`` (float) and ``descriptor_`` (the raw descriptor, ndarray
+            of shape (n_descriptor,)).
 
         Raises
         ------
@@ -816,6 +974,30 @@ class MAML:
             Naming ``y``: labels that cannot be compared with each other.
         """
         self._check_fitted()
+        Xa, codes, classes = self._task_codes(X, y)
+        K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
+        if self._has_policy:
+            self._check_policy_steps(K)
+            hyper = self._one_task_hyper(Xa, codes)
+            side = _Side(Xa[None], None, np.array([0, Xa.shape[0]], dtype=np.int64), codes)
+            phi = _policy.adapt_per_task(self._params["theta"], side, hyper["inner_lr"][None], hyper["l2"],
+                                         inner_steps=K, n_threads=self.n_threads)[0]
+            model = LogisticModel(phi, classes)
+            model.inner_lr_ = hyper["inner_lr"]
+            model.l2_ = hyper["l2"]
+            model.descriptor_ = hyper["descriptor"]
+            return model
+        phi = self._adapt_batch(Xa, codes, K)
+        return LogisticModel(phi, classes)
+
+    def _check_policy_steps(self, K: int):
+        steps = self._params[_policy.LR_INTERCEPT].size
+        if K != steps:
+            raise ValueError(f"inner_steps: the hyper_policy learned one step size per step for {steps} steps; "
+                             f"got inner_steps={K}")
+
+    def _task_codes(self, X, y) -> tuple:
+        """(X (n, d), class codes int32 (n,), classes) of one task, checked against the model."""
         Xa = as_feature_array(X, "X", ndim=2)
         if Xa.shape[1] != self.n_features_in_:
             raise ValueError(f"X: expected {self.n_features_in_} features, got {Xa.shape[1]}")
@@ -830,12 +1012,15 @@ class MAML:
                 f"y: the model has {C} classes, so y needs exactly {C} distinct labels, got {classes.size} ({shown})"
             )
         codes = np.searchsorted(classes, y).astype(np.int32)
-        K = self.inner_steps if inner_steps is None else check_int(inner_steps, "inner_steps")
-        phi = self._adapt_batch(Xa, codes, K)
-        return LogisticModel(phi, classes)
+        return Xa, codes, classes
 
     def _adapt_batch(self, X, y, K, **kw):
         params = self._params
+        if self._has_policy:  # X is a Tasks (adapt handles one task itself)
+            self._check_policy_steps(K)
+            self._check_tasks(X)
+            _, alpha, lam = self._task_hyper(X)
+            return _policy.adapt_per_task(params["theta"], X.support, alpha, lam, inner_steps=K, **kw)
         l2 = self._l2_value(params)
         if "U" in params:
             return adapt_preconditioned(params["theta"], X, y, log_scale=params["log_scale"], U=params["U"],
@@ -889,7 +1074,9 @@ class MAML:
         -------
         ndarray of shape (n_tasks, *theta_.shape), or (n_tasks, inner_steps + 1, *theta_.shape) with ``return_path``
             Per-task parameters, bias last (score them with
-            :func:`fastmaml.evaluation.query_scores`).
+            :func:`fastmaml.evaluation.query_scores`). With a
+            ``hyper_policy`` each task adapts with its own step sizes and
+            L2 (:meth:`task_hyperparameters`).
 
         Raises
         ------
@@ -906,7 +1093,8 @@ class MAML:
         Parameters
         ----------
         tasks : Tasks or sampler
-            A sampler is drawn from once (``n_episodes`` tasks).
+            A sampler is drawn from once (``n_episodes`` tasks). With a
+            ``hyper_policy`` each task adapts with its own step sizes and L2.
 
         Returns
         -------
@@ -932,6 +1120,9 @@ class MAML:
     def _state_arrays(self) -> dict:
         arrays = {f"param.{k}": v for k, v in self._params.items()}
         arrays["fixed_inner_lr"] = np.asarray(self._fixed_lr, dtype=np.float64)
+        if self._has_policy:
+            arrays["policy_mean"] = self._policy_mean
+            arrays["policy_scale"] = self._policy_scale
         if self._best is not None:
             arrays.update({f"best.{k}": v for k, v in self._best[2].items()})
         if getattr(self, "_final_params", None) is not None:
@@ -951,7 +1142,7 @@ class MAML:
             "history": self.history_,
             "best": None if self._best is None else [self._best[0], self._best[1]],
             "best_iteration": getattr(self, "best_iteration_", None),
-        }
+        } | ({"n_descriptor": int(self._policy_mean.size)} if self._has_policy else {})
 
     def save(self, path) -> None:
         """Save the fitted model (plain NumPy arrays + JSON; atomic write)."""
@@ -1024,7 +1215,7 @@ class MAML:
         self._resume_meta = meta
         self.interrupted_ = False
 
-    def _param_shapes(self, n_features: int, n_classes: int) -> dict:
+    def _param_shapes(self, n_features: int, n_classes: int, n_descriptor: int = 0) -> dict:
         """Shape of every entry of ``self._params`` for this configuration (no allocation)."""
         D = n_features + 1
         theta = (D,) if n_classes <= 2 else (D, n_classes)
@@ -1040,6 +1231,12 @@ class MAML:
                                       "per_step_parameter": (K,) + theta}[mode]
         if self.learn_l2:
             shapes["log_l2"] = ()
+        if self.hyper_policy is not None:
+            shapes[_policy.LR_INTERCEPT] = (K,)
+            shapes[_policy.LR_SLOPE] = (K, n_descriptor)
+            if self.hyper_policy.learn_l2:
+                shapes[_policy.L2_INTERCEPT] = ()
+                shapes[_policy.L2_SLOPE] = (n_descriptor,)
         return shapes
 
     def _check_file(self, arrays: dict, meta: dict, path) -> None:
@@ -1078,9 +1275,12 @@ class MAML:
                 fail("metadata history holds a record that is not an object")
         elif not (meta.get("kind") == "checkpoint" and isinstance(history, dict)):
             fail("metadata history is neither a list of records nor a sidecar description")
-        shapes = self._param_shapes(n_features, n_classes)
+        n_descriptor = integer("n_descriptor", 1, 2**31 - 1) if self.hyper_policy is not None else 0
+        shapes = self._param_shapes(n_features, n_classes, n_descriptor)
         want = {f"param.{k}": v for k, v in shapes.items()}
         want["fixed_inner_lr"] = np.shape(np.asarray(self.inner_lr, dtype=np.float64))
+        if self.hyper_policy is not None:
+            want["policy_mean"] = want["policy_scale"] = (n_descriptor,)
         for prefix in ("best.", "final."):
             present = [name for name in arrays if name.startswith(prefix)]
             if present:
@@ -1109,6 +1309,8 @@ class MAML:
                 fail(f"array {name!r} contains NaN or infinity")
             if name.startswith("opt.v.") and (arr < 0).any():
                 fail(f"array {name!r} (second moments) contains negative values")
+            if name == "policy_scale" and (arr <= 0).any():
+                fail(f"array {name!r} (the descriptor's standard deviations) contains values <= 0")
 
     def _load_arrays(self, arrays, meta, path="<model>"):
         self._check_file(arrays, meta, path)
@@ -1120,6 +1322,10 @@ class MAML:
         self.n_classes_ = int(meta.get("n_classes", 2))
         self._params = {k[6:]: np.array(v, dtype=np.float64) for k, v in arrays.items() if k.startswith("param.")}
         self._fixed_lr = np.array(arrays["fixed_inner_lr"], dtype=np.float64)
+        if "policy_mean" in arrays:
+            self._policy_mean = np.array(arrays["policy_mean"], dtype=np.float64)
+            self._policy_scale = np.array(arrays["policy_scale"], dtype=np.float64)
+        self._last_extra = {}
         best = {k[5:]: np.array(v) for k, v in arrays.items() if k.startswith("best.")}
         self._best = None if not best or meta.get("best") is None else (meta["best"][0], meta["best"][1], best)
         final = {k[6:]: np.array(v) for k, v in arrays.items() if k.startswith("final.")}
@@ -1134,11 +1340,22 @@ class MAML:
         self.interrupted_ = bool(meta.get("interrupted", False))
 
     @classmethod
-    def load(cls, path) -> "MAML":
+    def load(cls, path, *, descriptor=None) -> "MAML":
         """Load a model written by :meth:`save` (or a training checkpoint).
+
+        Parameters
+        ----------
+        path : str or path-like
+        descriptor : callable, optional
+            The custom descriptor of a model saved with
+            ``HyperPolicy(descriptor=f)``: the file records only its name, so
+            ``f`` must be passed again (and only then).
 
         Raises
         ------
+        ValueError
+            Naming ``descriptor``: the model needs its custom descriptor and
+            none was given, or one was given for a model without one.
         FileNotFoundError
             If ``path`` does not exist.
         fastmaml.CheckpointError
@@ -1152,6 +1369,18 @@ class MAML:
         if not isinstance(cfg, dict):
             raise _checkpoint.CheckpointError(f"path: {path!r}: metadata config is not an object")
         cfg = dict(cfg)
+        saved_policy = cfg.pop("hyper_policy", None)
+        if saved_policy is None:
+            if descriptor is not None:
+                raise ValueError(f"descriptor: the model {path!r} has no hyper_policy; pass descriptor only for a "
+                                 "model saved with a custom descriptor")
+        else:
+            if not (isinstance(saved_policy, dict) and isinstance(saved_policy.get("descriptor"), str)
+                    and isinstance(saved_policy.get("custom"), bool)
+                    and isinstance(saved_policy.get("learn_l2"), bool)):
+                raise _checkpoint.CheckpointError(f"path: {path!r}: metadata hyper_policy={saved_policy!r} is not "
+                                                  "a saved policy")
+            cfg["hyper_policy"] = HyperPolicy._from_config(saved_policy, descriptor, path)
         try:
             inner_lr = cfg.pop("inner_lr", 0.1)
             model = cls(**cfg, inner_lr=inner_lr if np.ndim(inner_lr) else float(inner_lr))

@@ -106,6 +106,7 @@ class DemoConfig:
     progress: bool = True
     c_grid: tuple = C_GRID
     lr_grid: tuple = LR_GRID
+    selection: str = "simplest"  # or "best-mean" (the rule before issue 15)
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -381,8 +382,15 @@ def _run_shot(shot: _Shot) -> dict:
         methods[name], curves[name] = _meta_learner(shot, name, params)
         budget_units += shot.config.n_iterations * shot.config.meta_batch_size * 2 * shot.K_inner * len(shot.folds)
     # keep the simplest candidate unless another is clearly better on the validation folds
-    selected, selection = select_candidate({n: methods[n]["val_per_task"] for n in selection_order()},
-                                           selection_order())
+    if shot.config.selection == "best-mean":
+        selected = max(meta_learners(), key=lambda n: methods[n]["val_accuracy"])
+        selection = {"rule": "best-mean"}
+    elif shot.config.selection == "simplest":
+        selected, selection = select_candidate({n: methods[n]["val_per_task"] for n in selection_order()},
+                                               selection_order())
+        selection["rule"] = "simplest"
+    else:
+        raise ValueError(f"selection: expected 'simplest' or 'best-mean', got {shot.config.selection!r}")
     methods[RANDOM] = _random_search(shot, budget_units)
 
     table, steps_curves = _test_rows(shot, methods)
@@ -637,7 +645,36 @@ def run_all_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] = 
                 "accuracy": {name: r["accuracy"] for name, r in table.items()},
             }
         out["pairs"][f"{a},{b}"] = row
+        if log is not None:  # the numbers as they come: a long sweep that is stopped still says something
+            log(f"pair {a},{b}: " + "; ".join(
+                f"K={K} {r['selected']} {100 * r['selected_accuracy']:.1f}% (zero init "
+                f"{100 * r['accuracy'][ZERO]:.1f}%, random search {100 * r['accuracy'][RANDOM]:.1f}%)"
+                for K, r in row.items()))
     out["total_seconds"] = time.perf_counter() - t0
+    out["summary"] = summarize_all_pairs(out)
+    return out
+
+
+def summarize_all_pairs(results: dict) -> dict:
+    """Per K over the pairs: mean accuracy of every method and of the selected one, the worst pair of the
+    selected one against the zero start, and how often each candidate was selected."""
+    out = {}
+    Ks = list(next(iter(results["pairs"].values())).keys()) if results["pairs"] else []
+    for K in Ks:
+        rows = {pair: r[K] for pair, r in results["pairs"].items()}
+        sel = np.array([r["selected_accuracy"] for r in rows.values()])
+        zero = np.array([r["accuracy"][ZERO] for r in rows.values()])
+        methods = list(next(iter(rows.values()))["accuracy"])
+        means = {m: float(np.mean([r["accuracy"][m] for r in rows.values()])) for m in methods}
+        diff = sel - zero
+        worst = int(np.argmin(diff))
+        counts = {}
+        for r in rows.values():
+            counts[r["selected"]] = counts.get(r["selected"], 0) + 1
+        out[K] = {"selected_mean": float(sel.mean()), "zero_mean": float(zero.mean()), "method_means": means,
+                  "worst_pair": list(rows)[worst], "worst_vs_zero": float(diff[worst]),
+                  "pairs_losing_over_2_points": int(np.sum(diff < -0.02)), "selected_counts": counts,
+                  "n_pairs": len(rows)}
     return out
 
 
@@ -662,6 +699,15 @@ def format_all_pairs(results: dict) -> str:
         lines.append(f"K={K}: vs zero init: {w['zero'][0]} pairs won, {w['zero'][1]} ties, {w['zero'][2]} lost; "
                      f"vs grid search: {w['grid'][0]} won, {w['grid'][1]} ties, {w['grid'][2]} lost "
                      "(won/lost = 95% CI of the paired difference excludes 0)")
+    summary = results.get("summary") or summarize_all_pairs(results)
+    for K, sm in summary.items():
+        lines.append(f"K={K}: mean over {sm['n_pairs']} pairs: selected {100 * sm['selected_mean']:.1f}%, zero init "
+                     f"{100 * sm['zero_mean']:.1f}%; worst pair {sm['worst_pair']} "
+                     f"({100 * sm['worst_vs_zero']:+.1f} points vs zero init); "
+                     f"{sm['pairs_losing_over_2_points']} pairs lose more than 2 points")
+        lines.append("  selected: " + ", ".join(f"{n} {c}x" for n, c in sorted(sm["selected_counts"].items(),
+                                                                               key=lambda kv: -kv[1])))
+        lines.append("  means: " + ", ".join(f"{n} {100 * m:.1f}%" for n, m in sm["method_means"].items()))
     lines.append(f"total time {results['total_seconds']:.1f} s")
     return "\n".join(lines)
 

@@ -327,15 +327,17 @@ def _test_rows(shot: _Shot, methods: dict) -> Tuple[dict, dict]:
 
 
 def _one_blas_thread():
-    """Single-threaded BLAS for thousands of tiny scikit-learn fits: threads only add overhead there
-    (measured 9x slower per fit on 2 shared cores). A no-op without threadpoolctl."""
+    """One thread for BLAS and OpenMP during thousands of tiny scikit-learn fits: threads only add overhead
+    there (BLAS: measured 9x slower per fit on 2 shared cores; scikit-learn's loss and gradient run on OpenMP,
+    whose threads spin between the tiny parallel loops: 10x slower per task on a loaded 2-core machine).
+    A no-op without threadpoolctl."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return threadpool_limits(limits=1)
 
 
 def _grid_search_rows(shot: _Shot) -> Tuple[Optional[str], dict]:

@@ -13,6 +13,20 @@ class and compare, on the same test episodes, with:
   meta-validation with the same compute budget as meta-training;
 * the grid search with C chosen on the query set: an *oracle* upper bound, not a method.
 
+The meta-learners are MAML (fixed step), MAML (learned step and L2), Meta-SGD,
+a learned preconditioner and, when the build has it, the per-task
+hyperparameter policy (``MAML(hyper_policy=HyperPolicy())``). Validation keeps
+the simplest candidate -- the zero start, then the policy -- unless another
+beats it by more than the paired 95% interval on the validation folds
+(:func:`fastmaml.evaluation.select_candidate`; ``selection="best-mean"`` is the
+former highest-mean rule).
+
+:func:`run_ragged` is the other question: on the ragged family
+(:func:`fastmaml.datasets.make_ragged_family`, support sizes 2..200 per class,
+per-group label noise) does the per-task policy beat one global meta-learned
+setting, per-task grid search and random search, and how much of the gap to a
+per-task oracle does it close, by support-size bucket.
+
 The baselines and statistics come from :mod:`fastmaml.evaluation`, the plots
 from :mod:`fastmaml.plots`; ``fastmaml demo`` runs this module.
 

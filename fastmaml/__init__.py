@@ -53,7 +53,7 @@ from ._config import show_config
 from ._tasks import Tasks
 from .estimator import MAML, LogisticModel, StepSizeWarning
 from .policy import HyperPolicy
-from .datasets import make_grouped_tasks
+from .datasets import RaggedFamily, make_grouped_tasks, make_ragged_family
 from .samplers import EpisodeSampler, GroupedSampler
 from .splits import split_groups, split_rows
 
@@ -84,6 +84,8 @@ __all__ = [
     "EpisodeSampler",
     "GroupedSampler",
     "make_grouped_tasks",
+    "make_ragged_family",
+    "RaggedFamily",
     "split_groups",
     "split_rows",
     "LogisticModel",

@@ -142,9 +142,15 @@ def _build_parser() -> argparse.ArgumentParser:
                                       "per-task grid search and random search. Prints a table; writes a PNG "
                                       "plot (--plot) and, with --json, every number. Output paths are checked "
                                       "before anything is computed.")
-    demo.add_argument("--family", choices=("digits", "grouped"), default="digits",
+    demo.add_argument("--family", choices=("digits", "grouped", "ragged"), default="digits",
                       help="digits: MNIST digit pairs (random labels per episode); grouped: synthetic groups "
-                           "whose labels mean the same in every group")
+                           "whose labels mean the same in every group; ragged: such groups with support sizes "
+                           "from 2 to 200 rows per class and per-group label noise, per-task hyperparameters "
+                           "against one global setting, grid search and an oracle (no plot)")
+    demo.add_argument("--selection", choices=("simplest", "best-mean"), default="simplest",
+                      help="how validation picks the meta-learner: simplest = keep the simplest candidate (zero "
+                           "start, then the per-task policy) unless another beats it by more than the paired 95%% "
+                           "CI on the validation folds; best-mean = the highest mean validation accuracy")
     demo.add_argument("--backbone", choices=("pixels", "cnn"), default="pixels",
                       help="pixels: logistic regression on raw pixels (NumPy only); cnn: a small CNN meta-trained "
                            "through fastmaml's head (ANIL) against a pre-trained embedding and the same ANIL "
@@ -422,9 +428,12 @@ def _cmd_demo(args) -> int:
     plot_path = None
     if args.all_pairs and args.plot and args.plot != "fastmaml_demo.png":
         raise CLIError("--plot: --all-pairs draws no plot; leave --plot out")
+    if args.family == "ragged" and args.plot and args.plot != "fastmaml_demo.png":
+        raise CLIError("--plot: --family ragged draws no plot; leave --plot out")
+    no_plot = args.all_pairs or args.family == "ragged"
     if args.json:
         _check_output(args.json, "--json")
-    if args.plot and not args.all_pairs:
+    if args.plot and not no_plot:
         from . import plots
 
         try:
@@ -437,7 +446,7 @@ def _cmd_demo(args) -> int:
             raise CLIError("--plot and --json name the same file")
 
     overrides = {"seed": args.seed, "data": args.data, "n_threads": args.threads,
-                 "progress": not args.no_progress and sys.stderr.isatty()}
+                 "progress": not args.no_progress and sys.stderr.isatty(), "selection": args.selection}
     if args.shots:
         overrides["shots"] = args.shots
     if args.iterations:
@@ -450,7 +459,17 @@ def _cmd_demo(args) -> int:
     log = (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.ways < 2:
         raise CLIError("--ways: expected at least 2")
-    if args.family == "grouped":
+    if args.family == "ragged":
+        if args.holdout or args.ways != 2 or args.all_pairs or args.shots or args.data != "default":
+            raise CLIError("--holdout, --ways, --all-pairs, --shots and --data are for --family digits; the ragged "
+                           "family is fixed (support sizes 2..200 per class), tested on held-out groups")
+        ragged = {k: v for k, v in overrides.items() if k in ("seed", "n_threads", "progress", "n_iterations",
+                                                              "inner_steps")}
+        if args.test_episodes:
+            ragged["test_groups"] = args.test_episodes
+        results = demo.run_ragged((demo.RaggedConfig.quick if args.quick else demo.RaggedConfig)(**ragged), log=log)
+        text = demo.format_ragged(results)
+    elif args.family == "grouped":
         if args.holdout or args.ways != 2:
             raise CLIError("--holdout and --ways are for --family digits; grouped tasks are binary, "
                            "tested on held-out groups")

@@ -9,7 +9,9 @@ Nothing in this module downloads anything.  It reads:
 * scikit-learn's bundled 8x8 digits (:func:`load_digits_8x8`).
 
 It also makes data: :func:`make_grouped_tasks`, a synthetic family of related
-logistic-regression tasks (one per group) for examples and tests; and it
+logistic-regression tasks (one per group) for examples and tests, and
+:func:`make_ragged_family`, the same groups with support sizes over two orders
+of magnitude and per-group label noise (``fastmaml demo --family ragged``); and it
 computes what belongs to a dataset as a whole: :func:`dataset_kernel`, the
 matrix ``X X^T`` that episodes sampled from ``X`` gather their Gram matrices
 from (see :meth:`fastmaml.Tasks.from_index` and ``EpisodeSampler(...,
@@ -69,6 +71,9 @@ __all__ = [
     "MNIST_FILES",
     "dataset_kernel",
     "make_grouped_tasks",
+    "make_ragged_family",
+    "RaggedFamily",
+    "RAGGED_BUCKETS",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -787,6 +792,27 @@ def dataset_kernel(X, *, memory_budget: int = 2**30) -> Optional[np.ndarray]:
 TEACHER_LOGIT_STD = 4.0
 
 
+def _grouped_teacher(rng, G: int, d: int, dev: float):
+    """The shared teacher (w0, b0) and the per-group teachers (W (G, d), b (G,)) of make_grouped_tasks."""
+    scale = TEACHER_LOGIT_STD * math.sqrt(12.0)
+    w0 = rng.standard_normal(d)
+    w0 *= scale / np.linalg.norm(w0)
+    b0 = -0.5 * float(w0.sum())
+    u = rng.standard_normal((G, d))
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    W = w0 + dev * scale * u
+    b = -0.5 * W.sum(axis=1) + dev * TEACHER_LOGIT_STD * rng.standard_normal(G)
+    return w0, b0, W, b
+
+
+def _teacher_labels(rng, z: np.ndarray, temp: float) -> np.ndarray:
+    """0/1 labels of teacher logits z: thresholded at temperature 0, else Bernoulli(sigmoid(z / temp))."""
+    if temp == 0.0:
+        return (z > 0).astype(np.int32)
+    p = 0.5 * (1.0 + np.tanh(0.5 * z / temp))  # sigmoid(z / noise), overflow-free
+    return (rng.random(z.size) < p).astype(np.int32)
+
+
 def make_grouped_tasks(
     n_groups: int = 200,
     n_per_group: Union[int, Tuple[int, int]] = 40,
@@ -872,23 +898,252 @@ def make_grouped_tasks(
     else:
         sizes = np.full(G, check_int(n_per_group, "n_per_group", minimum=1), dtype=np.int64)
 
-    scale = TEACHER_LOGIT_STD * math.sqrt(12.0)
-    w0 = rng.standard_normal(d)
-    w0 *= scale / np.linalg.norm(w0)
-    b0 = -0.5 * float(w0.sum())
-    u = rng.standard_normal((G, d))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    W = w0 + dev * scale * u
-    b = -0.5 * W.sum(axis=1) + dev * TEACHER_LOGIT_STD * rng.standard_normal(G)
-
+    w0, b0, W, b = _grouped_teacher(rng, G, d, dev)
     groups = np.repeat(np.arange(G, dtype=np.int64), sizes)
     X = rng.random((groups.size, d))
-    z = np.einsum("ij,ij->i", X, W[groups]) + b[groups]
-    if temp == 0.0:
-        y = (z > 0).astype(np.int32)
-    else:
-        p = 0.5 * (1.0 + np.tanh(0.5 * z / temp))  # sigmoid(z / noise), overflow-free
-        y = (rng.random(z.size) < p).astype(np.int32)
+    y = _teacher_labels(rng, np.einsum("ij,ij->i", X, W[groups]) + b[groups], temp)
     if return_teacher:
         return X, y, groups, {"w0": w0, "b0": b0, "W": W, "b": b}
     return X, y, groups
+
+
+RAGGED_BUCKETS = ((2, 9), (10, 43), (44, 200))
+"""Support rows per class of the small / medium / large buckets of the ragged family: thirds of
+log(2) .. log(200), so each bucket holds about a third of the groups."""
+
+
+@dataclass
+class RaggedFamily:
+    """Groups of one binary task each, with ragged support sizes and per-group label noise.
+
+    Made by :func:`make_ragged_family`; every array has one entry per group.
+
+    Attributes
+    ----------
+    X : ndarray of float64, shape (n_rows, n_features)
+        Every support and query row of every group, group by group.
+    y : ndarray of int32, shape (n_rows,)
+        Its 0/1 labels.
+    support_ptr, query_ptr : ndarray of int64, shape (n_groups + 1,)
+        Group g's support rows are ``support_idx[support_ptr[g]:support_ptr[g + 1]]``
+        (likewise the query).
+    support_idx, query_idx : ndarray of int64
+        Row numbers into ``X``.
+    shots : ndarray of int64, shape (n_groups,)
+        Support rows per class of each group (the support has ``2 * shots[g]`` rows).
+    noise : ndarray of float64, shape (n_groups,)
+        Label temperature of each group (``noise`` of :func:`make_grouped_tasks`).
+    n_query : int
+        Query rows per class.
+    teacher : dict
+        ``w0`` (n_features,), ``b0`` (float), ``W`` (n_groups, n_features), ``b`` (n_groups,),
+        as returned by :func:`make_grouped_tasks` with ``return_teacher=True``.
+    seed : int
+        Entropy of the family's ``numpy.random.SeedSequence`` (group g's rows come from its
+        child ``g``, so one group's rows do not depend on the number of groups after it).
+    """
+
+    X: np.ndarray
+    y: np.ndarray
+    support_idx: np.ndarray
+    support_ptr: np.ndarray
+    query_idx: np.ndarray
+    query_ptr: np.ndarray
+    shots: np.ndarray
+    noise: np.ndarray
+    n_query: int
+    teacher: dict
+    seed: int
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.shots.size)
+
+    def bucket(self) -> np.ndarray:
+        """Support-size bucket of each group, shape (n_groups,): 0 small, 1 medium, 2 large
+        (see ``RAGGED_BUCKETS``)."""
+        return np.searchsorted([b[1] for b in RAGGED_BUCKETS[:-1]], self.shots, side="left").astype(np.int64)
+
+    def _pick(self, groups):
+        from ._validation import as_index
+
+        g = np.arange(self.n_groups) if groups is None else as_index(groups, "groups").reshape(-1)
+        if g.size == 0 or g.min() < 0 or g.max() >= self.n_groups:
+            raise ValueError(f"groups: expected group numbers in [0, {self.n_groups}), got {g!r}")
+        return g
+
+    def tasks(self, groups=None):
+        """The tasks of some groups (all by default), in the order given: a ragged, indexed Tasks."""
+        g = self._pick(groups)
+        return self._tasks(g, self.X, self.y, [self.query_idx[self.query_ptr[i]:self.query_ptr[i + 1]] for i in g])
+
+    def _tasks(self, g, X, y, query_parts):
+        from ._tasks import Tasks
+
+        def flat(parts):
+            sizes = np.array([p.size for p in parts], dtype=np.int64)
+            return np.concatenate(parts), np.concatenate([[0], np.cumsum(sizes)])
+
+        s_idx, s_ptr = flat([self.support_idx[self.support_ptr[i]:self.support_ptr[i + 1]] for i in g])
+        q_idx, q_ptr = flat(query_parts)
+        return Tasks.from_index(X, s_idx, y[s_idx], q_idx, y[q_idx], support_ptr=s_ptr, query_ptr=q_ptr,
+                                check_finite=False)
+
+    def draw(self, group: int, n_per_class: int, random_state: RandomState = None):
+        """Fresh rows of one group from its own teacher, ``n_per_class`` of each class.
+
+        Returns
+        -------
+        X : ndarray of float64, shape (2 * n_per_class, n_features)
+        y : ndarray of int32, shape (2 * n_per_class,)
+        """
+        from ._random import check_random_state
+        from ._validation import check_int
+
+        g = int(self._pick([group])[0])
+        n = check_int(n_per_class, "n_per_class", minimum=1)
+        return _stratified_rows(check_random_state(random_state), self.teacher["W"][g], float(self.teacher["b"][g]),
+                                float(self.noise[g]), n)
+
+    def fresh_tasks(self, groups, n_per_class: int, random_state: RandomState = None):
+        """The groups' own support sets with a fresh query set of ``n_per_class`` rows per class from each
+        group's teacher (for an oracle that must not see the reported query set)."""
+        from ._random import check_random_state
+
+        g = self._pick(groups)
+        rng = check_random_state(random_state)
+        rows = [self.draw(int(i), n_per_class, rng) for i in g]
+        m = 2 * int(n_per_class)
+        base = self.X.shape[0]
+        parts = [base + m * i + np.arange(m, dtype=np.int64) for i in range(g.size)]
+        return self._tasks(g, np.concatenate([self.X] + [r[0] for r in rows]),
+                           np.concatenate([self.y] + [r[1] for r in rows]), parts)
+
+
+def _stratified_rows(rng, w: np.ndarray, b: float, temp: float, n: int):
+    """n rows of each class from one teacher (features uniform on the cube, labels as make_grouped_tasks):
+    rows are drawn in batches and the first n of each class kept, in the order drawn."""
+    d = w.size
+    Xs, ys = [], []
+    have = np.zeros(2, dtype=np.int64)
+    while have.min() < n:
+        batch = max(64, 4 * n)
+        Xb = rng.random((batch, d))
+        yb = _teacher_labels(rng, Xb @ w + b, temp)
+        Xs.append(Xb)
+        ys.append(yb)
+        have += np.bincount(yb, minlength=2)
+        if sum(x.shape[0] for x in Xs) > 10_000 * n:  # a class that (almost) never occurs
+            raise ValueError("the group's teacher almost never produces one of the classes")
+    X = np.concatenate(Xs)
+    y = np.concatenate(ys)
+    keep = np.zeros(y.size, dtype=bool)
+    for c in (0, 1):
+        keep[np.flatnonzero(y == c)[:n]] = True
+    return X[keep], y[keep]
+
+
+def make_ragged_family(
+    n_groups: int = 2000,
+    n_features: int = 20,
+    *,
+    shots: Tuple[int, int] = (2, 200),
+    noise: Tuple[float, float] = (0.0, 1.0),
+    deviation: float = 0.5,
+    n_query: int = 15,
+    random_state: Optional[int] = 0,
+) -> RaggedFamily:
+    """The ragged family: related tasks whose best hyperparameters differ from task to task.
+
+    Groups share label meaning exactly as in :func:`make_grouped_tasks` (the
+    same teacher generator: a shared teacher plus a per-group deviation of
+    relative size ``deviation``, features uniform on ``[0, 1]^n_features``),
+    and every group is one binary task whose
+
+    * support has ``shots[g]`` rows of each class, ``shots[g]`` log-uniform on
+      the integers of ``shots`` (``floor(exp(u))``, ``u`` uniform on
+      ``[log low, log(high + 1))``: probability about proportional to 1/k), so
+      sizes spread over two orders of magnitude;
+    * labels have the group's own temperature ``noise[g]``, uniform on
+      ``noise`` (0: thresholded labels; 1: the logistic model itself);
+    * query set has ``n_query`` rows of each class.
+
+    Rows of each class are drawn from the group's teacher until there are
+    enough (stratified), so every support set holds both classes. The
+    teachers are kept (:attr:`RaggedFamily.teacher`), so
+    :meth:`RaggedFamily.draw` gives fresh rows of any group.
+
+    The defaults are those of ``fastmaml demo --family ragged``, fixed before
+    any measurement.
+
+    Parameters
+    ----------
+    n_groups : int, default=2000
+    n_features : int, default=20
+    shots : (int, int), default=(2, 200)
+        Inclusive range of support rows per class (low >= 2, so that a
+        cross-validated baseline can split every support set).
+    noise : (float, float), default=(0.0, 1.0)
+        Range of the per-group label temperature (>= 0).
+    deviation : float, default=0.5
+    n_query : int, default=15
+        Query rows per class.
+    random_state : int or None, default=0
+        Seed (an int, so that the family can be rebuilt; None draws one).
+
+    Returns
+    -------
+    RaggedFamily
+    """
+    from ._validation import check_float, check_int
+
+    G = check_int(n_groups, "n_groups", minimum=1)
+    d = check_int(n_features, "n_features", minimum=1)
+    dev = check_float(deviation, "deviation", minimum=0.0)
+    m = check_int(n_query, "n_query", minimum=1)
+    if not isinstance(shots, (tuple, list)) or len(shots) != 2:
+        raise ValueError(f"shots: expected a (low, high) pair of support rows per class, got {shots!r}")
+    lo = check_int(shots[0], "shots", minimum=2)
+    hi = check_int(shots[1], "shots", minimum=lo)
+    if not isinstance(noise, (tuple, list)) or len(noise) != 2:
+        raise ValueError(f"noise: expected a (low, high) pair of label temperatures, got {noise!r}")
+    t_lo = check_float(noise[0], "noise", minimum=0.0)
+    t_hi = check_float(noise[1], "noise", minimum=t_lo)
+    if random_state is None:
+        seed = int(np.random.SeedSequence().entropy % (2**63))
+    elif isinstance(random_state, (int, np.integer)) and not isinstance(random_state, bool):
+        seed = check_int(random_state, "random_state", minimum=0)
+    else:
+        raise TypeError(f"random_state: expected an int seed or None (the family must be rebuildable), "
+                        f"got {type(random_state).__name__}")
+
+    root = np.random.SeedSequence(seed)
+    family_ss, rows_ss = root.spawn(2)
+    rng = np.random.default_rng(family_ss)
+    w0, b0, W, b = _grouped_teacher(rng, G, d, dev)
+    k = np.floor(np.exp(rng.uniform(math.log(lo), math.log(hi + 1), size=G))).astype(np.int64)
+    k = np.clip(k, lo, hi)  # floor(exp(log(high + 1))) only when u hits the open end
+    temps = rng.uniform(t_lo, t_hi, size=G)
+
+    Xs, ys, s_idx, q_idx = [], [], [], []
+    s_ptr = np.zeros(G + 1, dtype=np.int64)
+    q_ptr = np.zeros(G + 1, dtype=np.int64)
+    start = 0
+    for g, ss in enumerate(rows_ss.spawn(G)):
+        Xg, yg = _stratified_rows(np.random.default_rng(ss), W[g], float(b[g]), float(temps[g]), int(k[g]) + m)
+        # the first k[g] rows of each class are the support, the other m the query
+        rank = np.empty(yg.size, dtype=np.int64)
+        for c in (0, 1):
+            where = np.flatnonzero(yg == c)
+            rank[where] = np.arange(where.size)
+        sup = rank < k[g]
+        Xs.append(Xg)
+        ys.append(yg)
+        s_idx.append(start + np.flatnonzero(sup))
+        q_idx.append(start + np.flatnonzero(~sup))
+        s_ptr[g + 1] = s_ptr[g] + 2 * k[g]
+        q_ptr[g + 1] = q_ptr[g] + 2 * m
+        start += yg.size
+    return RaggedFamily(X=np.concatenate(Xs), y=np.concatenate(ys), support_idx=np.concatenate(s_idx),
+                        support_ptr=s_ptr, query_idx=np.concatenate(q_idx), query_ptr=q_ptr, shots=k, noise=temps,
+                        n_query=m, teacher={"w0": w0, "b0": b0, "W": W, "b": b}, seed=seed)

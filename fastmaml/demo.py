@@ -13,6 +13,20 @@ class and compare, on the same test episodes, with:
   meta-validation with the same compute budget as meta-training;
 * the grid search with C chosen on the query set: an *oracle* upper bound, not a method.
 
+The meta-learners are MAML (fixed step), MAML (learned step and L2), Meta-SGD,
+a learned preconditioner and, when the build has it, the per-task
+hyperparameter policy (``MAML(hyper_policy=HyperPolicy())``). Validation keeps
+the simplest candidate -- the zero start, then the policy -- unless another
+beats it by more than the paired 95% interval on the validation folds
+(:func:`fastmaml.evaluation.select_candidate`; ``selection="best-mean"`` is the
+former highest-mean rule).
+
+:func:`run_ragged` is the other question: on the ragged family
+(:func:`fastmaml.datasets.make_ragged_family`, support sizes 2..200 per class,
+per-group label noise) does the per-task policy beat one global meta-learned
+setting, per-task grid search and random search, and how much of the gap to a
+per-task oracle does it close, by support-size bucket.
+
 The baselines and statistics come from :mod:`fastmaml.evaluation`, the plots
 from :mod:`fastmaml.plots`; ``fastmaml demo`` runs this module.
 
@@ -35,8 +49,9 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 
 # The demo is a client of the public API: everything it uses, a user can use.
+import fastmaml as _fastmaml
 from . import MAML, DivergenceError, EpisodeSampler, GroupedSampler, Tasks, adapt, make_grouped_tasks, split_groups
-from .datasets import load_digits_dataset
+from .datasets import RAGGED_BUCKETS, load_digits_dataset, make_ragged_family
 from .evaluation import (
     adaptation_accuracy,
     choose_C_on_validation,
@@ -44,7 +59,9 @@ from .evaluation import (
     grid_search_logistic_regression,
     mean_ci,
     paired_difference,
+    query_scores,
     random_search,
+    select_candidate,
 )
 
 LR_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
@@ -60,7 +77,24 @@ GRID = "grid-search LR (C by CV)"
 GRID_K1 = "grid-search LR (C from meta-val)"
 ORACLE = "oracle: LR, C chosen on query"
 PRECOND = "Preconditioned (diag + rank-4)"
+POLICY = "per-task policy (step, L2)"
 META_LEARNERS = (MAML_FIXED, MAML_LEARNED, METASGD, PRECOND)
+
+
+def _have_policy() -> bool:
+    """The per-task hyperparameter policy (fastmaml.HyperPolicy) is in this build."""
+    return hasattr(_fastmaml, "HyperPolicy")
+
+
+def meta_learners() -> tuple:
+    """The meta-learners the digit demo trains: today's four and, when available, the per-task policy."""
+    return META_LEARNERS + ((POLICY,) if _have_policy() else ())
+
+
+def selection_order() -> tuple:
+    """Candidates of the selection rule, simplest first: the zero start, the per-task policy, then the
+    meta-learners with more learned hyperparameters (see :func:`fastmaml.evaluation.select_candidate`)."""
+    return (ZERO,) + ((POLICY,) if _have_policy() else ()) + META_LEARNERS
 
 
 @dataclasses.dataclass
@@ -86,6 +120,7 @@ class DemoConfig:
     progress: bool = True
     c_grid: tuple = C_GRID
     lr_grid: tuple = LR_GRID
+    selection: str = "simplest"  # or "best-mean" (the rule before issue 15)
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -205,9 +240,11 @@ def _zero_start(shot: _Shot) -> dict:
     shot.log(f"K={shot.K}: zero start, choosing the step size on meta-validation")
     lr0, val_lr = choose_inner_lr(shot.zero(), shot.val_sets, shot.config.lr_grid, inner_steps=shot.K_inner,
                                   n_threads=shot.n_threads)
+    per_task = np.concatenate([adaptation_accuracy(shot.zero(), v, inner_lr=lr0, inner_steps=shot.K_inner,
+                                                   n_threads=shot.n_threads) for v in shot.val_sets])
     shot.log.step()
     return {"theta": shot.zero(), "inner_lr": lr0, "l2": 0.0, "steps": shot.K_inner,
-            "val_accuracy": val_lr[lr0], "choice": {"inner_lr": lr0}}
+            "val_accuracy": val_lr[lr0], "val_per_task": per_task, "choice": {"inner_lr": lr0}}
 
 
 def _pretrained_start(shot: _Shot, lr0: float) -> dict:
@@ -229,16 +266,25 @@ def _meta_learner(shot: _Shot, name: str, params: dict) -> Tuple[dict, dict]:
     iteration, then refit on all meta-training classes for that many iterations."""
     config, K = shot.config, shot.K
     t0 = time.perf_counter()
-    per_fold = []
+    per_fold, per_task = [], []
     for f, (sampler, val) in enumerate(shot.folds):
         shot.log(f"K={K}: {name}, fold {f + 1}/{len(shot.folds)}")
-        model = _train(config, shot.K_inner, sampler, config.n_iterations, validation=val, **params)
+        # per-task validation accuracy at every validation iteration, for the paired selection rule
+        scores = {0: adaptation_accuracy(_train(config, shot.K_inner, sampler, 0, **params), val)}
+
+        def keep(model, record, scores=scores, val=val):
+            if "val_accuracy" in record:
+                scores[record["iteration"]] = adaptation_accuracy(model, val)
+
+        model = _train(config, shot.K_inner, sampler, config.n_iterations, validation=val, callbacks=[keep], **params)
         per_fold.append([(r["iteration"], r["val_accuracy"]) for r in model.history_ if "val_accuracy" in r])
+        per_task.append(scores)
         shot.log.step()
     its = [it for it, _ in per_fold[0]]
     mean_val = np.mean([[acc for _, acc in fold] for fold in per_fold], axis=0)
     best = int(np.argmax(mean_val))
     n_best = its[best]
+    val_per_task = np.concatenate([scores[n_best] for scores in per_task])
     curve = {"iterations": its, "val_accuracy": mean_val.tolist()}
     shot.log(f"K={K}: {name}, refit for {n_best} iterations")
     model = _train(config, shot.K_inner, shot.refit_sampler, n_best, **params)
@@ -246,7 +292,7 @@ def _meta_learner(shot: _Shot, name: str, params: dict) -> Tuple[dict, dict]:
     lr = model.inner_lr_for(shot.K_inner)
     shot.log.step()
     method = {"model": model, "theta": model.theta_, "inner_lr": lr, "l2": model.l2_, "steps": shot.K_inner,
-              "val_accuracy": float(mean_val[best]),
+              "val_accuracy": float(mean_val[best]), "val_per_task": val_per_task,
               "choice": {"iterations": n_best, "inner_lr": float(np.mean(lr)), "l2": model.l2_},
               "meta_train_seconds": time.perf_counter() - t0}
     return method, curve
@@ -258,6 +304,7 @@ def _meta_learner_variants(shot: _Shot, lr0: float) -> dict:
         MAML_LEARNED: dict(inner_lr=lr0, learn_inner_lr="scalar", l2=1e-3, learn_l2=True),
         METASGD: dict(inner_lr=lr0, learn_inner_lr="per_parameter"),
         PRECOND: dict(inner_lr=lr0, learn_inner_lr="preconditioner", precond_rank=4, random_state=shot.seeds[3]),
+        **({POLICY: dict(inner_lr=lr0, l2=1e-3, hyper_policy=_fastmaml.HyperPolicy())} if _have_policy() else {}),
     }
 
 
@@ -297,15 +344,17 @@ def _test_rows(shot: _Shot, methods: dict) -> Tuple[dict, dict]:
 
 
 def _one_blas_thread():
-    """Single-threaded BLAS for thousands of tiny scikit-learn fits: threads only add overhead there
-    (measured 9x slower per fit on 2 shared cores). A no-op without threadpoolctl."""
+    """One thread for BLAS and OpenMP during thousands of tiny scikit-learn fits: threads only add overhead
+    there (BLAS: measured 9x slower per fit on 2 shared cores; scikit-learn's loss and gradient run on OpenMP,
+    whose threads spin between the tiny parallel loops: 10x slower per task on a loaded 2-core machine).
+    A no-op without threadpoolctl."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
         import contextlib
 
         return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    return threadpool_limits(limits=1)
 
 
 def _grid_search_rows(shot: _Shot) -> Tuple[Optional[str], dict]:
@@ -351,7 +400,16 @@ def _run_shot(shot: _Shot) -> dict:
     for name, params in _meta_learner_variants(shot, lr0).items():
         methods[name], curves[name] = _meta_learner(shot, name, params)
         budget_units += shot.config.n_iterations * shot.config.meta_batch_size * 2 * shot.K_inner * len(shot.folds)
-    selected = max(META_LEARNERS, key=lambda n: methods[n]["val_accuracy"])
+    # keep the simplest candidate unless another is clearly better on the validation folds
+    if shot.config.selection == "best-mean":
+        selected = max(meta_learners(), key=lambda n: methods[n]["val_accuracy"])
+        selection = {"rule": "best-mean"}
+    elif shot.config.selection == "simplest":
+        selected, selection = select_candidate({n: methods[n]["val_per_task"] for n in selection_order()},
+                                               selection_order())
+        selection["rule"] = "simplest"
+    else:
+        raise ValueError(f"selection: expected 'simplest' or 'best-mean', got {shot.config.selection!r}")
     methods[RANDOM] = _random_search(shot, budget_units)
 
     table, steps_curves = _test_rows(shot, methods)
@@ -362,7 +420,7 @@ def _run_shot(shot: _Shot) -> dict:
         row["vs_grid"] = paired_difference(row["per_task"], table[grid_name]["per_task"]) if grid_name else None
         row["per_task"] = np.asarray(row["per_task"]).tolist()
     return {"table": table, "steps_curves": steps_curves, "training_curves": curves,
-            "selected_meta_learner": selected, "grid_method": grid_name,
+            "selected_meta_learner": selected, "selection": selection, "grid_method": grid_name,
             "n_test_episodes": shot.test_tasks.n_tasks}
 
 
@@ -413,7 +471,7 @@ def run_digit_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] 
     fold_digits = _validation_folds(train_digits, n_way, int(config.val_folds), config.seed)
 
     K_inner = int(config.inner_steps)
-    stages = len(config.shots) * (4 + len(META_LEARNERS) * (len(fold_digits) + 1))
+    stages = len(config.shots) * (4 + len(meta_learners()) * (len(fold_digits) + 1))
     logger = _Log(log, config.progress, stages)
     results = {
         "config": dataclasses.asdict(config),
@@ -549,7 +607,7 @@ def run_grouped(config: DemoConfig, *, n_groups=300, n_per_group=60, n_features=
     X, y, groups = make_grouped_tasks(n_groups=n_groups, n_per_group=n_per_group, n_features=n_features,
                                       random_state=config.seed)
     train_g, val_g, test_g = split_groups(groups, fractions=(0.6, 0.2, 0.2), random_state=config.seed)
-    stages = len(config.shots) * (4 + len(META_LEARNERS) * 2)
+    stages = len(config.shots) * (4 + len(meta_learners()) * 2)
     logger = _Log(log, config.progress, stages)
     results = {
         "config": dataclasses.asdict(config),
@@ -606,7 +664,36 @@ def run_all_pairs(config: DemoConfig, *, log: Optional[Callable[[str], None]] = 
                 "accuracy": {name: r["accuracy"] for name, r in table.items()},
             }
         out["pairs"][f"{a},{b}"] = row
+        if log is not None:  # the numbers as they come: a long sweep that is stopped still says something
+            log(f"pair {a},{b}: " + "; ".join(
+                f"K={K} {r['selected']} {100 * r['selected_accuracy']:.1f}% (zero init "
+                f"{100 * r['accuracy'][ZERO]:.1f}%, random search {100 * r['accuracy'][RANDOM]:.1f}%)"
+                for K, r in row.items()))
     out["total_seconds"] = time.perf_counter() - t0
+    out["summary"] = summarize_all_pairs(out)
+    return out
+
+
+def summarize_all_pairs(results: dict) -> dict:
+    """Per K over the pairs: mean accuracy of every method and of the selected one, the worst pair of the
+    selected one against the zero start, and how often each candidate was selected."""
+    out = {}
+    Ks = list(next(iter(results["pairs"].values())).keys()) if results["pairs"] else []
+    for K in Ks:
+        rows = {pair: r[K] for pair, r in results["pairs"].items()}
+        sel = np.array([r["selected_accuracy"] for r in rows.values()])
+        zero = np.array([r["accuracy"][ZERO] for r in rows.values()])
+        methods = list(next(iter(rows.values()))["accuracy"])
+        means = {m: float(np.mean([r["accuracy"][m] for r in rows.values()])) for m in methods}
+        diff = sel - zero
+        worst = int(np.argmin(diff))
+        counts = {}
+        for r in rows.values():
+            counts[r["selected"]] = counts.get(r["selected"], 0) + 1
+        out[K] = {"selected_mean": float(sel.mean()), "zero_mean": float(zero.mean()), "method_means": means,
+                  "worst_pair": list(rows)[worst], "worst_vs_zero": float(diff[worst]),
+                  "pairs_losing_over_2_points": int(np.sum(diff < -0.02)), "selected_counts": counts,
+                  "n_pairs": len(rows)}
     return out
 
 
@@ -631,5 +718,400 @@ def format_all_pairs(results: dict) -> str:
         lines.append(f"K={K}: vs zero init: {w['zero'][0]} pairs won, {w['zero'][1]} ties, {w['zero'][2]} lost; "
                      f"vs grid search: {w['grid'][0]} won, {w['grid'][1]} ties, {w['grid'][2]} lost "
                      "(won/lost = 95% CI of the paired difference excludes 0)")
+    summary = results.get("summary") or summarize_all_pairs(results)
+    for K, sm in summary.items():
+        lines.append(f"K={K}: mean over {sm['n_pairs']} pairs: selected {100 * sm['selected_mean']:.1f}%, zero init "
+                     f"{100 * sm['zero_mean']:.1f}%; worst pair {sm['worst_pair']} "
+                     f"({100 * sm['worst_vs_zero']:+.1f} points vs zero init); "
+                     f"{sm['pairs_losing_over_2_points']} pairs lose more than 2 points")
+        lines.append("  selected: " + ", ".join(f"{n} {c}x" for n, c in sorted(sm["selected_counts"].items(),
+                                                                               key=lambda kv: -kv[1])))
+        lines.append("  means: " + ", ".join(f"{n} {100 * m:.1f}%" for n, m in sm["method_means"].items()))
     lines.append(f"total time {results['total_seconds']:.1f} s")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------- the ragged family
+GLOBAL = "MAML (global learned step, L2)"
+ORACLE_GRID = "oracle: per-task (step, L2) on 600 fresh rows"
+BUCKET_NAMES = ("small", "medium", "large")
+ORACLE_STEP_OFFSETS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0)  # log10 multiples of the global step
+ORACLE_L2_OFFSETS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)  # log10 multiples of the global L2
+
+
+@dataclasses.dataclass
+class RaggedConfig:
+    """Settings of ``fastmaml demo --family ragged`` (the family itself is fixed: see
+    :func:`fastmaml.datasets.make_ragged_family`).
+
+    ``inner_steps=20`` is fixed, not chosen: per-task step sizes matter only when the inner loop runs
+    long enough for a step size to decide how far a task moves (issue 15 measured the per-task gain at
+    K=20 about twice that at K=5), and a 400-row support set needs the steps to converge.
+    """
+
+    test_groups: int = 600
+    val_groups: int = 400
+    train_groups: int = 1000
+    n_features: int = 20
+    inner_steps: int = 20
+    meta_batch_size: int = 32
+    n_iterations: int = 500
+    validate_every: int = 50
+    meta_lr: float = 0.01
+    random_configs_cap: int = 400
+    oracle_rows_per_class: int = 300
+    seed: int = 0
+    n_threads: Optional[int] = None
+    progress: bool = True
+    c_grid: tuple = C_GRID
+    lr_grid: tuple = LR_GRID
+
+    @classmethod
+    def quick(cls, **overrides) -> "RaggedConfig":
+        base = dict(test_groups=100, val_groups=60, train_groups=140, n_iterations=60, validate_every=20,
+                    random_configs_cap=12, c_grid=(0.1, 1.0, 10.0))
+        base.update(overrides)
+        return cls(**base)
+
+
+class _PoolSampler:
+    """Meta-batches drawn (without replacement within a batch) from a fixed list of groups of the family."""
+
+    def __init__(self, family, groups, random_state):
+        self.family = family
+        self.groups = np.asarray(groups)
+        self.rng = np.random.default_rng(random_state)
+        self.n_classes = 2
+
+    def sample(self, n_tasks):
+        pick = self.rng.choice(self.groups.size, size=min(int(n_tasks), self.groups.size), replace=False)
+        return self.family.tasks(self.groups[pick])
+
+    def get_state(self):
+        return self.rng.bit_generator.state
+
+    def set_state(self, state):
+        self.rng.bit_generator.state = state
+
+
+def _oracle(family, test_g, tasks, model, config, K, log):
+    """Per task, the (step, L2) of a fixed 7 x 7 grid around the global setting that scores best on 600
+    fresh rows of the task's own teacher, adapted from the global start; scored on the reported query set."""
+    log("ragged: oracle (7 x 7 grid per task, fresh rows)")
+    t0 = time.perf_counter()
+    fresh = family.fresh_tasks(test_g, config.oracle_rows_per_class, random_state=config.seed + 7)
+    lr_g = np.asarray(model.inner_lr_for(K), dtype=np.float64)
+    l2_g = float(model.l2_)
+    T = tasks.n_tasks
+    n = len(ORACLE_STEP_OFFSETS) * len(ORACLE_L2_OFFSETS)
+    fresh_acc = np.zeros((n, T))
+    fresh_loss = np.full((n, T), np.inf)
+    query_acc = np.zeros((n, T))
+    combos = [(s, l) for s in ORACLE_STEP_OFFSETS for l in ORACLE_L2_OFFSETS]
+    for i, (s, l) in enumerate(combos):
+        lr, l2 = lr_g * 10.0 ** s, l2_g * 10.0 ** l
+        try:
+            phi = adapt(model.theta_, fresh, inner_lr=lr, inner_steps=K, l2=l2, n_threads=config.n_threads)
+        except DivergenceError:
+            # one diverging task stops the batch: adapt task by task, a diverged task scores nothing
+            phi = np.full((T,) + model.theta_.shape, np.nan)
+            for t in range(T):
+                Xs, ys, _, _ = tasks.task(t)
+                try:
+                    phi[t] = adapt(model.theta_, Xs, ys, inner_lr=lr, inner_steps=K, l2=l2)
+                except DivergenceError:
+                    pass
+        ok = np.isfinite(phi).all(axis=1)
+        phi_ok = np.where(ok[:, None], phi, 0.0)
+        f = query_scores(phi_ok, fresh)
+        q = query_scores(phi_ok, tasks)
+        fresh_acc[i] = np.where(ok, f["accuracy"], 0.0)
+        fresh_loss[i] = np.where(ok, f["loss"], np.inf)
+        query_acc[i] = np.where(ok, q["accuracy"], 0.0)
+    # best fresh-row accuracy, ties by the lower fresh-row log-loss
+    best = np.lexsort((fresh_loss, -fresh_acc), axis=0)[0]
+    acc = query_acc[best, np.arange(T)]
+    choice = np.array([combos[b] for b in best])  # (T, 2): log10 offsets of step and L2
+    seconds = (time.perf_counter() - t0) / T
+    return acc, choice, seconds
+
+
+def _r2(target: np.ndarray, features: np.ndarray) -> float:
+    """Fraction of the variance of target explained by an affine least-squares fit on features."""
+    A = np.column_stack([np.ones(len(target)), features])
+    coef, *_ = np.linalg.lstsq(A, target, rcond=None)
+    resid = target - A @ coef
+    var = float(np.var(target))
+    return float("nan") if var == 0 else 1.0 - float(np.var(resid)) / var
+
+
+def _gap_closed(policy, glob, oracle, seed) -> dict:
+    """(policy - global) / (oracle - global) on the same tasks, with a bootstrap 95% interval over tasks."""
+    gain, gap = policy - glob, oracle - glob
+    point = float(gain.mean() / gap.mean()) if gap.mean() > 0 else float("nan")
+    rng = np.random.default_rng(seed)
+    T = gain.size
+    draws = []
+    for _ in range(2000):
+        i = rng.integers(0, T, T)
+        g = gap[i].mean()
+        if g > 0:
+            draws.append(gain[i].mean() / g)
+    lo, hi = (np.percentile(draws, [2.5, 97.5]) if len(draws) > 100 else (float("nan"), float("nan")))
+    return {"fraction": point, "ci95_low": float(lo), "ci95_high": float(hi),
+            "oracle_minus_global": float(gap.mean())}
+
+
+def run_ragged(config: RaggedConfig, *, log: Optional[Callable[[str], None]] = print) -> dict:
+    """The ragged family: per-task hyperparameters against one global setting, grid search and an oracle.
+
+    Groups of :func:`fastmaml.datasets.make_ragged_family` are split once into meta-training,
+    meta-validation and test groups; every method is scored on the same test groups (paired) and
+    broken down by support-size bucket (``fastmaml.datasets.RAGGED_BUCKETS``).
+    """
+    t_start = time.perf_counter()
+    G = config.test_groups + config.val_groups + config.train_groups
+    family = make_ragged_family(n_groups=G, n_features=config.n_features, random_state=config.seed)
+    perm = np.random.default_rng(config.seed).permutation(G)
+    test_g = np.sort(perm[:config.test_groups])
+    val_g = np.sort(perm[config.test_groups:config.test_groups + config.val_groups])
+    train_g = np.sort(perm[config.test_groups + config.val_groups:])
+    test, val = family.tasks(test_g), family.tasks(val_g)
+    K = int(config.inner_steps)
+    bucket = family.bucket()[test_g]
+    stages = 7
+    logger = _Log(log, config.progress, stages)
+    seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(config.seed).spawn(4)]
+    methods, trained = {}, {}
+    try:
+        logger("ragged: zero start, choosing the step size on meta-validation")
+        zero = np.zeros(config.n_features + 1)
+        lr0, val_lr = choose_inner_lr(zero, [val], config.lr_grid, inner_steps=K, n_threads=config.n_threads)
+        methods[ZERO] = {"theta": zero, "inner_lr": lr0, "l2": 0.0, "steps": K, "val_accuracy": val_lr[lr0],
+                         "choice": {"inner_lr": lr0}}
+        logger.step()
+        learners = {GLOBAL: dict(inner_lr=lr0, learn_inner_lr="scalar", l2=1e-3, learn_l2=True)}
+        if _have_policy():
+            learners[POLICY] = dict(inner_lr=lr0, l2=1e-3, hyper_policy=_fastmaml.HyperPolicy())
+        for name, params in learners.items():
+            logger(f"ragged: meta-training {name}")
+            t0 = time.perf_counter()
+            model = MAML(inner_steps=K, meta_lr=config.meta_lr, meta_batch_size=config.meta_batch_size,
+                         n_iterations=config.n_iterations, validate_every=config.validate_every,
+                         n_threads=config.n_threads, progress=False, select="best_accuracy",
+                         random_state=seeds[1], **params)
+            _fit(model, _PoolSampler(family, train_g, seeds[0]), validation=val)
+            trained[name] = model
+            best_val = max(r["val_accuracy"] for r in model.history_ if "val_accuracy" in r)
+            lr = model.inner_lr_for(K)
+            methods[name] = {"model": model, "steps": K, "val_accuracy": best_val,
+                             "choice": {"iterations": int(model.best_iteration_), "inner_lr": float(np.mean(lr)),
+                                        "l2": float(model.l2_)},
+                             "meta_train_seconds": time.perf_counter() - t0}
+            logger.step()
+        budget = len(learners) * config.n_iterations * config.meta_batch_size * 2 * K
+        logger("ragged: random search over (step, L2, steps)")
+        t0 = time.perf_counter()
+        found = random_search(zero, [val], budget=budget, max_configs=config.random_configs_cap,
+                              inner_steps_range=(1, 2 * K), random_state=seeds[2], n_threads=config.n_threads)
+        methods[RANDOM] = {"theta": zero, "inner_lr": found.inner_lr, "l2": found.l2, "steps": found.inner_steps,
+                           "val_accuracy": found.accuracy,
+                           "choice": {"inner_lr": found.inner_lr, "l2": found.l2, "steps": found.inner_steps,
+                                      "configs_tried": found.configs_tried},
+                           "meta_train_seconds": time.perf_counter() - t0}
+        logger.step()
+
+        rows = {}
+        bucket_tasks = [family.tasks(test_g[bucket == b]) if np.any(bucket == b) else None for b in range(3)]
+        for name, m in methods.items():
+            logger(f"ragged: scoring {name}")
+            if "model" in m:
+                acc = adaptation_accuracy(m["model"], test)
+            else:
+                acc = adaptation_accuracy(m["theta"], test, inner_lr=m["inner_lr"], inner_steps=m["steps"],
+                                          l2=m["l2"], n_threads=config.n_threads)
+            secs = [None if bt is None else _time_adaptation(m, bt, config.n_threads) for bt in bucket_tasks]
+            rows[name] = {"per_task": acc, "val_accuracy": m["val_accuracy"], "choice": m["choice"],
+                          "seconds_per_task_by_bucket": secs, "meta_train_seconds": m.get("meta_train_seconds", 0.0)}
+        logger.step()
+        if _have_sklearn():
+            logger("ragged: per-task grid search of LogisticRegression")
+            acc = np.zeros(test.n_tasks)
+            secs = []
+            with _one_blas_thread():
+                for b in range(3):
+                    sel = np.flatnonzero(bucket == b)
+                    if sel.size == 0:
+                        secs.append(None)
+                        continue
+                    gs = grid_search_logistic_regression(bucket_tasks[b], config.c_grid, cv_folds=5,
+                                                         random_state=seeds[3])
+                    acc[sel] = gs.accuracy
+                    secs.append(gs.seconds_per_task)
+            rows[GRID] = {"per_task": acc, "val_accuracy": None,
+                          "choice": {"C": "per task, by stratified CV on the support set"},
+                          "seconds_per_task_by_bucket": secs, "meta_train_seconds": 0.0}
+        logger.step()
+        o_acc, o_choice, o_secs = _oracle(family, test_g, test, trained[GLOBAL], config, K, logger)
+        rows[ORACLE_GRID] = {"per_task": o_acc, "val_accuracy": None, "oracle": True,
+                             "choice": {"grid": "7 x 7: log10 step offsets " + str(ORACLE_STEP_OFFSETS)
+                                        + ", log10 L2 offsets " + str(ORACLE_L2_OFFSETS) + " around the global"},
+                             "seconds_per_task_by_bucket": [o_secs] * 3, "meta_train_seconds": 0.0}
+        logger.step()
+    finally:
+        logger.close()
+
+    table = {}
+    for name, r in rows.items():
+        acc = np.asarray(r["per_task"], dtype=np.float64)
+        mean, ci = mean_ci(acc)
+        by_bucket = []
+        for b in range(3):
+            sel = bucket == b
+            m_b, ci_b = mean_ci(acc[sel]) if np.any(sel) else (float("nan"), float("nan"))
+            by_bucket.append({"accuracy": m_b, "accuracy_ci95": ci_b, "n_tasks": int(sel.sum()),
+                              "seconds_per_task": r["seconds_per_task_by_bucket"][b]})
+        table[name] = dict(r, accuracy=mean, accuracy_ci95=ci, by_bucket=by_bucket)
+    comparisons = {}
+    if POLICY in table:
+        pol = np.asarray(table[POLICY]["per_task"])
+        for ref in (GLOBAL, GRID, ZERO, RANDOM):
+            if ref in table:
+                ref_acc = np.asarray(table[ref]["per_task"])
+                comparisons[f"policy vs {ref}"] = dict(
+                    paired_difference(pol, ref_acc),
+                    by_bucket=[paired_difference(pol[bucket == b], ref_acc[bucket == b]) if np.sum(bucket == b) > 1
+                               else None for b in range(3)])
+        comparisons["gap closed toward the oracle"] = _gap_closed(
+            pol, np.asarray(table[GLOBAL]["per_task"]), np.asarray(table[ORACLE_GRID]["per_task"]), config.seed)
+    comparisons["oracle vs " + GLOBAL] = paired_difference(table[ORACLE_GRID]["per_task"], table[GLOBAL]["per_task"])
+    analysis = _oracle_analysis(o_choice, family, test_g, test, trained.get(POLICY))
+    for r in table.values():
+        r["per_task"] = np.asarray(r["per_task"]).tolist()
+    results = {
+        "config": dataclasses.asdict(config),
+        "family": "ragged",
+        "data": {"name": "ragged (make_ragged_family)", "n_groups": G, "n_features": config.n_features,
+                 "shots": [2, 200], "noise": [0.0, 1.0], "deviation": 0.5, "n_query": 15,
+                 "buckets": {n: list(b) for n, b in zip(BUCKET_NAMES, RAGGED_BUCKETS)}},
+        "n_train_groups": int(train_g.size), "n_validation_groups": int(val_g.size), "n_test_groups": int(test_g.size),
+        "inner_steps": K,
+        "bucket_of_task": bucket.tolist(),
+        "shots_of_task": family.shots[test_g].tolist(),
+        "table": table,
+        "comparisons": comparisons,
+        "oracle_analysis": analysis,
+        "policy_available": _have_policy(),
+    }
+    results["total_seconds"] = time.perf_counter() - t_start
+    results["summary"] = summarize_ragged(results)
+    return results
+
+
+def _oracle_analysis(choice, family, test_g, tasks, policy_model) -> dict:
+    """How far the oracle's per-task choices vary, and how much of it the support descriptor explains."""
+    out = {"std_log10_step": float(np.std(choice[:, 0])), "std_log10_l2": float(np.std(choice[:, 1])),
+           "mean_log10_step": float(np.mean(choice[:, 0])), "mean_log10_l2": float(np.mean(choice[:, 1]))}
+    log_size = np.log(family.shots[test_g].astype(np.float64))[:, None]
+    out["r2_step_log_support_size"] = _r2(choice[:, 0], log_size)
+    out["r2_l2_log_support_size"] = _r2(choice[:, 1], log_size)
+    out["r2_step_noise"] = _r2(choice[:, 0], family.noise[test_g][:, None])
+    if _have_policy():
+        try:
+            desc = _fastmaml.HyperPolicy().describe(tasks)
+            out["r2_step_descriptor"] = _r2(choice[:, 0], desc)
+            out["r2_l2_descriptor"] = _r2(choice[:, 1], desc)
+        except Exception as exc:  # the policy's API is young: report, do not fail the demo
+            out["descriptor_error"] = f"{type(exc).__name__}: {exc}"
+    by_bucket = []
+    bucket = family.bucket()[test_g]
+    for b in range(3):
+        sel = bucket == b
+        by_bucket.append({"mean_log10_step": float(np.mean(choice[sel, 0])) if sel.any() else None,
+                          "mean_log10_l2": float(np.mean(choice[sel, 1])) if sel.any() else None})
+    out["by_bucket"] = by_bucket
+    return out
+
+
+def _verdict(d: dict, ref: str) -> str:
+    lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+    if lo > 0:
+        return f"beats {ref} by {100 * d['mean']:.1f} points (95% CI {100 * lo:.1f} to {100 * hi:.1f})"
+    if hi < 0:
+        return f"LOSES to {ref} by {100 * -d['mean']:.1f} points (95% CI {100 * lo:.1f} to {100 * hi:.1f})"
+    return f"is not distinguishable from {ref} ({100 * d['mean']:+.1f} points, 95% CI {100 * lo:.1f} to {100 * hi:.1f})"
+
+
+def summarize_ragged(results: dict) -> list:
+    """Plain sentences computed from the ragged table, whatever it shows."""
+    table, comp = results["table"], results["comparisons"]
+    lines = []
+    if POLICY not in table:
+        lines.append("The per-task policy (fastmaml.HyperPolicy) is not in this build: only the other methods ran.")
+    else:
+        parts = []
+        for ref in (GLOBAL, GRID, ZERO, RANDOM):
+            key = f"policy vs {ref}"
+            if key in comp:
+                parts.append(f"It {_verdict(comp[key], ref)}.")
+        row = table[POLICY]
+        lines.append(f"The per-task policy scores {100 * row['accuracy']:.1f}% +/- {100 * row['accuracy_ci95']:.1f} on "
+                     f"{results['n_test_groups']} held-out groups. " + " ".join(parts))
+        g = comp["gap closed toward the oracle"]
+        if g["oracle_minus_global"] > 0:
+            lines.append(f"It closes {100 * g['fraction']:.0f}% of the gap between the global setting and the "
+                         f"per-task oracle ({100 * g['oracle_minus_global']:.1f} points; bootstrap 95% CI "
+                         f"{100 * g['ci95_low']:.0f}% to {100 * g['ci95_high']:.0f}%).")
+        else:
+            lines.append("The per-task oracle does not beat the global setting here: there is no gap to close.")
+        for b, name in enumerate(BUCKET_NAMES):
+            d = comp[f"policy vs {GLOBAL}"]["by_bucket"][b]
+            if d is not None:
+                lines.append(f"  {name} support sets: the policy {_verdict(d, 'the global setting')}.")
+    d = comp["oracle vs " + GLOBAL]
+    lines.append(f"The oracle's per-task choice {_verdict(d, 'the global setting')}.")
+    a = results["oracle_analysis"]
+    expl = f"The oracle's choices vary by {a['std_log10_step']:.2f} decades of step size and {a['std_log10_l2']:.2f} of L2"
+    expl += f"; log support size explains {100 * a['r2_step_log_support_size']:.0f}% of the step's variation"
+    if "r2_step_descriptor" in a:
+        expl += f", the policy's descriptor {100 * a['r2_step_descriptor']:.0f}%"
+    lines.append(expl + ".")
+    contenders = [n for n, r in table.items() if not r.get("oracle")]
+    best = max(contenders, key=lambda n: table[n]["accuracy"])
+    lines.append(f"Best non-oracle method: {best} ({100 * table[best]['accuracy']:.1f}%).")
+    return lines
+
+
+def format_ragged(results: dict) -> str:
+    """The ragged table as text: accuracy per bucket, paired differences, compute per new task."""
+    b = results["data"]["buckets"]
+    out = [f"Ragged family: meta-train on {results['n_train_groups']} groups, choose on "
+           f"{results['n_validation_groups']} meta-validation groups, test on {results['n_test_groups']} held-out "
+           f"groups (support rows per class log-uniform in [2, 200], label noise uniform in [0, 1], "
+           f"{results['data']['n_features']} features, {results['inner_steps']} inner steps)"]
+    counts = [results["table"][next(iter(results["table"]))]["by_bucket"][i]["n_tasks"] for i in range(3)]
+    heads = [f"{n} {b[n][0]}-{b[n][1]} ({c})" for n, c in zip(BUCKET_NAMES, counts)]
+    out.append(f"  {'method':<46} {'all':>13} " + " ".join(f"{h:>19}" for h in heads) + f" {'ms/task s/m/l':>20}")
+    for name, row in results["table"].items():
+        cells = [f"{100 * x['accuracy']:5.1f} +/- {100 * x['accuracy_ci95']:3.1f}" for x in row["by_bucket"]]
+        ms = "/".join("-" if x["seconds_per_task"] is None else f"{1000 * x['seconds_per_task']:.2f}"
+                      for x in row["by_bucket"])
+        out.append(f"  {name:<46} {100 * row['accuracy']:5.1f} +/- {100 * row['accuracy_ci95']:3.1f} "
+                   + " ".join(f"{c:>19}" for c in cells) + f" {ms:>20}")
+    out.append("")
+    out.append("Paired differences (points, 95% CI), all / small / medium / large:")
+    for key, d in results["comparisons"].items():
+        if "fraction" in d:
+            out.append(f"  {key}: {100 * d['fraction']:.0f}% (bootstrap 95% CI {100 * d['ci95_low']:.0f}% to "
+                       f"{100 * d['ci95_high']:.0f}%) of {100 * d['oracle_minus_global']:.1f} points")
+            continue
+        cells = [f"{100 * d['mean']:+.1f} +/- {100 * d['ci95']:.1f}"]
+        for x in d.get("by_bucket", []):
+            cells.append("-" if x is None else f"{100 * x['mean']:+.1f} +/- {100 * x['ci95']:.1f}")
+        out.append(f"  {key:<50} " + " | ".join(cells))
+    out.append("")
+    out.append("Summary (computed from the numbers above):")
+    for line in results["summary"]:
+        out.append("  " + line)
+    out.append(f"total time {results['total_seconds']:.1f} s")
+    return "\n".join(out)

@@ -13,7 +13,9 @@ Scores
 Statistics
     :func:`mean_ci` (a normal 95% confidence interval of a mean) and
     :func:`paired_difference` (the same for per-task differences of two
-    methods scored on the same tasks -- the comparison to report).
+    methods scored on the same tasks -- the comparison to report);
+    :func:`select_candidate` (keep the simplest method unless another is
+    clearly better on validation tasks).
 Baselines
     the zero start or any fixed start with the step size chosen on
     validation tasks (:func:`choose_inner_lr`); a jointly pre-trained start
@@ -49,6 +51,7 @@ __all__ = [
     "adaptation_accuracy",
     "mean_ci",
     "paired_difference",
+    "select_candidate",
     "choose_inner_lr",
     "pretrained_start",
     "GridSearchResult",
@@ -274,6 +277,55 @@ def paired_difference(a, b) -> dict:
                          f"got shapes {a.shape} and {b.shape}")
     mean, ci = mean_ci(a - b)
     return {"mean": mean, "ci95": ci}
+
+
+def select_candidate(scores: dict, order: Sequence[str]) -> Tuple[str, dict]:
+    """The simplest candidate that no other beats clearly on the same validation tasks.
+
+    Choosing the best validation mean among many candidates picks noise as
+    often as skill when the differences are small: the winner's validation
+    score is biased up, and the choice can lose to the simplest candidate on
+    new tasks. This rule keeps the simplest candidate unless another beats it
+    by more than the 95% interval of their paired difference
+    (:func:`paired_difference` ``mean - ci95 > 0``): it returns the first
+    candidate of ``order`` that no other candidate beats clearly. One always
+    exists (nothing beats the candidate with the highest mean).
+
+    Parameters
+    ----------
+    scores : dict of str -> array_like of shape (n_tasks,)
+        Per-task validation scores (accuracy, higher is better) of every
+        candidate, task t at position t for all of them.
+    order : sequence of str
+        The candidates from simplest to most complex (keys of ``scores``;
+        candidates not listed are not considered).
+
+    Returns
+    -------
+    name : str
+        The chosen candidate.
+    details : dict
+        ``beaten_by``: for each candidate, the candidates that beat it
+        clearly; ``mean``: its mean validation score.
+    """
+    order = list(order)
+    if not order:
+        raise ValueError("order: expected at least one candidate")
+    missing = [n for n in order if n not in scores]
+    if missing:
+        raise ValueError(f"order: candidates {missing} have no scores (scores has {sorted(scores)})")
+    arrays = {n: np.asarray(scores[n], dtype=np.float64) for n in order}
+    beaten_by = {}
+    for n in order:
+        beaten_by[n] = []
+        for other in order:
+            if other == n:
+                continue
+            d = paired_difference(arrays[other], arrays[n])
+            if d["mean"] - d["ci95"] > 0:
+                beaten_by[n].append(other)
+    chosen = next(n for n in order if not beaten_by[n])
+    return chosen, {"beaten_by": beaten_by, "mean": {n: float(a.mean()) for n, a in arrays.items()}}
 
 
 # --------------------------------------------------------------------------

@@ -60,7 +60,8 @@ def method_styles(results: dict) -> dict:
         for name in list(res["table"]) + list(res.get("training_curves", {})):
             if name not in names:
                 names.append(name)
-    cmap = matplotlib.colormaps["tab10"].colors
+    # tab10, then tab20's light shades: eleven methods (with the per-task policy) keep distinct colours
+    cmap = list(matplotlib.colormaps["tab10"].colors) + list(matplotlib.colormaps["tab20"].colors[1::2])
     return {n: (matplotlib.colors.to_hex(cmap[i % len(cmap)]), _MARKERS[i % len(_MARKERS)])
             for i, n in enumerate(names)}
 

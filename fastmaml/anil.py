@@ -794,8 +794,10 @@ def main(args) -> int:
 
     from .cli import CLIError, _check_output, _write_text
 
-    if args.family != "digits" or args.all_pairs or args.ways != 2:
-        raise CLIError("--backbone cnn: runs the digit-pair experiment only (no --family grouped, --all-pairs "
+    if args.family != "digits":
+        raise CLIError(f"--backbone cnn: runs the digit-pair experiment only, not --family {args.family}")
+    if args.all_pairs or args.ways != 2:
+        raise CLIError("--backbone cnn: runs the digit-pair experiment on one held-out pair (no --all-pairs "
                        "or --ways)")
     if args.json:
         _check_output(args.json, "--json")

@@ -147,8 +147,8 @@ def _build_parser() -> argparse.ArgumentParser:
                            "whose labels mean the same in every group; ragged: such groups with support sizes "
                            "from 2 to 200 rows per class and per-group label noise, per-task hyperparameters "
                            "against one global setting, grid search and an oracle (no plot)")
-    demo.add_argument("--selection", choices=("simplest", "best-mean"), default="simplest",
-                      help="how validation picks the meta-learner: simplest = keep the simplest candidate (zero "
+    demo.add_argument("--selection", choices=("simplest", "best-mean"), default=None,
+                      help="(--family digits and grouped; default: simplest) how validation picks the meta-learner: simplest = keep the simplest candidate (zero "
                            "start, then the per-task policy) unless another beats it by more than the paired 95%% "
                            "CI on the validation folds; best-mean = the highest mean validation accuracy")
     demo.add_argument("--backbone", choices=("pixels", "cnn"), default="pixels",
@@ -177,8 +177,9 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=_seed, default=0, help="random seed of the whole experiment")
     demo.add_argument("--json", metavar="PATH", default=None,
                       help="write every number to this JSON file (default: no JSON)")
-    demo.add_argument("--plot", metavar="PATH", default="fastmaml_demo.png",
-                      help="PNG file to write ('.png' is added when PATH has no extension; '' for no plot)")
+    demo.add_argument("--plot", metavar="PATH", default=None,
+                      help="PNG file to write; '.png' is added when PATH has no extension; '' for no plot "
+                           "(default: fastmaml_demo.png)")
     demo.add_argument("--no-progress", action="store_true",
                       help="no progress bar; print one line per stage instead")
 
@@ -419,6 +420,16 @@ def _write_text(path: str, text: str, option: str) -> None:
 
 # ------------------------------------------------------------------ commands
 def _cmd_demo(args) -> int:
+    # Options a run would ignore are refused, naming the run (an explicit --plot or --selection only).
+    no_plot = ("--backbone cnn" if args.backbone == "cnn" else "--all-pairs" if args.all_pairs
+               else "--family ragged" if args.family == "ragged" else None)
+    if no_plot and args.plot:
+        raise CLIError(f"--plot: {no_plot} draws no plot; leave --plot out")
+    no_selection = ("--backbone cnn" if args.backbone == "cnn" else "--family ragged" if args.family == "ragged"
+                    else None)
+    if no_selection and args.selection is not None:
+        raise CLIError(f"--selection: {no_selection} selects no meta-learner (the rule is for --family digits "
+                       "and grouped); leave --selection out")
     if args.backbone == "cnn":
         from . import anil  # imports torch only when a run starts
 
@@ -426,11 +437,8 @@ def _cmd_demo(args) -> int:
     from . import demo
 
     plot_path = None
-    if args.all_pairs and args.plot and args.plot != "fastmaml_demo.png":
-        raise CLIError("--plot: --all-pairs draws no plot; leave --plot out")
-    if args.family == "ragged" and args.plot and args.plot != "fastmaml_demo.png":
-        raise CLIError("--plot: --family ragged draws no plot; leave --plot out")
-    no_plot = args.all_pairs or args.family == "ragged"
+    if args.plot is None and not no_plot:
+        args.plot = "fastmaml_demo.png"
     if args.json:
         _check_output(args.json, "--json")
     if args.plot and not no_plot:
@@ -446,7 +454,7 @@ def _cmd_demo(args) -> int:
             raise CLIError("--plot and --json name the same file")
 
     overrides = {"seed": args.seed, "data": args.data, "n_threads": args.threads,
-                 "progress": not args.no_progress and sys.stderr.isatty(), "selection": args.selection}
+                 "progress": not args.no_progress and sys.stderr.isatty(), "selection": args.selection or "simplest"}
     if args.shots:
         overrides["shots"] = args.shots
     if args.iterations:

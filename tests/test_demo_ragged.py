@@ -232,3 +232,21 @@ def test_ragged_summary_says_loses_when_the_numbers_show_it():
 def test_ragged_rejects_digit_only_options(capsys):
     assert cli.main(["demo", "--family", "ragged", "--holdout", "2,3"]) == 2
     assert "--family digits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--backbone", "cnn", "--plot", "y.png"], "--plot: --backbone cnn draws no plot"),
+    (["--all-pairs", "--plot", "fastmaml_demo.png"], "--plot: --all-pairs draws no plot"),
+    (["--family", "ragged", "--plot", "fastmaml_demo.png"], "--plot: --family ragged draws no plot"),
+    (["--family", "ragged", "--selection", "best-mean"], "--selection: --family ragged selects no meta-learner"),
+    (["--backbone", "cnn", "--selection", "simplest"], "--selection: --backbone cnn selects no meta-learner"),
+    (["--backbone", "cnn", "--family", "ragged"], "not --family ragged"),
+])
+def test_demo_refuses_options_the_run_would_silently_ignore(argv, match, capsys):
+    """A newcomer's --plot or --selection that a run would ignore is refused in one line, before any
+    computing (an explicit default value included)."""
+    from fastmaml import cli
+
+    assert cli.main(["demo", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err

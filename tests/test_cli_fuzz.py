@@ -169,9 +169,16 @@ def test_fuzz_evaluate(world, monkeypatch):
 def test_fuzz_demo(world, monkeypatch):
     root, canned = world
     monkeypatch.chdir(root)
-    for name in ("run_digit_pairs", "run_grouped", "run_all_pairs"):
+    for name in ("run_digit_pairs", "run_grouped", "run_all_pairs", "run_ragged"):
         monkeypatch.setattr(demo, name, lambda config, log=None, **kw: canned)
     monkeypatch.setattr(demo, "format_all_pairs", lambda r: "pairs")
+    monkeypatch.setattr(demo, "format_ragged", lambda r: "ragged")
+    # --backbone cnn: its argument checks run; its computing (torch, when installed) is canned too
+    from fastmaml import anil
+
+    monkeypatch.setattr(anil, "run_cnn_demo", lambda config, log=None: canned)
+    monkeypatch.setattr(anil, "format_table", lambda r: "cnn")
+    monkeypatch.setattr(anil, "to_json", lambda r: "{}")
 
     @FUZZ
     @given(argv=_argv("demo", root))

@@ -434,7 +434,11 @@ def _run_meta_extended(call: "_Call", mode, sweep, grad_features: bool) -> MetaG
         grad_lr = _unreduce_lr_grad(grad_lr, call.lr_shape, call.scalar_in)
     if grad_features:
         d = call.n_features
-        ragged = bool(np.ptp(np.diff(call.support.ptr)) or np.ptp(np.diff(call.query.ptr)))
+        # Dense (T, n, d) sides have equal sizes by construction; only the
+        # index form needs the offsets read (a measurable part of a small call).
+        dense = all(side.X.ndim == 3 and side.idx is None for side in (call.support, call.query))
+        ragged = not dense and bool(
+            np.ptp(np.diff(call.support.ptr)) or np.ptp(np.diff(call.query.ptr)))
         if not ragged:
             T = call.n_tasks
             gsx = gsx.reshape(T, -1, d)

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 import warnings
 from typing import Callable, Optional
@@ -48,7 +47,7 @@ import numpy as np
 
 from . import EpisodeSampler, Tasks
 from .datasets import load_digits_dataset
-from .demo import _Log, _one_blas_thread  # thousands of tiny scikit-learn fits: threads only add overhead
+from .demo import _Log, _one_blas_thread, _with_summary, to_json  # one progress bar, BLAS guard and output format
 from .evaluation import adaptation_accuracy, choose_inner_lr, mean_ci, paired_difference
 
 TORCH_HINT = 'pip install "fastmaml[torch]"'
@@ -767,24 +766,7 @@ def format_table(results: dict) -> str:
     out.append(f"  head forward+backward alone            {1000 * head['fastmaml_seconds']:>12.2f} ms "
                f"{1000 * head['unrolled_seconds']:>17.2f} ms   (T={head['n_tasks']}, n={head['n_support']}, "
                f"m={head['n_query']}, d={head['n_features']}, {head['inner_steps']} steps)")
-    out.append("")
-    out.append("Summary (computed from the numbers above):")
-    for line in results["summary"]:
-        out.append("  " + line)
-    out.append(f"total time {results['total_seconds']:.1f} s")
-    return "\n".join(out)
-
-
-def to_json(results: dict) -> str:
-    """Every number as JSON (NumPy scalars and arrays converted)."""
-    def default(o):
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, (np.floating, np.integer)):
-            return o.item()
-        raise TypeError(type(o).__name__)
-
-    return json.dumps(results, default=default, indent=1)
+    return _with_summary(out, results)
 
 
 # ------------------------------------------------------------------ command line

@@ -572,15 +572,20 @@ def format_table(results: dict) -> str:
                 f"{1000 * row['seconds_per_task']:>11.3f}"
             )
         out.append(f"  meta-learner selected on validation: {res['selected_meta_learner']}")
+    return _with_summary(out, results)
+
+
+def _with_summary(out: list, results: dict) -> str:
+    """A results table's closing lines: the summary sentences and the total time (every demo prints them)."""
     out.append("")
     out.append("Summary (computed from the numbers above):")
-    for line in results["summary"]:
-        out.append("  " + line)
+    out.extend("  " + line for line in results["summary"])
     out.append(f"total time {results['total_seconds']:.1f} s")
     return "\n".join(out)
 
 
 def to_json(results: dict) -> str:
+    """Every number as JSON (NumPy scalars and arrays converted)."""
     def default(o):
         if isinstance(o, np.ndarray):
             return o.tolist()
@@ -1109,9 +1114,4 @@ def format_ragged(results: dict) -> str:
         for x in d.get("by_bucket", []):
             cells.append("-" if x is None else f"{100 * x['mean']:+.1f} +/- {100 * x['ci95']:.1f}")
         out.append(f"  {key:<50} " + " | ".join(cells))
-    out.append("")
-    out.append("Summary (computed from the numbers above):")
-    for line in results["summary"]:
-        out.append("  " + line)
-    out.append(f"total time {results['total_seconds']:.1f} s")
-    return "\n".join(out)
+    return _with_summary(out, results)

@@ -47,7 +47,7 @@ import numpy as np
 
 from . import EpisodeSampler, Tasks
 from .datasets import load_digits_dataset
-from .demo import _Log, _one_blas_thread, _with_summary, to_json  # one progress bar, BLAS guard and output format
+from .demo import _Log, _one_blas_thread, _verdict, _with_summary, to_json  # one progress bar, BLAS guard and output format
 from .evaluation import adaptation_accuracy, choose_inner_lr, mean_ci, paired_difference
 
 TORCH_HINT = 'pip install "fastmaml[torch]"'
@@ -701,15 +701,6 @@ def run_cnn_demo(config: CNNDemoConfig, *, log: Optional[Callable[[str], None]] 
     results["total_seconds"] = time.perf_counter() - t_start
     results["summary"] = summarize(results)
     return results
-
-
-def _verdict(d: dict, ref: str) -> str:
-    lo, hi = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
-    if lo > 0:
-        return f"beats {ref} by {100 * d['mean']:.1f} points (95% CI {100 * lo:.1f} to {100 * hi:.1f})"
-    if hi < 0:
-        return f"LOSES to {ref} by {100 * -d['mean']:.1f} points (95% CI {100 * lo:.1f} to {100 * hi:.1f})"
-    return f"is not distinguishable from {ref} ({100 * d['mean']:+.1f} points, 95% CI {100 * lo:.1f} to {100 * hi:.1f})"
 
 
 def summarize(results: dict) -> list:

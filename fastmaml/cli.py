@@ -84,6 +84,9 @@ def _columns(text: str) -> tuple:
     names = tuple(c.strip() for c in text.split(","))
     if not names or any(not c for c in names):
         raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"column {twice[0]!r} is named twice in {text!r}")
     return names
 
 
@@ -316,6 +319,9 @@ def _read_csv(path, label_col, group_col, feature_cols, ignore_cols):
             raise CLIError(f"{opt}: column {col!r} is not in the CSV header {header}")
     if feature_cols is None:
         feature_cols = [h for h in header if h not in (label_col, group_col) and h not in ignore_cols]
+    elif len(set(feature_cols)) < len(feature_cols):
+        twice = sorted({c for c in feature_cols if list(feature_cols).count(c) > 1})
+        raise CLIError(f"--feature-cols: column {twice[0]!r} is named twice")
     elif set(feature_cols) & {label_col, group_col}:
         raise CLIError("--feature-cols: the label and group columns cannot be features")
     if not feature_cols:
@@ -550,6 +556,9 @@ def _cmd_train(args) -> int:
     except ValueError as exc:
         raise _sampler_error(exc) from None
     learn = None if args.learn_inner_lr == "none" else args.learn_inner_lr
+    if args.meta_batch_size > len(train_g) and not args.scheduler:
+        print(f"fastmaml: --meta-batch-size {args.meta_batch_size} is more than the {len(train_g)} training "
+              f"groups; each meta-batch uses all {len(train_g)}", file=sys.stderr)
     model = MAML(algorithm=args.algorithm, inner_steps=args.inner_steps, inner_lr=args.inner_lr,
                  learn_inner_lr=None if args.algorithm in ("reptile", "imaml") else learn, l2=args.l2,
                  learn_l2=args.learn_l2 and args.algorithm not in ("reptile", "imaml"), meta_lr=args.meta_lr,

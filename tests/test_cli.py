@@ -105,6 +105,19 @@ def test_train_runs_every_algorithm_from_the_cli(table_file, tmp_path, capsys, e
     assert "model saved" in capsys.readouterr().out
 
 
+def test_a_meta_batch_larger_than_the_training_groups_says_it_uses_them_all(table_file, tmp_path, capsys):
+    npz, _ = table_file
+    args = ["train", str(npz), "--out", str(tmp_path / "m.npz"), "--iterations", "3", "--no-progress"]
+    assert cli.main(args + ["--meta-batch-size", "500"]) == 0
+    from fastmaml import MAML
+
+    # 60 groups, 20% held out for meta-validation: 48 training groups
+    assert "--meta-batch-size 500 is more than the 48 training groups" in capsys.readouterr().err
+    assert MAML.load(str(tmp_path / "m.npz")).meta_batch_size == 48
+    assert cli.main(args + ["--meta-batch-size", "16"]) == 0
+    assert "--meta-batch-size" not in capsys.readouterr().err
+
+
 def test_train_resumes_from_a_checkpoint(table_file, tmp_path, capsys):
     npz, _ = table_file
     ckpt = tmp_path / "ckpt.npz"
@@ -314,6 +327,12 @@ def test_csv_with_an_id_column_text_groups_and_named_columns(tmp_path, capsys):
     assert g2[0] == f"site-{int(groups[0])}"
     assert cli.main(base + ["--feature-cols", "a,zzz"]) == 2
     assert "--feature-cols: column 'zzz'" in capsys.readouterr().err
+    # a column named twice would silently train on a duplicated feature
+    assert cli.main(base + ["--feature-cols", "a,c,a"]) == 2
+    err = capsys.readouterr().err
+    assert "--feature-cols" in err and "'a' is named twice" in err and len(err.splitlines()) == 1
+    with pytest.raises(cli.CLIError, match="--feature-cols: column 'c' is named twice"):
+        cli.load_table(str(csv_path), "outcome", "site", feature_cols=("c", "a", "c"))
 
 
 def test_a_csv_with_only_a_header_is_one_line_and_no_numpy_warning(tmp_path):

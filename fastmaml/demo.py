@@ -21,12 +21,11 @@ beats it by more than the paired 95% interval on the validation folds
 (:func:`fastmaml.evaluation.select_candidate`; ``selection="best-mean"`` is the
 former highest-mean rule). That interval is over the *pairs of validation
 digits*, not over episodes: whether a meta-learner helps depends on which two
-digits a task holds (at K = 1 the learned preconditioner gains 15 points over
-the zero start on the validation pair 2 vs 4 and nothing on others), and the
-test pair is a new pair. The selection
-scores come from fresh episodes of the validation digits, not the ones that
-chose the step sizes and the stopping iterations, so no candidate's score is
-the maximum of the very numbers it is judged on.
+digits a task holds (at K = 1, validated on the single pair 2 vs 4, the learned
+preconditioner gained 7 to 15 points over the zero start), and the test pair is
+a new pair. The selection scores come from fresh episodes of the validation
+digits, not the ones that chose the step sizes and the stopping iterations, so
+no candidate's score is the maximum of the very numbers it is judged on.
 
 :func:`run_ragged` is the other question: on the ragged family
 (:func:`fastmaml.datasets.make_ragged_family`, support sizes 2..200 per class,

@@ -11,7 +11,9 @@ Scores
     :class:`fastmaml.MAML`) on every support set and scores it, after the last
     step or after every step.
 Statistics
-    :func:`mean_ci` (a normal 95% confidence interval of a mean) and
+    :func:`mean_ci` (a normal 95% confidence interval of a mean, or with
+    ``groups`` one that treats groups of tasks -- e.g. the episodes of one
+    pair of classes -- as the independent units) and
     :func:`paired_difference` (the same for per-task differences of two
     methods scored on the same tasks -- the comparison to report);
     :func:`select_candidate` (keep the simplest method unless another is
@@ -61,7 +63,13 @@ __all__ = [
     "random_search",
 ]
 
-Z95 = 1.96  # two-sided 95% quantile of the normal distribution, as used by every interval here
+Z95 = 1.96  # two-sided 95% quantile of the normal distribution, as used by every interval over tasks here
+
+# two-sided 95% quantiles of Student's t with 1..30 degrees of freedom: an interval over a few groups
+# (digit pairs) must widen with how few there are, and numpy has no t quantile
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042)
 
 
 # --------------------------------------------------------------------------
@@ -233,27 +241,72 @@ def adaptation_accuracy(start, tasks: Tasks, *, inner_lr=None, inner_steps=None,
 # --------------------------------------------------------------------------
 
 
-def mean_ci(values) -> Tuple[float, float]:
-    """Mean and half-width of a normal-approximation 95% confidence interval.
+def _t95(df: int) -> float:
+    """Two-sided 95% quantile of Student's t distribution with ``df`` degrees of freedom.
+
+    Tabulated for 1..30 (to 3 decimals); beyond, the Cornish-Fisher expansion
+    around :data:`Z95` (within 1e-3 of the exact quantile).
+    """
+    df = int(df)
+    if df < 1:
+        raise ValueError(f"df: expected at least 1 degree of freedom, got {df}")
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = Z95
+    return float(z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2))
+
+
+def _group_ids(groups, n: int) -> np.ndarray:
+    """Integer ids 0..G-1 of a per-task group label array (any labels; rows of a 2-d array are labels)."""
+    g = np.asarray(groups)
+    if g.shape[:1] != (n,) or g.ndim not in (1, 2):
+        raise ValueError(f"groups: expected one label per task, shape ({n},) or ({n}, k), got {g.shape}")
+    return np.unique(g, axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def mean_ci(values, groups=None) -> Tuple[float, float]:
+    """Mean and half-width of a 95% confidence interval of the mean.
 
     Parameters
     ----------
     values : array_like of shape (n,)
-        Independent per-task numbers (accuracies, say).
+        Per-task numbers (accuracies, say).
+    groups : array_like of shape (n,) or (n, k), optional
+        A label per task (a row per task for a 2-d array, e.g. the pair of
+        classes of an episode). Without it the tasks are the independent units.
+        With it the *groups* are: tasks of one group may share a cause (the
+        same two digits are easy or hard for a method), so the interval is the
+        cluster-robust one, ``t(G - 1) * sqrt(G / (G - 1) * sum_g S_g**2) / n``
+        with G groups, ``S_g`` the sum of ``values - mean`` over group g and
+        ``t(G - 1)`` the 95% quantile of Student's t. It is as wide as the
+        spread *between* groups says, and NaN (nothing can be
+        claimed) with a single group, however many tasks it holds.
 
     Returns
     -------
     mean : float
     half_width : float
-        ``1.96 * std(values, ddof=1) / sqrt(n)``; NaN when n < 2.
+        Without groups ``1.96 * std(values, ddof=1) / sqrt(n)``; NaN when n < 2
+        (or, with groups, fewer than 2 groups).
     """
     values = np.asarray(values, dtype=np.float64)
+    if groups is not None:
+        if values.ndim != 1:
+            raise ValueError(f"values: expected a 1-d array with groups, got shape {values.shape}")
+        ids = _group_ids(groups, values.size)
+        G = int(ids.max()) + 1 if ids.size else 0
+        if G < 2:
+            return float(values.mean()) if values.size else float("nan"), float("nan")
+        mean = float(values.mean())
+        sums = np.bincount(ids, weights=values - mean, minlength=G)
+        var = G / (G - 1) * float(np.sum(sums ** 2)) / values.size ** 2
+        return mean, float(_t95(G - 1) * np.sqrt(var))
     if values.size < 2:
         return float(values.mean()), float("nan")
     return float(values.mean()), float(Z95 * values.std(ddof=1) / np.sqrt(values.size))
 
 
-def paired_difference(a, b) -> dict:
+def paired_difference(a, b, *, groups=None) -> dict:
     """Mean per-task difference of two methods scored on the same tasks, with its 95% interval.
 
     Pairing removes the task-to-task variation both methods share, so the
@@ -263,23 +316,30 @@ def paired_difference(a, b) -> dict:
     ----------
     a, b : array_like of shape (n_tasks,)
         Per-task scores of two methods, task t in both at position t.
+    groups : array_like of shape (n_tasks,) or (n_tasks, k), optional
+        Group label of every task (e.g. its pair of classes): the interval is
+        then over groups, not tasks (see :func:`mean_ci`).
 
     Returns
     -------
     dict
         ``mean`` (of ``a - b``) and ``ci95`` (half-width, see :func:`mean_ci`):
-        ``a`` is better with 95% confidence when ``mean - ci95 > 0``.
+        ``a`` is better with 95% confidence when ``mean - ci95 > 0``. With
+        ``groups``, also ``n_groups``.
     """
     a = np.asarray(a)
     b = np.asarray(b)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"a, b: expected two 1-d arrays of the same length (one score per task), "
                          f"got shapes {a.shape} and {b.shape}")
-    mean, ci = mean_ci(a - b)
-    return {"mean": mean, "ci95": ci}
+    if groups is None:
+        mean, ci = mean_ci(a - b)
+        return {"mean": mean, "ci95": ci}
+    mean, ci = mean_ci(a - b, groups)
+    return {"mean": mean, "ci95": ci, "n_groups": int(_group_ids(groups, a.size).max()) + 1 if a.size else 0}
 
 
-def select_candidate(scores: dict, order: Sequence[str]) -> Tuple[str, dict]:
+def select_candidate(scores: dict, order: Sequence[str], *, groups=None) -> Tuple[str, dict]:
     """The simplest candidate that no other beats clearly on the same validation tasks.
 
     Choosing the best validation mean among many candidates picks noise as
@@ -291,6 +351,13 @@ def select_candidate(scores: dict, order: Sequence[str]) -> Tuple[str, dict]:
     candidate of ``order`` that no other candidate beats clearly. One always
     exists (nothing beats the candidate with the highest mean).
 
+    When the validation tasks come in groups that may favour one method as a
+    whole (episodes of the same pair of held-out classes), the question is
+    whether a method wins on *new groups*, and the episodes of one group are
+    not independent evidence of that: give ``groups`` and the interval is over
+    groups (:func:`mean_ci`). A win on one or two groups then cannot pass, and
+    with a single group no candidate beats the simplest.
+
     Parameters
     ----------
     scores : dict of str -> array_like of shape (n_tasks,)
@@ -299,6 +366,8 @@ def select_candidate(scores: dict, order: Sequence[str]) -> Tuple[str, dict]:
     order : sequence of str
         The candidates from simplest to most complex (keys of ``scores``;
         candidates not listed are not considered).
+    groups : array_like of shape (n_tasks,) or (n_tasks, k), optional
+        Group label of every validation task (the same for every candidate).
 
     Returns
     -------
@@ -306,7 +375,8 @@ def select_candidate(scores: dict, order: Sequence[str]) -> Tuple[str, dict]:
         The chosen candidate.
     details : dict
         ``beaten_by``: for each candidate, the candidates that beat it
-        clearly; ``mean``: its mean validation score.
+        clearly; ``mean``: its mean validation score; with ``groups``, also
+        ``n_groups``.
     """
     order = list(order)
     if not order:
@@ -321,11 +391,14 @@ def select_candidate(scores: dict, order: Sequence[str]) -> Tuple[str, dict]:
         for other in order:
             if other == n:
                 continue
-            d = paired_difference(arrays[other], arrays[n])
-            if d["mean"] - d["ci95"] > 0:
+            d = paired_difference(arrays[other], arrays[n], groups=groups)
+            if d["mean"] - d["ci95"] > 0:  # False when the interval is NaN: nothing is claimed
                 beaten_by[n].append(other)
     chosen = next(n for n in order if not beaten_by[n])
-    return chosen, {"beaten_by": beaten_by, "mean": {n: float(a.mean()) for n, a in arrays.items()}}
+    details = {"beaten_by": beaten_by, "mean": {n: float(a.mean()) for n, a in arrays.items()}}
+    if groups is not None:
+        details["n_groups"] = int(_group_ids(groups, arrays[order[0]].size).max()) + 1
+    return chosen, details
 
 
 # --------------------------------------------------------------------------

@@ -880,7 +880,12 @@ def run_ragged(config: RaggedConfig, *, log: Optional[Callable[[str], None]] = p
 
     Groups of :func:`fastmaml.datasets.make_ragged_family` are split once into meta-training,
     meta-validation and test groups; every method is scored on the same test groups (paired) and
-    broken down by support-size bucket (``fastmaml.datasets.RAGGED_BUCKETS``).
+    broken down by support-size bucket (``fastmaml.datasets.RAGGED_BUCKETS``). The per-task policy
+    is trained in two stages: the global model first, then the policy from it
+    (``fit(init=global_model)``, its initialization frozen), next to a control trained the same way
+    that learns one global step per inner step instead (so the table separates the per-task gain
+    from the per-step schedule's). Every choice (iterations kept, the zero start's step) is made on
+    the meta-validation groups.
     """
     t_start = time.perf_counter()
     G = config.test_groups + config.val_groups + config.train_groups

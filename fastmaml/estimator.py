@@ -578,9 +578,9 @@ class MAML:
             start at 0, so before training every task gets ``init``'s
             setting). Hyperparameters this model keeps fixed stay its own
             ``inner_lr`` and ``l2`` (which are checked as without ``init``:
-            e.g. ``l2 > 0`` when it is learned). With ``learn_init=False`` the start
-            ``init.theta_`` is kept, so only the hyperparameters are learned:
-            e.g. a per-task policy on top of a global model,
+            e.g. ``l2 > 0`` when it is learned). With ``learn_init=False``
+            the start ``init.theta_`` is kept, so only the hyperparameters are
+            learned: e.g. a per-task policy on top of a global model,
             ``MAML(hyper_policy=HyperPolicy(warmup=0), learn_init=False).fit(
             sampler, init=global_model)``. The model is copied, not changed. A
             resumed fit continues from its checkpoint and takes no ``init``.

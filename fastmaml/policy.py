@@ -79,8 +79,8 @@ class HyperPolicy:
     init=global_model)``: its theta is kept and the intercepts start at its
     learned step and L2. Trained from zero jointly with the initialization,
     the policy learned a weaker initialization than the global model and lost
-    3 points to it there; warm-started it beat it by 0.5 (+- 0.3), most of
-    that from its per-step schedule rather than from the per-task slopes.
+    3 points to it there; warm-started it beat it by 0.5 (+- 0.3), about
+    half of that from its per-step schedule, half from the per-task slopes.
 
     z_t is the descriptor minus its mean over the meta-training tasks,
     divided by its standard deviation there (both fixed when fit starts and

@@ -173,7 +173,8 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--iterations", type=_positive, default=None,
                       help="meta-training iterations per fit (default: 500; 60 with --quick)")
     demo.add_argument("--test-episodes", type=_positive, default=None,
-                      help="test episodes per K, the same for every method (default: 600; 60 with --quick)")
+                      help="test episodes per K, the same for every method (default: 600; 60 with --quick); "
+                           "with --family ragged, test groups (default: 2000, set by power; 100 with --quick)")
     demo.add_argument("--inner-steps", type=_positive, default=None,
                       help="adaptation steps (default: 5)")
     demo.add_argument("--threads", type=_threads, default=None, help="OpenMP threads (default: all cores)")

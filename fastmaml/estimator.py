@@ -237,8 +237,8 @@ _PARAMS = (
     _Param("l2", 0.0, "float", "L2 strength of the inner (support) loss (>= 0).", _real(0.0)),
     _Param("learn_l2", False, "bool", "Meta-learn l2 (in log space; needs l2 > 0 to start).", check_bool),
     _Param("learn_init", True, "bool",
-           "Meta-learn the initialization theta (False keeps the zero start and learns only the "
-           "hyperparameters).", check_bool),
+           "Meta-learn the initialization theta (False keeps the start -- zero, or the theta of fit's "
+           "``init`` -- and learns only the hyperparameters).", check_bool),
     _Param("hyper_policy", None, "HyperPolicy or None",
            "Per-task step sizes (one per inner step) and L2 from a descriptor of each task's support set, "
            "meta-learned with the initialization (:class:`fastmaml.HyperPolicy`; docs/design.md, \"The "
@@ -513,22 +513,25 @@ class MAML:
         return float(lr) if np.ndim(lr) == 0 else lr
 
     # --------------------------------------------------------------------- fit
-    def _init_state(self, n_features: int, K: int, n_classes: int):
+    def _init_state(self, n_features: int, K: int, n_classes: int, start: Optional[dict] = None):
         D = n_features + 1
         self.n_features_in_ = n_features
         self.n_classes_ = n_classes
         self._fixed_lr = np.asarray(self.inner_lr, dtype=np.float64)
         shape = (D,) if n_classes <= 2 else (D, n_classes)
-        params = {"theta": np.zeros(shape)}
+        params = {"theta": np.zeros(shape) if start is None else start["theta"].copy()}
         if self.learn_inner_lr == "preconditioner":
             rng = self._fit_rng()
             params["log_scale"] = np.full(D, math.log(float(self._fixed_lr.reshape(-1)[0])))
             # U = 0 is a stationary point of d/dU = (M + M^T) U: start slightly off it
             params["U"] = 1e-3 * rng.standard_normal((D, int(self.precond_rank)))
         elif self.learn_inner_lr:
-            params["log_inner_lr"] = np.log(self._initial_lr(K, shape))
+            if start is None:
+                params["log_inner_lr"] = np.log(self._initial_lr(K, shape))
+            else:
+                params["log_inner_lr"] = np.log(self._start_lr(start, K, shape))
         if self.learn_l2:
-            params["log_l2"] = np.asarray(math.log(self.l2))
+            params["log_l2"] = np.asarray(math.log(self.l2 if start is None else start["l2"]))
         self._params = params
         opt_cls = Adam if self.meta_optimizer == "adam" else SGD
         self._opt = opt_cls(lr=self.meta_lr, schedule=self.lr_schedule, total_steps=self.n_iterations)
@@ -538,7 +541,7 @@ class MAML:
         self._best = None  # (score, iteration, params)
         self._last_extra = {}
 
-    def fit(self, tasks, *, validation=None, val_episodes=200, resume=False):
+    def fit(self, tasks, *, validation=None, val_episodes=200, resume=False, init=None):
         """Meta-train.
 
         Parameters
@@ -563,6 +566,24 @@ class MAML:
             without a ``hyper_policy`` warm-up, ``n_iterations``. Any other difference is a ``ValueError``
             naming each setting; a file that is not a valid checkpoint for
             this configuration is a :class:`fastmaml.CheckpointError`.
+        init : MAML, optional
+            A fitted model to start from (a warm start) instead of the zero
+            initialization and ``inner_lr`` / ``l2``: its ``theta_`` and, for
+            what this model learns, its learned values -- the step size
+            (``learn_inner_lr`` "scalar", "per_step", "per_parameter" or
+            "per_step_parameter": ``init.inner_lr_for(inner_steps)`` broadcast
+            to this model's shape), ``l2`` (``learn_l2``) and a
+            ``hyper_policy``'s intercepts (``init``'s step sizes, one per step,
+            and, with ``HyperPolicy(learn_l2=True)``, its ``l2_``; the slopes
+            start at 0, so before training every task gets ``init``'s
+            setting). Hyperparameters this model keeps fixed stay its own
+            ``inner_lr`` and ``l2`` (which are checked as without ``init``:
+            e.g. ``l2 > 0`` when it is learned). With ``learn_init=False``
+            the start ``init.theta_`` is kept, so only the hyperparameters are
+            learned: e.g. a per-task policy on top of a global model,
+            ``MAML(hyper_policy=HyperPolicy(warmup=0), learn_init=False).fit(
+            sampler, init=global_model)``. The model is copied, not changed. A
+            resumed fit continues from its checkpoint and takes no ``init``.
 
         Returns
         -------
@@ -601,6 +622,10 @@ class MAML:
             raise ValueError("tasks: a distributed task source does not support hyper_policy (the policy needs each "
                              "task's support set for its descriptor); use a sampler or a Tasks")
         n_features = _n_features(tasks)
+        if init is not None and resume:
+            raise ValueError("init: a resumed fit continues from checkpoint_path's parameters; pass init only to "
+                             "a fresh fit (resume=False)")
+        start = self._warm_start(init, K, n_features, _n_classes(tasks)) if init is not None else None
         val_tasks = None
         val_state = None
         if validation is not None:
@@ -619,9 +644,9 @@ class MAML:
             if val_state is not None and "val_sampler_state" in self._resume_meta:
                 val_state = self._resume_meta["val_sampler_state"]
         else:
-            self._init_state(n_features, K, _n_classes(tasks))
+            self._init_state(n_features, K, _n_classes(tasks), start)
             if self.hyper_policy is not None:
-                self._init_policy(tasks, K)
+                self._init_policy(tasks, K, start=start)
         if val_state is not None:
             validation.set_state(val_state)
             val_tasks = validation.sample(val_episodes)
@@ -633,8 +658,52 @@ class MAML:
         self._run(tasks, val_tasks, K)
         return self
 
+    def _warm_start(self, init, K: int, n_features: int, n_classes: int) -> dict:
+        """fit's ``init``, checked: {"theta", "inner_lr" (init's, for K steps), "l2"} as copies."""
+        if not isinstance(init, MAML):
+            raise TypeError(f"init: expected a fitted fastmaml.MAML to start from, got {type(init).__name__}")
+        if not hasattr(init, "_params"):
+            raise ValueError("init: the model is not fitted; call its fit first")
+        if init.n_features_in_ != n_features or init.n_classes_ != n_classes:
+            raise ValueError(f"init: the model was fitted on {init.n_features_in_} features and {init.n_classes_} "
+                             f"classes, these tasks have {n_features} and {n_classes}")
+        if self.learn_inner_lr == "preconditioner":
+            raise ValueError("init: a warm start does not support learn_inner_lr='preconditioner' (its P is not a "
+                             "step size of the start); use learn_inner_lr=None, 'scalar', 'per_step', "
+                             "'per_parameter' or 'per_step_parameter'")
+        if init.learn_inner_lr == "preconditioner" and (self.learn_inner_lr or self.hyper_policy is not None):
+            raise ValueError("init: the model learned a preconditioner, not a step size to start from; use it "
+                             "with learn_inner_lr=None and no hyper_policy, or start from another model")
+        try:
+            lr = np.array(init.inner_lr_for(K), dtype=np.float64)
+        except ValueError as exc:
+            raise ValueError(f"init: {exc}") from None
+        if init._has_policy:  # its per-step intercepts: one row per step, as a learned per-step schedule
+            if lr.size != K:
+                raise ValueError(f"init: the model's policy has one step size per step for {lr.size} steps; "
+                                 f"this model takes inner_steps={K}")
+            lr = lr.reshape((K,) + (1,) * init._params["theta"].ndim)
+        l2 = float(init.l2_)
+        if (self.learn_l2 or (self.hyper_policy is not None and self.hyper_policy.learn_l2)) and not l2 > 0:
+            raise ValueError(f"init: the model's l2 is {l2!r}; learning l2 (in log space) needs a start > 0")
+        if self.hyper_policy is not None and lr.size not in (1, K):
+            raise ValueError(f"init: the model's step size has shape {lr.shape}; a hyper_policy starts from a "
+                             f"scalar or one step size per inner step ({K})")
+        return {"theta": np.array(init._params["theta"], dtype=np.float64), "inner_lr": lr, "l2": l2}
+
+    def _start_lr(self, start: dict, K: int, theta_shape: tuple) -> np.ndarray:
+        """The warm start's step size in this model's learned shape."""
+        ones = (1,) * len(theta_shape)
+        target = {"scalar": (), "per_step": (K,) + ones, "per_parameter": tuple(theta_shape),
+                  "per_step_parameter": (K,) + tuple(theta_shape)}[self.learn_inner_lr]
+        try:
+            return np.broadcast_to(start["inner_lr"], target).copy()
+        except ValueError:
+            raise ValueError(f"init: the model's step size of shape {start['inner_lr'].shape} does not broadcast "
+                             f"to learn_inner_lr={self.learn_inner_lr!r}'s shape {target}") from None
+
     # ---------------------------------------------------------------- policy
-    def _init_policy(self, tasks, K: int, n_probe: int = 256):
+    def _init_policy(self, tasks, K: int, n_probe: int = 256, start: Optional[dict] = None):
         """Fix the descriptor's standardisation from meta-training tasks and start the policy at the global setting.
 
         A Tasks pool is described whole; a sampler gives max(n_probe,
@@ -649,9 +718,10 @@ class MAML:
             tasks.set_state(state)
         desc = self.hyper_policy.describe(probe, n_classes=self.n_classes_)
         self._policy_mean, self._policy_scale = _policy.standardisation(desc)
-        lr = np.broadcast_to(np.asarray(self.inner_lr, dtype=np.float64).reshape(-1), (K,))
-        self._params.update(_policy.initial_params(lr, float(self.l2), desc.shape[1],
-                                                   bool(self.hyper_policy.learn_l2)))
+        lr = self.inner_lr if start is None else start["inner_lr"]
+        lr = np.broadcast_to(np.asarray(lr, dtype=np.float64).reshape(-1), (K,))
+        self._params.update(_policy.initial_params(lr, float(self.l2 if start is None else start["l2"]),
+                                                   desc.shape[1], bool(self.hyper_policy.learn_l2)))
 
     def _policy_warmup_end(self) -> int:
         """The first iteration whose slopes are learned (HyperPolicy.warmup of n_iterations)."""

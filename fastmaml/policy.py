@@ -59,9 +59,9 @@ class HyperPolicy:
     """Per-task inner step sizes and L2 strength from a descriptor of the task's support set.
 
     Pass it to :class:`fastmaml.MAML` as ``hyper_policy``: the estimator then
-    learns, jointly with the initialization, one log step size per inner step
-    and (with ``learn_l2``) one log L2 strength per task, each an affine
-    function of the task's standardised descriptor z_t:
+    learns, with the initialization (unless ``learn_init=False``), one log
+    step size per inner step and (with ``learn_l2``) one log L2 strength per
+    task, each an affine function of the task's standardised descriptor z_t:
 
     ``log alpha_{t,j} = a_j + b . z_t`` and ``log lam_t = c + e . z_t``:
     the schedule's shape (a_j) is learned per step, its scale (b . z_t) per
@@ -72,13 +72,22 @@ class HyperPolicy:
     lower meta-loss.
 
     The intercepts start at ``log(inner_lr)`` and ``log(l2)`` and the slopes
-    at 0, so before training every task gets the global setting. z_t is the
-    descriptor minus its mean over the meta-training tasks, divided by its
-    standard deviation there (both fixed when fit starts and saved with the
-    model; a constant feature gets scale 1, so it is 0 for every task),
-    clipped to [-4, 4] and divided by the number of features F (so that Adam
-    moves a task's log step size about as far through the F slopes together
-    as through the intercept; see :func:`standardise`).
+    at 0, so before training every task gets the global setting. Better
+    (measured on the ragged family; docs/design.md, "Warm start"): fit a
+    global model first and start the policy from it,
+    ``MAML(hyper_policy=HyperPolicy(warmup=0), learn_init=False).fit(sampler,
+    init=global_model)``: its theta is kept and the intercepts start at its
+    learned step and L2. Trained from zero jointly with the initialization,
+    the policy learned a weaker initialization than the global model and lost
+    3 points to it there; warm-started it beat it by 0.5 (+- 0.3), about
+    half of that from its per-step schedule, half from the per-task slopes.
+
+    z_t is the descriptor minus its mean over the meta-training tasks,
+    divided by its standard deviation there (both fixed when fit starts and
+    saved with the model; a constant feature gets scale 1, so it is 0 for
+    every task), clipped to [-4, 4] and divided by the number of features F
+    (so that Adam moves a task's log step size about as far through the F
+    slopes together as through the intercept; see :func:`standardise`).
 
     Parameters
     ----------
@@ -130,7 +139,9 @@ class HyperPolicy:
         Measured on the ragged family (20 inner steps, 500 iterations): with
         0.5 the policy matched the learned global setting's accuracy (-0.05 +-
         0.3 points) at a lower meta-loss; with 0 the slopes followed the
-        early, poor initialization and it lost 0.6 points.
+        early, poor initialization and it lost 0.6 points. A warm start from
+        a fitted model (``fit(init=...)``, its initialization frozen) has
+        nothing to wait for: use 0 there.
 
     Examples
     --------

@@ -171,7 +171,8 @@ def ragged_run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     # smaller than --quick (the test machine is shared): the same code path, fewer groups and iterations
     mp.setattr(demo.RaggedConfig, "quick", classmethod(lambda cls, **kw: small.__func__(
-        cls, **dict(dict(test_groups=30, val_groups=20, train_groups=40, n_iterations=6, validate_every=3,
+        cls, **dict(dict(test_groups=30, val_groups=20, train_groups=40, n_iterations=6, policy_iterations=3,
+                         validate_every=3,
                          random_configs_cap=3, c_grid=(1.0,), oracle_rows_per_class=50), **kw))))
     mp.chdir(tmp)
     try:
@@ -189,7 +190,7 @@ def test_ragged_quick_runs_end_to_end_through_the_cli(ragged_run, capsys):
     table = results["table"]
     expected = {demo.ZERO, demo.GLOBAL, demo.RANDOM, demo.GRID, demo.ORACLE_GRID}
     if results["policy_available"]:
-        expected.add(demo.POLICY)
+        expected |= {demo.POLICY, demo.GLOBAL_STEPS}
     assert set(table) == expected
 
 
@@ -212,14 +213,74 @@ def test_ragged_json_holds_per_task_scores_buckets_comparisons_and_compute(ragge
     comp = results["comparisons"]
     assert "oracle vs " + demo.GLOBAL in comp
     if results["policy_available"]:
-        for ref in (demo.GLOBAL, demo.GRID):
+        for ref in (demo.GLOBAL, demo.GLOBAL_STEPS, demo.GRID):
             d = comp[f"policy vs {ref}"]
             diff = np.array(results["table"][demo.POLICY]["per_task"]) - np.array(results["table"][ref]["per_task"])
             assert d["mean"] == pytest.approx(diff.mean()) and d["ci95"] >= 0 and len(d["by_bucket"]) == 3
         assert "fraction" in comp["gap closed toward the oracle"]
+        # the best global setting is the global row with the higher meta-validation score, and the headline
+        # comparison and the gap closed are against that row
+        bg = results["best_global"]
+        vals = {n: results["table"][n]["val_accuracy"] for n in (demo.GLOBAL, demo.GLOBAL_STEPS)}
+        assert bg["val_accuracy"] == vals
+        assert bg["name"] == (demo.GLOBAL_STEPS if vals[demo.GLOBAL_STEPS] > vals[demo.GLOBAL] else demo.GLOBAL)
+        d = comp[f"policy vs {demo.BEST_GLOBAL}"]
+        diff = np.array(results["table"][demo.POLICY]["per_task"]) - np.array(results["table"][bg["name"]]["per_task"])
+        assert d["reference"] == bg["name"] and d["mean"] == pytest.approx(diff.mean())
+        assert comp["gap closed toward the oracle"]["reference"] == bg["name"]
+        p = results["power"]
+        assert p["validation_groups"] == 20 and p["test_groups"] == 30 and p["validation_sd_difference"] >= 0
     a = results["oracle_analysis"]
     assert a["std_log10_step"] >= 0 and -2 <= a["mean_log10_step"] <= 1
     assert results["summary"] and all(isinstance(line, str) for line in results["summary"])
+
+
+def test_ragged_policy_and_its_control_start_from_the_fitted_global_model(monkeypatch):
+    """With 0 policy iterations the warm-started policy and the per-step control are the global model's setting
+    (its theta, its step for every step and task, its L2): they score task for task what the global row scores;
+    the JSON names the start and its iterations."""
+    if not demo._have_policy():
+        pytest.skip("no HyperPolicy in this build")
+    monkeypatch.setattr(demo, "_have_sklearn", lambda: False)
+    cfg = demo.RaggedConfig.quick(test_groups=30, val_groups=20, train_groups=40, n_iterations=6, policy_iterations=0,
+                                  validate_every=3, random_configs_cap=3, oracle_rows_per_class=50, progress=False)
+    results = demo.run_ragged(cfg, log=None)
+    table = results["table"]
+    glob = table[demo.GLOBAL]
+    assert glob["choice"]["iterations"] > 0  # a trained start, else the equality below would be trivial
+    for name in (demo.POLICY, demo.GLOBAL_STEPS):
+        assert table[name]["per_task"] == glob["per_task"], name
+        assert table[name]["choice"]["warm_start"] == demo.GLOBAL
+        assert table[name]["choice"]["warm_start_iterations"] == glob["choice"]["iterations"]
+        assert table[name]["choice"]["l2"] == pytest.approx(glob["choice"]["l2"], rel=1e-12)
+    # equal validation scores: the best global setting is the simpler scalar one
+    assert results["best_global"]["name"] == demo.GLOBAL
+
+
+def test_the_best_global_setting_is_chosen_on_meta_validation_scores_only():
+    """Rows whose validation and test scores disagree: the choice follows validation, whatever test says;
+    a tie keeps the simpler scalar setting; without the control the scalar setting is the only choice."""
+    def row(val, test):
+        return {"val_accuracy": val, "per_task": [test] * 5, "accuracy": test}
+
+    rows = {demo.GLOBAL: row(0.86, 0.80), demo.GLOBAL_STEPS: row(0.85, 0.90), demo.POLICY: row(0.87, 0.99)}
+    assert demo._best_global(rows) == demo.GLOBAL
+    rows = {demo.GLOBAL: row(0.85, 0.90), demo.GLOBAL_STEPS: row(0.86, 0.80), demo.ORACLE_GRID: row(None, 1.0)}
+    assert demo._best_global(rows) == demo.GLOBAL_STEPS
+    assert demo._best_global({demo.GLOBAL: row(0.86, 0.8), demo.GLOBAL_STEPS: row(0.86, 0.9)}) == demo.GLOBAL
+    assert demo._best_global({demo.GLOBAL: row(0.5, 0.5)}) == demo.GLOBAL
+
+
+def test_the_power_estimate_is_the_groups_a_target_half_width_needs():
+    """n = (1.96 sd / 0.0012)^2 from the validation-side sd of the per-task paired difference: an sd of 2.73
+    points (the seed-0 test-side value of policy - per-step control) needs about 1990 groups."""
+    rng = np.random.default_rng(0)
+    diff = rng.standard_normal(400)
+    diff = (diff - diff.mean()) / diff.std(ddof=1) * 0.0273
+    p = demo._power(diff, 2000)
+    assert p["validation_sd_difference"] == pytest.approx(0.0273)
+    assert p["groups_needed"] == int(np.ceil((1.96 * 0.0273 / 0.0012) ** 2)) == 1989
+    assert p["expected_half_width"] == pytest.approx(1.96 * 0.0273 / np.sqrt(2000))
 
 
 def test_ragged_summary_says_loses_when_the_numbers_show_it():

@@ -603,3 +603,98 @@ def test_features_too_large_for_a_descriptor_are_named():
     huge = fastmaml.Tasks(sX[None] * 1e200, sy[None], qX[None], qy[None])
     with pytest.raises(ValueError, match=r"support_X: the support rows of task 0 give a non-finite descriptor"):
         model.evaluate(huge)
+
+
+# ---------------------------------------------------------------------------
+# the warm start: fit(init=a fitted model)
+# ---------------------------------------------------------------------------
+
+def _global_model(n_iterations=5, **kw):
+    base = dict(inner_steps=K, inner_lr=0.3, learn_inner_lr="scalar", l2=0.01, learn_l2=True, meta_batch_size=8,
+                meta_lr=1e-2, n_iterations=n_iterations, progress=False)
+    base.update(kw)
+    return fastmaml.MAML(**base).fit(grouped_sampler(seed=2)[0])
+
+
+def test_warm_started_policy_starts_at_the_fitted_global_setting():
+    """Before any iteration the policy is the fitted global model: its theta, intercepts at its learned step
+    (one per step) and L2, slopes 0; so every task adapts exactly as with the global model."""
+    glob = _global_model()
+    warm = policy_maml(n_iterations=0, learn_init=False).fit(grouped_sampler(seed=3)[0], init=glob)
+    assert np.array_equal(warm.theta_, glob.theta_)
+    assert np.array_equal(warm._params[P.LR_INTERCEPT], np.full(K, np.log(glob.inner_lr_for(K))))
+    assert float(warm._params[P.L2_INTERCEPT]) == np.log(glob.l2_)
+    assert not warm._params[P.LR_SLOPE].any() and not warm._params[P.L2_SLOPE].any()
+    tasks = ragged_tasks(d=5, seed=4)
+    assert_rel(warm.adapt_tasks(tasks), glob.adapt_tasks(tasks), RTOL_F64)
+    assert glob.theta_ is not warm.theta_ and glob.n_iter_ == 5  # the start is copied, not changed
+
+
+def test_warm_start_with_learn_init_false_learns_only_the_hyperparameters():
+    """learn_init=False keeps init's theta bitwise while the slopes (from the first iteration) move."""
+    glob = _global_model()
+    warm = policy_maml(n_iterations=6, learn_init=False).fit(grouped_sampler(seed=3)[0], init=glob)
+    assert np.array_equal(warm.theta_, glob.theta_)
+    assert np.abs(warm._params[P.LR_SLOPE]).max() > 0
+    joint = policy_maml(n_iterations=6).fit(grouped_sampler(seed=3)[0], init=glob)
+    assert not np.array_equal(joint.theta_, glob.theta_)
+
+
+@pytest.mark.parametrize("mode", ["scalar", "per_step", "per_parameter"])
+def test_warm_start_of_a_global_learner_starts_from_inits_learned_values(mode):
+    """Without a policy: theta and, for what the model learns, init's values broadcast to its shape; a fixed
+    step size stays the model's own."""
+    glob = _global_model()
+    model = fastmaml.MAML(inner_steps=K, inner_lr=0.05, learn_inner_lr=mode, l2=0.5, learn_l2=True, n_iterations=0,
+                          progress=False).fit(grouped_sampler(seed=3)[0], init=glob)
+    assert np.array_equal(model.theta_, glob.theta_)
+    lr = np.broadcast_to(model.inner_lr_for(K), model._params["log_inner_lr"].shape)
+    assert np.allclose(lr, glob.inner_lr_for(K), rtol=1e-15) and np.isclose(model.l2_, glob.l2_, rtol=1e-15)
+    fixed = fastmaml.MAML(inner_steps=K, inner_lr=0.05, n_iterations=0, progress=False).fit(
+        grouped_sampler(seed=3)[0], init=glob)
+    assert fixed.inner_lr_for(K) == 0.05 and fixed.l2_ == 0.0 and np.array_equal(fixed.theta_, glob.theta_)
+
+
+def test_warm_started_fit_saves_loads_and_resumes_bitwise(tmp_path):
+    """A warm-started fit stopped at 3 of 8 and resumed from its checkpoint (no init: the checkpoint holds the
+    start) equals the straight run; the fitted model round-trips through save/load."""
+    glob = _global_model()
+    full = policy_maml(n_iterations=8, learn_init=False).fit(grouped_sampler(seed=6)[0], init=glob)
+    ck = str(tmp_path / "ck.npz")
+    policy_maml(n_iterations=8, learn_init=False, checkpoint_path=ck,
+                callbacks=[lambda m, r: r["iteration"] == 3]).fit(grouped_sampler(seed=6)[0], init=glob)
+    resumed = policy_maml(n_iterations=8, learn_init=False, checkpoint_path=ck).fit(
+        grouped_sampler(seed=99, data_seed=6)[0], resume=True)
+    for key in full._params:
+        assert np.array_equal(full._params[key], resumed._params[key]), key
+    for key in full._opt.m:
+        assert np.array_equal(full._opt.m[key], resumed._opt.m[key]), key
+    full.save(tmp_path / "m.npz")
+    loaded = fastmaml.MAML.load(tmp_path / "m.npz")
+    for key in full._params:
+        assert np.array_equal(full._params[key], loaded._params[key]), key
+    assert loaded.get_params()["learn_init"] is False
+
+
+def test_bad_warm_starts_are_named(tmp_path):
+    glob = _global_model()
+    sampler = grouped_sampler(seed=3)[0]
+    with pytest.raises(TypeError, match=r"init: expected a fitted fastmaml.MAML"):
+        policy_maml().fit(sampler, init=glob.theta_)
+    with pytest.raises(ValueError, match=r"init: the model is not fitted"):
+        policy_maml().fit(sampler, init=fastmaml.MAML())
+    with pytest.raises(ValueError, match=r"init: the model was fitted on 5 features"):
+        policy_maml().fit(grouped_sampler(seed=3, d=4)[0], init=glob)
+    with pytest.raises(ValueError, match=r"init: a resumed fit"):
+        policy_maml(checkpoint_path=str(tmp_path / "ck.npz")).fit(sampler, init=glob, resume=True)
+    no_l2 = _global_model(learn_l2=False, l2=0.0)
+    with pytest.raises(ValueError, match=r"init: the model's l2 is 0.0"):
+        policy_maml().fit(sampler, init=no_l2)
+    per_param = _global_model(learn_inner_lr="per_parameter")
+    with pytest.raises(ValueError, match=r"init: the model's step size has shape \(6,\)"):
+        policy_maml().fit(sampler, init=per_param)
+    per_step = _global_model(learn_inner_lr="per_step")
+    with pytest.raises(ValueError, match=r"init: inner_steps: .*3 steps"):
+        policy_maml(inner_steps=4).fit(sampler, init=per_step)
+    with pytest.raises(ValueError, match=r"init: .*preconditioner"):
+        fastmaml.MAML(learn_inner_lr="preconditioner", inner_steps=K, progress=False).fit(sampler, init=glob)

@@ -16,7 +16,7 @@ tensor requires grad); its backward multiplies them by the incoming gradient.
 It is differentiable once (no double backward).
 
 Hand-over (docs/design.md, "Framework front ends"): C-contiguous CPU float32 /
-float64 tensors reach the core without a copy (``t.detach().numpy()`` shares
+float64 tensors reach the core without a copy (``t.numpy(force=True)`` shares
 the tensor's memory); a non-contiguous tensor is made contiguous first (one
 copy). The core reads that memory while it runs, with the GIL released: do not
 write to the tensors from another thread during the call. Tensors on any other device raise a ValueError telling you to call

@@ -27,39 +27,13 @@
 
 namespace fastmaml {
 
-// SideView::gather, never inlined, for the sweeps with extras (the Gram
-// sweep's feature gradients, the plain sweep's TaskExtras). GCC's choice to
-// inline SideView::gather (a unit-wide budget that grows with the code)
-// changes the vectorised code around it and with it the rounding: adding the
-// Gram feature sweep made GCC inline it into the plain sweep with extras,
-// whose bits then changed (measured). Out of line there, as GCC had chosen
-// before, the existing sweeps keep their bits whatever else the unit holds.
-template <class T>
-__attribute__((noinline)) index_t gather_rows(const SideView<T>& s, index_t t, index_t d,
-                                              std::vector<const T*>& rows) {
-  const index_t b = s.begin(t), n = s.size(t);
-  rows.resize(static_cast<size_t>(n));
-  for (index_t i = 0; i < n; ++i) rows[i] = s.row(b + i, d);
-  return n;
-}
-
-// Rows of task t on one side: SideView::gather, or gather_rows for Own.
-template <bool Own, class T>
-FASTMAML_INLINE inline index_t side_rows(const SideView<T>& s, index_t t, index_t d, std::vector<const T*>& rows) {
-  if constexpr (Own) {
-    return gather_rows(s, t, d, rows);
-  } else {
-    return s.gather(t, d, rows);
-  }
-}
-
 // Query side of task t at phi (D): returns the mean loss and writes the
-// gradient X~^T (p - y) / m into grad (D). (Own: see gather_rows.)
-template <class T, bool Own = false>
+// gradient X~^T (p - y) / m into grad (D).
+template <class T>
 FASTMAML_INLINE inline double query_pass(const TaskSet<T>& ts, index_t t, const T* phi, std::vector<const T*>& rows,
                   std::vector<double>& z, std::vector<double>& r, std::vector<double>& tails, T* grad) {
   const index_t d = ts.d;
-  const index_t m = side_rows<Own>(ts.query, t, d, rows);
+  const index_t m = ts.query.gather(t, d, rows);
   const std::int32_t* y = ts.query.y + ts.query.begin(t);
   r.resize(static_cast<size_t>(m));
   tails.resize(static_cast<size_t>(m));
@@ -89,7 +63,7 @@ struct FastGramWorker {
   // Feature gradients (grad_features with shared hyperparameters only;
   // extended.hpp dispatches): ext.grad_support_X / grad_query_X set.
   TaskExtras<T> ext{};
-  bool extended = false;  // run sweep<true>
+  bool extended = false;  // run sweep<true>: form the feature gradients (ext)
   std::vector<double> fcg, fct, fN;
   std::vector<T> fcf;
   std::vector<const T*> fvecs;
@@ -103,7 +77,7 @@ struct FastGramWorker {
   FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
     const index_t d = ts->d, D = d + 1;
     const auto& sup = ts->support;
-    const index_t n = side_rows<Feat>(sup, t, d, rows);
+    const index_t n = sup.gather(t, d, rows);
     const std::int32_t* y = sup.y + sup.begin(t);
     G.resize(static_cast<size_t>(n * n));
     if (ts->kernel && sup.idx) {
@@ -179,7 +153,7 @@ struct FastGramWorker {
       return ErrorCode::diverged;
     }
     gbar.resize(static_cast<size_t>(D));
-    const double loss = query_pass<T, Feat>(*ts, t, wvec.data(), rows, qz, qr, tails, gbar.data());
+    const double loss = query_pass(*ts, t, wvec.data(), rows, qz, qr, tails, gbar.data());
     if (!std::isfinite(loss)) {
       *step = K;
       return ErrorCode::nonfinite_query;
@@ -205,7 +179,7 @@ struct FastGramWorker {
     std::fill(hyper, hyper + lr.size(), 0.0);
     double grad_l2 = 0.0;
     // Reverse sweep in n-space: gbar_w = beta gK_w - X^T Gam, gbar_b = gb.
-    side_rows<Feat>(sup, t, d, rows);
+    sup.gather(t, d, rows);
     V.resize(static_cast<size_t>(n));
     tile::xv_body(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
     double gk_w0 = 0.0;
@@ -343,7 +317,7 @@ struct FastPlainWorker {
   FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
     const index_t d = ts->d, D = d + 1;
     const auto& sup = ts->support;
-    const index_t n = side_rows<Ext>(sup, t, d, rows);
+    const index_t n = sup.gather(t, d, rows);
     const std::int32_t* y = sup.y + sup.begin(t);
     const double inv_n = 1.0 / static_cast<double>(n);
     const index_t Kc = std::max<index_t>(K, 1);
@@ -375,13 +349,13 @@ struct FastPlainWorker {
     }
     gbar.resize(static_cast<size_t>(D));
     const T* phiK = phi_path.data() + K * D;
-    const double loss = query_pass<T, Ext>(*ts, t, phiK, rows, qz, qr, tails, gbar.data());
+    const double loss = query_pass(*ts, t, phiK, rows, qz, qr, tails, gbar.data());
     if (!std::isfinite(loss)) {
       *step = K;
       return ErrorCode::nonfinite_query;
     }
     slot[0] = loss;
-    side_rows<Ext>(sup, t, d, rows);
+    sup.gather(t, d, rows);
     double* hyper = slot + 1 + D;
     std::fill(hyper, hyper + lr.size(), 0.0);
     double grad_l2 = 0.0;

@@ -60,20 +60,10 @@ struct FastGramWorker {
   std::vector<double> G, z0w, U, Z, R, curv, Cc, KC, a, work, V, Gam, XG, H, colR, qz, qr, tails;
   std::vector<double> neg, G1;
   std::vector<T> wvec, gbar;
-  // Feature gradients (grad_features with shared hyperparameters only;
-  // extended.hpp dispatches): ext.grad_support_X / grad_query_X set.
-  TaskExtras<T> ext{};
-  bool extended = false;  // run sweep<true>: form the feature gradients (ext)
-  std::vector<double> fcg, fct, fN;
-  std::vector<T> fcf;
-  std::vector<const T*> fvecs;
 
   ErrorCode operator()(index_t t, double* slot, index_t* step);
   // The whole per-task sweep is compiled once per ISA (gram_task below), so
   // every kernel and the n-space loops inline into one dispatched function.
-  // Feat = false is the shared call; Feat = true adds the feature gradients
-  // in a second instantiation, so the shared call's code is what it was.
-  template <bool Feat>
   FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
     const index_t d = ts->d, D = d + 1;
     const auto& sup = ts->support;
@@ -159,22 +149,6 @@ struct FastGramWorker {
       return ErrorCode::nonfinite_query;
     }
     slot[0] = loss;
-    if (Feat) {
-      // Query row i: (1/T) (p_i - y_i)/m w_K, rank one (rows holds the query rows).
-      const index_t m = ts->query.size(t);
-      fcf.resize(static_cast<size_t>(m));
-      for (index_t i = 0; i < m; ++i) fcf[i] = static_cast<T>(qr[i] * ext.inv_T);
-      const T* wk = wvec.data();
-      T* gq = ext.grad_query_X + ts->query.begin(t) * d;
-      tile::combine_body(m, d, 1, fcf.data(), &wk, gq);
-      if (!tile::finite_body(gq, m * d)) {
-        *step = -1;
-        return ErrorCode::nonfinite_grad;
-      }
-      fcg.assign(static_cast<size_t>(n), 0.0);
-      fct.assign(static_cast<size_t>(n), 0.0);
-      fN.assign(static_cast<size_t>(n * n), 0.0);
-    }
     double* hyper = slot + 1 + D;
     std::fill(hyper, hyper + lr.size(), 0.0);
     double grad_l2 = 0.0;
@@ -212,7 +186,6 @@ struct FastGramWorker {
       const double gw_wj = beta * a[j] * gk_w0 - beta * v_c - a[j] * g_z + g_kc;  // <gbar_w, W_j>
       hyper[lr.ks > 1 ? j : 0] -= xg_r + lam * gw_wj + gb_col;
       grad_l2 -= al * gw_wj;
-      if (Feat) feature_step(n, al, a[j], beta, gb, Rj, curv.data() + j * n, Ccj, inv_n);
       if (mode == Mode::maml) {
         const double* cj = curv.data() + j * n;
         double hs = 0.0;
@@ -232,56 +205,6 @@ struct FastGramWorker {
     slot[1 + d] = gb;
     slot[1 + D + lr.size()] = grad_l2;
     if (!all_finite(slot, 1 + D + lr.size() + 1)) {
-      *step = -1;
-      return ErrorCode::nonfinite_grad;
-    }
-    if (Feat) return finish_features(t, n, step);
-    return ErrorCode::ok;
-  }
-
-  // Step j's share of the support rows' feature gradients, in coefficient
-  // form (docs/design.md, "Feature gradients"). Support row i receives
-  //   (p_ji - y_i)/n u_{j,w} + c_ji w_j,   c_ji = s_ji (x~_i . u_j)/n,
-  // and on this path u_{j,w} = alpha_j (beta gK_w - X^T Gam) and
-  // w_j = a_j theta_w - X^T Cc_j (Gam, beta: gbar_{j+1}'s coefficients, read
-  // before this step's update), so the sum over steps is
-  //   fcg_i gK_w + fct_i theta_w + sum_k fN_ik x_k
-  // with O(n^2) coefficients kept in float64: one (n x (n + 2))((n + 2) x d)
-  // product at the end of the task instead of forming u_j and w_j in d-space.
-  // XG (= X gbar_{j+1,w}) is this step's, from the reverse loop.
-  FASTMAML_INLINE void feature_step(index_t n, double al, double aj, double beta, double gb, const double* Rj,
-                                    const double* cj, const double* Ccj, double inv_n) {
-    for (index_t i = 0; i < n; ++i) {
-      const double ru = al * Rj[i];                          // (p - y)/n alpha_j
-      const double c = al * cj[i] * (XG[i] + gb) * inv_n;    // s (x~ . u_j)/n
-      fcg[i] += ru * beta;
-      fct[i] += c * aj;
-      double* Ni = fN.data() + i * n;
-      for (index_t k = 0; k < n; ++k) Ni[k] -= ru * Gam[k] + c * Ccj[k];
-    }
-  }
-
-  // The support rows -(1/T) [fcg gK_w + fct theta_w + fN X] as one register-
-  // tiled product (rows holds the support rows, gbar gK, wvec is free).
-  FASTMAML_INLINE ErrorCode finish_features(index_t t, index_t n, index_t* step) {
-    const index_t d = ts->d, L = n + 2;
-    fcf.resize(static_cast<size_t>(L * n));
-    fvecs.resize(static_cast<size_t>(L));
-    const double neg_T = -ext.inv_T;
-    for (index_t k = 0; k < n; ++k) {
-      T* ck = fcf.data() + k * n;  // vector k (support row k) for every output row i
-      for (index_t i = 0; i < n; ++i) ck[i] = static_cast<T>(neg_T * fN[i * n + k]);
-      fvecs[k] = rows[k];
-    }
-    for (index_t i = 0; i < n; ++i) {
-      fcf[n * n + i] = static_cast<T>(neg_T * fcg[i]);
-      fcf[(n + 1) * n + i] = static_cast<T>(neg_T * fct[i]);
-    }
-    fvecs[n] = gbar.data();
-    fvecs[n + 1] = theta;
-    T* gs = ext.grad_support_X + ts->support.begin(t) * d;
-    tile::combine_body(n, d, L, fcf.data(), fvecs.data(), gs);
-    if (!tile::finite_body(gs, n * d)) {
       *step = -1;
       return ErrorCode::nonfinite_grad;
     }
@@ -456,18 +379,10 @@ struct FastPlainWorker {
 };
 
 FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<float>& w, index_t t, double* slot, index_t* step) {
-  return w.template sweep<false>(t, slot, step);
+  return w.sweep(t, slot, step);
 }
 FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<double>& w, index_t t, double* slot, index_t* step) {
-  return w.template sweep<false>(t, slot, step);
-}
-FASTMAML_CLONES inline ErrorCode gram_task_features(FastGramWorker<float>& w, index_t t, double* slot,
-                                                    index_t* step) {
-  return w.template sweep<true>(t, slot, step);
-}
-FASTMAML_CLONES inline ErrorCode gram_task_features(FastGramWorker<double>& w, index_t t, double* slot,
-                                                    index_t* step) {
-  return w.template sweep<true>(t, slot, step);
+  return w.sweep(t, slot, step);
 }
 FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<float>& w, index_t t, double* slot, index_t* step) {
   return w.template sweep<false>(t, slot, step);
@@ -485,7 +400,7 @@ FASTMAML_CLONES inline ErrorCode plain_task_extras(FastPlainWorker<double>& w, i
 }
 template <class T>
 ErrorCode FastGramWorker<T>::operator()(index_t t, double* slot, index_t* step) {
-  return extended ? gram_task_features(*this, t, slot, step) : gram_task(*this, t, slot, step);
+  return gram_task(*this, t, slot, step);
 }
 template <class T>
 ErrorCode FastPlainWorker<T>::operator()(index_t t, double* slot, index_t* step) {

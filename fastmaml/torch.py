@@ -16,7 +16,7 @@ tensor requires grad); its backward multiplies them by the incoming gradient.
 It is differentiable once (no double backward).
 
 Hand-over (docs/design.md, "Framework front ends"): C-contiguous CPU float32 /
-float64 tensors reach the core without a copy (``t.detach().numpy()`` shares
+float64 tensors reach the core without a copy (``t.numpy(force=True)`` shares
 the tensor's memory); a non-contiguous tensor is made contiguous first (one
 copy). The core reads that memory while it runs, with the GIL released: do not
 write to the tensors from another thread during the call. Tensors on any other device raise a ValueError telling you to call
@@ -48,9 +48,14 @@ from ._validation import check_float, check_int, check_memory, check_threads
 __all__ = ["meta_loss", "adapt", "query_logits", "MetaHead"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
+_NUMPY_DTYPES = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _check_device(t: "torch.Tensor", name: str) -> None:
+    # The common case without building a device object (a subclass may override .device: read it).
+    if type(t) in _PLAIN_TENSORS and t.is_cpu and t.layout == torch.strided:
+        return
     if t.device.type != "cpu":
         raise ValueError(
             f"{name}: tensor is on device '{t.device}', but fastmaml's core runs on the CPU and never moves "
@@ -62,11 +67,12 @@ def _check_device(t: "torch.Tensor", name: str) -> None:
 
 def _host(t: "torch.Tensor", name: str) -> np.ndarray:
     """The tensor's memory as a NumPy array: no copy when it is C-contiguous (else one contiguous copy)."""
-    t = t.detach()
     if not t.is_contiguous():
-        t = t.contiguous()
+        t = t.detach().contiguous()
     try:
-        return t.resolve_neg().resolve_conj().numpy()
+        # force=True: detach and resolve a negative / conjugate bit in one call (a copy only for those
+        # bits; the device was checked, so never a move). No copy for a plain contiguous CPU tensor.
+        return t.numpy(force=True)
     except RuntimeError as exc:
         # torch.func's wrapped tensors (grad, vmap, jacrev) have no storage the core could read
         raise TypeError(
@@ -125,34 +131,50 @@ class _MetaLoss(torch.autograd.Function):
     """One core call in forward; backward scales the saved exact gradients by grad_output."""
 
     @staticmethod
-    def forward(ctx, theta, support_X, query_X, inner_lr, l2, call):
+    def forward(ctx, theta, support_X, query_X, inner_lr, l2, call, labels):
+        ctx.call = call
+        ctx.likes = [None if t is None else (t.shape, t.dtype) for t in (theta, support_X, query_X, inner_lr, l2)]
+        # The inputs the core read, for a second backward that calls it again (below): torch's own
+        # checks then name an input changed in place since, or a graph already freed.
+        ctx.save_for_backward(theta, support_X, query_X, inner_lr, l2, *labels)
         result = call()
-        dtype = theta.dtype
+        ctx.grads = _MetaLoss.grads(result, ctx.likes)
+        return torch.from_numpy(np.array(result.loss, dtype=_NUMPY_DTYPES[theta.dtype]))
 
-        def as_tensor(grad, like):
+    @staticmethod
+    def grads(result, likes):
+        """The core's gradients as tensors shaped like their inputs (no copy where shape and dtype match)."""
+        out = []
+        for grad, like in zip((result.grad, result.grad_support_X, result.grad_query_X, result.grad_inner_lr,
+                               result.grad_l2), likes):
             if like is None or grad is None:
-                return None
-            out = torch.as_tensor(np.asarray(grad)).reshape(like.shape)
-            return out.to(like.dtype)
-
-        ctx.grads = (
-            as_tensor(result.grad, theta),
-            as_tensor(result.grad_support_X, support_X),
-            as_tensor(result.grad_query_X, query_X),
-            as_tensor(result.grad_inner_lr, inner_lr),
-            as_tensor(result.grad_l2, l2),
-        )
-        return torch.tensor(result.loss, dtype=dtype)
+                out.append(None)
+            elif type(grad) is np.ndarray and grad.shape == like[0] and grad.dtype == _NUMPY_DTYPES[like[1]]:
+                out.append(torch.from_numpy(grad))
+            else:
+                out.append(torch.as_tensor(np.asarray(grad)).reshape(like[0]).to(like[1]))
+        return out
 
     @staticmethod
     def backward(ctx, grad_output):
         needs = ctx.needs_input_grad
-        # loss.backward() seeds 1: hand the saved gradients on as they are (autograd never writes into
-        # a gradient it does not own; a leaf's .grad is then a copy), saving a pass over both feature sets.
-        unit = grad_output.dim() == 0 and not grad_output.requires_grad and bool(grad_output == 1)
-        with torch.no_grad():
-            out = [(grad if unit else grad * grad_output) if (need and grad is not None) else None
-                   for need, grad in zip(needs[:5], ctx.grads)]
+        grads = ctx.grads
+        if grads is None:
+            # An earlier backward handed the gradients on (below): the same core call again (deterministic,
+            # so the same bits), after torch's checks of the saved inputs (in-place changes, a freed graph).
+            ctx.saved_tensors  # noqa: B018 - raises torch's own error when the inputs cannot be trusted
+            grads = ctx.grads = _MetaLoss.grads(ctx.call(), ctx.likes)
+        # loss.backward() seeds 1: hand the saved gradients on as they are and keep no reference, so that
+        # autograd adopts them as the leaves' .grad without a copy (a pass over both feature sets);
+        # what users write there then never reaches a later backward, which calls the core again.
+        unit = not grad_output.requires_grad and grad_output.dim() == 0 and grad_output.item() == 1
+        if unit:
+            ctx.grads = None
+            out = [grad if need else None for need, grad in zip(needs[:5], grads)]
+        else:
+            with torch.no_grad():
+                out = [grad * grad_output if (need and grad is not None) else None
+                       for need, grad in zip(needs[:5], grads)]
         if torch.is_grad_enabled():
             # create_graph=True: the saved gradients are constants to autograd, so a second derivative
             # (a gradient penalty, a Hessian-vector product) would silently be 0; mark them so that
@@ -162,7 +184,7 @@ class _MetaLoss(torch.autograd.Function):
             if present:
                 marked = iter(_FirstOrderOnly.apply(*(g.detach().requires_grad_() for g in present)))
                 out = [next(marked) if g is not None else None for g in out]
-        return tuple(out) + (None,)
+        return tuple(out) + (None, None)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -255,8 +277,9 @@ def meta_loss(theta, support_X, support_y, query_X, query_y, *, inner_lr, inner_
     if not grad_on or not any(t is not None and t.requires_grad
                               for t in (theta, support_X, query_X, lr_tensor, l2_tensor)):
         # Nothing to differentiate: the same single core call, no graph node.
-        return torch.tensor(call().loss, dtype=dtype)
-    return _MetaLoss.apply(theta, support_X, query_X, lr_tensor, l2_tensor, call)
+        return torch.from_numpy(np.array(call().loss, dtype=_NUMPY_DTYPES[dtype]))
+    labels = tuple(y for y in (support_y, query_y) if isinstance(y, torch.Tensor))
+    return _MetaLoss.apply(theta, support_X, query_X, lr_tensor, l2_tensor, call, labels)
 
 
 def adapt(theta, support_X, support_y, *, inner_lr, inner_steps, l2=0.0, task_axis=False, n_threads=None):

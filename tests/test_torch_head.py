@@ -269,6 +269,47 @@ def test_backward_scales_by_grad_output_and_accumulates():
     assert_rel(th.grad, 4 * g_theta, RTOL_F64)
 
 
+def test_backward_hands_the_cores_gradients_to_the_leaves_without_a_copy(monkeypatch):
+    """loss.backward(): each leaf's .grad is the very array the core returned (no copy in between)."""
+    seen = {}
+    real = fastmaml.functional.meta_value_and_grad
+
+    def spy(*args, **kw):
+        seen["result"] = real(*args, **kw)
+        return seen["result"]
+
+    monkeypatch.setattr(fastmaml.functional, "meta_value_and_grad", spy)
+    theta, Xs, ys, Xq, yq = make_case("binary")
+    th, xs, xq = (a.clone().requires_grad_(True) for a in (theta, Xs, Xq))
+    fmt.meta_loss(th, xs, ys, xq, yq, inner_lr=0.5, inner_steps=K).backward()
+    r = seen["result"]
+    assert xs.grad.data_ptr() == r.grad_support_X.ctypes.data
+    assert xq.grad.data_ptr() == r.grad_query_X.ctypes.data
+    assert th.grad.data_ptr() == r.grad.ctypes.data
+
+
+def test_a_later_backward_calls_the_core_again_and_names_what_changed():
+    """Once handed on, the gradients are recomputed for a second backward: the same bits with
+    retain_graph=True, torch's own errors for a freed graph or an input changed in place."""
+    theta, Xs, ys, Xq, yq = make_case("binary")
+    th, xs = theta.clone().requires_grad_(True), Xs.clone().requires_grad_(True)
+    loss = fmt.meta_loss(th, xs, ys, Xq, yq, inner_lr=0.5, inner_steps=K)
+    loss.backward(retain_graph=True)
+    first = xs.grad.clone()
+    xs.grad = None
+    loss.backward()
+    assert torch.equal(xs.grad, first)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    for changed in (Xq, ys):
+        loss = fmt.meta_loss(th, xs, ys, Xq, yq, inner_lr=0.5, inner_steps=K)
+        loss.backward(retain_graph=True)
+        with torch.no_grad():
+            changed[0, 0] = 1 - changed[0, 0]
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_features_grad_only_when_required(monkeypatch):
     """grad_features is asked of the core only when a feature tensor requires grad."""
     seen = []

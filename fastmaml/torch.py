@@ -30,6 +30,7 @@ Importing :mod:`fastmaml` never imports torch; this module needs it
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 try:
@@ -125,6 +126,15 @@ def _hyper(value, name: str, dtype):
     if isinstance(value, numbers.Real) or isinstance(value, np.ndarray) or isinstance(value, (list, tuple)):
         return value, None
     raise TypeError(f"{name}: expected a number, an array or a torch.Tensor, got {type(value).__name__}")
+
+
+def _frozen(value):
+    """A private copy of a NumPy array or a (nested) list / tuple; anything else (numbers, tensors) as is."""
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, (list, tuple)):
+        return copy.deepcopy(value)
+    return value
 
 
 class _MetaLoss(torch.autograd.Function):
@@ -278,6 +288,17 @@ def meta_loss(theta, support_X, support_y, query_X, query_y, *, inner_lr, inner_
                               for t in (theta, support_X, query_X, lr_tensor, l2_tensor)):
         # Nothing to differentiate: the same single core call, no graph node.
         return torch.from_numpy(np.array(call().loss, dtype=_NUMPY_DTYPES[dtype]))
+    # A later backward calls the core again (_MetaLoss.backward). Torch's version counter guards the
+    # tensors; NumPy or list labels and step sizes it cannot see are frozen now, so an in-place edit
+    # after forward can never reach that call (a small copy: labels and hyperparameters only).
+    if not isinstance(support_y, torch.Tensor):
+        ys = _frozen(ys)
+    if not isinstance(query_y, torch.Tensor):
+        yq = _frozen(yq)
+    if lr_tensor is None:
+        lr_host = _frozen(lr_host)
+    if l2_tensor is None:
+        l2_host = _frozen(l2_host)
     labels = tuple(y for y in (support_y, query_y) if isinstance(y, torch.Tensor))
     return _MetaLoss.apply(theta, support_X, query_X, lr_tensor, l2_tensor, call, labels)
 

@@ -98,6 +98,42 @@ def test_torch_gradients_handed_on_unscaled_are_never_aliased_by_what_users_writ
     torch.testing.assert_close(x.grad, 2.0 * g1, rtol=1e-15, atol=0)
 
 
+def _second_backward_after(torch, mutate, **kw):
+    """theta's gradient from loss.backward(retain_graph=True), then again after ``mutate`` ran in between."""
+    import fastmaml.torch as fmt
+
+    xs, ys, xq, yq = _torch_batch(torch)
+    ys, yq = ys.numpy().copy(), yq.numpy().copy()  # NumPy labels: allowed, and invisible to torch
+    args = dict(inner_lr=0.5, inner_steps=2)
+    args.update(kw)
+    theta = (torch.arange(D_FEAT + 1, dtype=torch.float64) * 0.1).requires_grad_(True)
+    loss = fmt.meta_loss(theta, xs, ys, xq, yq, **args)
+    loss.backward(retain_graph=True)
+    first = theta.grad.clone()
+    theta.grad = None
+    mutate(ys, args)
+    loss.backward()  # the second backward calls the core again
+    return first, theta.grad
+
+
+def test_torch_second_backward_ignores_numpy_labels_edited_after_forward():
+    torch = _framework("torch")
+    first, second = _second_backward_after(torch, lambda ys, args: ys.__setitem__((0, 0), 1 - ys[0, 0]))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("which", ["inner_lr", "l2"])
+def test_torch_second_backward_ignores_numpy_hyperparameters_edited_after_forward(which):
+    torch = _framework("torch")
+    value = np.array([[0.5], [0.4]]) if which == "inner_lr" else np.array([0.1, 0.2, 0.3, 0.4])
+
+    def scale(ys, args):
+        value[...] *= 0.5
+
+    first, second = _second_backward_after(torch, scale, **{which: value})
+    assert torch.equal(first, second)
+
+
 def test_torch_func_transforms_give_a_named_error():
     """torch.func.grad / vmap: was 'Cannot access data pointer of Tensor that doesn't have storage'."""
     torch = _framework("torch")

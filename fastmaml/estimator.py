@@ -674,22 +674,34 @@ class MAML:
         if init.learn_inner_lr == "preconditioner" and (self.learn_inner_lr or self.hyper_policy is not None):
             raise ValueError("init: the model learned a preconditioner, not a step size to start from; use it "
                              "with learn_inner_lr=None and no hyper_policy, or start from another model")
+        theta = np.array(init._params["theta"], dtype=np.float64)
+        if not np.isfinite(theta).all():
+            raise ValueError("init: the model's theta contains NaN or infinity; start from a model with finite "
+                             "parameters")
+        l2 = float(init.l2_)
+        if (self.learn_l2 or (self.hyper_policy is not None and self.hyper_policy.learn_l2)) and not l2 > 0:
+            raise ValueError(f"init: the model's l2 is {l2!r}; learning l2 (in log space) needs a start > 0")
+        if not (self.learn_inner_lr or self.hyper_policy is not None):
+            # this model keeps its own fixed inner_lr: init's step size (whatever its steps) is not used
+            return {"theta": theta, "inner_lr": None, "l2": l2}
         try:
             lr = np.array(init.inner_lr_for(K), dtype=np.float64)
         except ValueError as exc:
             raise ValueError(f"init: {exc}") from None
+        if not (np.isfinite(lr).all() and math.isfinite(l2)):
+            raise ValueError("init: the model's learned step size or l2 is NaN or infinite; start from a model "
+                             "with finite values")
+        if K == 1 and lr.ndim == theta.ndim + 1:  # a one-step schedule's only row is that step's size
+            lr = lr[0] if lr[0].size > 1 else lr.reshape(())
         if init._has_policy:  # its per-step intercepts: one row per step, as a learned per-step schedule
             if lr.size != K:
                 raise ValueError(f"init: the model's policy has one step size per step for {lr.size} steps; "
                                  f"this model takes inner_steps={K}")
             lr = lr.reshape((K,) + (1,) * init._params["theta"].ndim)
-        l2 = float(init.l2_)
-        if (self.learn_l2 or (self.hyper_policy is not None and self.hyper_policy.learn_l2)) and not l2 > 0:
-            raise ValueError(f"init: the model's l2 is {l2!r}; learning l2 (in log space) needs a start > 0")
         if self.hyper_policy is not None and lr.size not in (1, K):
             raise ValueError(f"init: the model's step size has shape {lr.shape}; a hyper_policy starts from a "
                              f"scalar or one step size per inner step ({K})")
-        return {"theta": np.array(init._params["theta"], dtype=np.float64), "inner_lr": lr, "l2": l2}
+        return {"theta": theta, "inner_lr": lr, "l2": l2}
 
     def _start_lr(self, start: dict, K: int, theta_shape: tuple) -> np.ndarray:
         """The warm start's step size in this model's learned shape."""
@@ -697,7 +709,9 @@ class MAML:
         target = {"scalar": (), "per_step": (K,) + ones, "per_parameter": tuple(theta_shape),
                   "per_step_parameter": (K,) + tuple(theta_shape)}[self.learn_inner_lr]
         try:
-            return np.broadcast_to(start["inner_lr"], target).copy()
+            lr = start["inner_lr"]
+            # a single step size (a one-step schedule's, or a policy's one intercept) suits every shape
+            return np.broadcast_to(lr.reshape(()) if lr.size == 1 else lr, target).copy()
         except ValueError:
             raise ValueError(f"init: the model's step size of shape {start['inner_lr'].shape} does not broadcast "
                              f"to learn_inner_lr={self.learn_inner_lr!r}'s shape {target}") from None

@@ -261,7 +261,11 @@ def _group_ids(groups, n: int) -> np.ndarray:
     g = np.asarray(groups)
     if g.shape[:1] != (n,) or g.ndim not in (1, 2):
         raise ValueError(f"groups: expected one label per task, shape ({n},) or ({n}, k), got {g.shape}")
-    return np.unique(g, axis=0, return_inverse=True)[1].reshape(-1)
+    try:
+        return np.unique(g, axis=0, return_inverse=True)[1].reshape(-1)
+    except TypeError:  # labels numpy cannot sort (None, mixed objects): name the argument
+        raise TypeError(f"groups: expected labels that can be sorted (numbers or strings, one kind), got "
+                        f"dtype {g.dtype} holding e.g. {g.reshape(-1)[0]!r}") from None
 
 
 def mean_ci(values, groups=None) -> Tuple[float, float]:

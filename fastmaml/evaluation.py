@@ -258,7 +258,11 @@ def _t95(df: int) -> float:
 
 def _group_ids(groups, n: int) -> np.ndarray:
     """Integer ids 0..G-1 of a per-task group label array (any labels; rows of a 2-d array are labels)."""
-    g = np.asarray(groups)
+    try:
+        g = np.asarray(groups)
+    except ValueError:  # ragged rows (labels of different lengths)
+        raise ValueError("groups: expected one label per task, or rows of labels all of one length "
+                         "(an array of shape (n,) or (n, k)); got rows of different lengths") from None
     if g.shape[:1] != (n,) or g.ndim not in (1, 2):
         raise ValueError(f"groups: expected one label per task, shape ({n},) or ({n}, k), got {g.shape}")
     try:

@@ -69,3 +69,10 @@ def test_unsortable_group_labels_are_a_type_error_naming_groups(groups):
         paired_difference(v, v[::-1], groups=groups)
     with pytest.raises(TypeError, match=r"groups:"):
         select_candidate({"a": v, "b": v + 1}, ["a", "b"], groups=groups)
+
+
+def test_group_rows_of_different_lengths_are_a_value_error_naming_groups():
+    """Ragged group rows (a pair for some tasks, a single class for others) used to surface numpy's
+    'inhomogeneous shape' error, which names neither the argument nor what was expected."""
+    with pytest.raises(ValueError, match=r"groups: .*different lengths"):
+        mean_ci([1.0, 2.0, 3.0, 4.0], [(1, 2), (3,), (1, 2), (3,)])

@@ -926,7 +926,12 @@ def _best_global(rows: dict) -> str:
     compared with is fixed before the test groups are seen; ties keep the simpler row (listed first).
     """
     names = [n for n in GLOBAL_ROWS if n in rows]
-    return max(names, key=lambda n: (rows[n]["val_accuracy"], -names.index(n)))
+
+    def score(n):  # a NaN score (a diverged fit) never wins: max() would keep whichever came first
+        v = float(rows[n]["val_accuracy"])
+        return (v if np.isfinite(v) else -np.inf, -names.index(n))
+
+    return max(names, key=score)
 
 
 def _power(diff_val: np.ndarray, n_test: int) -> dict:

@@ -269,6 +269,9 @@ def test_the_best_global_setting_is_chosen_on_meta_validation_scores_only():
     assert demo._best_global(rows) == demo.GLOBAL_STEPS
     assert demo._best_global({demo.GLOBAL: row(0.86, 0.8), demo.GLOBAL_STEPS: row(0.86, 0.9)}) == demo.GLOBAL
     assert demo._best_global({demo.GLOBAL: row(0.5, 0.5)}) == demo.GLOBAL
+    # a diverged fit's NaN validation score never wins, wherever it is listed
+    assert demo._best_global({demo.GLOBAL: row(float("nan"), 0.99), demo.GLOBAL_STEPS: row(0.6, 0.5)}) \
+        == demo.GLOBAL_STEPS
 
 
 def test_the_power_estimate_is_the_groups_a_target_half_width_needs():

@@ -408,7 +408,7 @@ def _check_task_l2(l2, n_tasks: int, dtype) -> np.ndarray:
 
 _EXTENDED_GRAM = (
     "sweep: 'gram' does not apply with task_axis=True, a per-task l2, or grad_features=True on a softmax theta "
-    "or per-parameter inner_lr (these always run the plain sweep); use sweep='auto' or 'plain'"
+    "(these always run the plain sweep); use sweep='auto' or 'plain'"
 )
 
 
@@ -421,9 +421,13 @@ def _run_meta_extended(call: "_Call", mode, sweep, grad_features: bool) -> MetaG
     """
     requested = _sweep_arg(sweep)
     shared = grad_features and not call.task_lr and call.l2_tasks is None
-    if requested == _core.Sweep.gram and not (
-            shared and _choose(call, mode, requested, features=True) == _core.Sweep.gram):
-        raise ValueError(_EXTENDED_GRAM)
+    if requested == _core.Sweep.gram:
+        # Name the rule the call breaks: the Gram path's own (inner_steps,
+        # step-size layout, mode) before the feature-specific one.
+        if shared and _choose(call, mode, requested) != _core.Sweep.gram:
+            raise ValueError(_GRAM_NEEDS)
+        if not (shared and _choose(call, mode, requested, features=True) == _core.Sweep.gram):
+            raise ValueError(_EXTENDED_GRAM)
     if grad_features:
         rows = int(call.support.ptr[-1]) + int(call.query.ptr[-1])
         check_memory(rows * call.n_features * call.dtype.itemsize, "grad_features",

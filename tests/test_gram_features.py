@@ -161,14 +161,20 @@ def test_index_form_and_ragged_tasks_on_the_gram_path():
 
 
 def test_gram_sweep_with_features_is_refused_where_it_does_not_apply():
-    """sweep='gram' with grad_features needs a binary theta and shared step sizes and l2."""
+    """sweep='gram' with grad_features needs a binary theta and shared step sizes and l2.
+
+    A per-parameter inner_lr breaks the Gram path's own rule (one step size
+    per step), which is named as it is without feature gradients.
+    """
     T, n, m, d, K = 3, 4, 5, 6, 2
     theta, tasks = dense(T, n, m, d, seed=3)
     rng = np.random.default_rng(0)
-    for kw in (dict(inner_lr=np.full(T, 0.3), task_axis=True), dict(inner_lr=0.3, l2=np.full(T, 0.1)),
-               dict(inner_lr=rng.uniform(0.1, 0.3, (K, d + 1)))):
+    for kw in (dict(inner_lr=np.full(T, 0.3), task_axis=True), dict(inner_lr=0.3, l2=np.full(T, 0.1))):
         with pytest.raises(ValueError, match="sweep: 'gram' does not apply"):
             fastmaml.meta_value_and_grad(theta, tasks, inner_steps=K, grad_features=True, sweep="gram", **kw)
+    with pytest.raises(ValueError, match="sweep: 'gram' needs one step size per step"):
+        fastmaml.meta_value_and_grad(theta, tasks, inner_steps=K, grad_features=True, sweep="gram",
+                                     inner_lr=rng.uniform(0.1, 0.3, (K, d + 1)))
     Xs, ys, Xq, yq = tasks
     softmax = (Xs, rng.integers(0, 3, (T, n)), Xq, rng.integers(0, 3, (T, m)))
     with pytest.raises(ValueError, match="sweep: 'gram' does not apply"):

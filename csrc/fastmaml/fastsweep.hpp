@@ -183,7 +183,11 @@ struct FastGramWorker {
     V.resize(static_cast<size_t>(n));
     tile::xv_body(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
     double gk_w0 = 0.0;
-    {
+    if constexpr (Feat) {
+      // In order, never vectorised: an omp simd reduction here is peeled for
+      // theta's alignment, so its bits would depend on where theta sits.
+      gk_w0 = ordered_dot(gbar.data(), theta, d);
+    } else {
       const T* gq = gbar.data();
 #pragma omp simd reduction(+ : gk_w0)
       for (index_t q = 0; q < d; ++q) gk_w0 += static_cast<double>(gq[q]) * static_cast<double>(theta[q]);
@@ -201,26 +205,37 @@ struct FastGramWorker {
       const double* KCj = KC.data() + j * n;
       tile::gram_mul_body(G.data(), n, Gam.data(), work.data());
       double xg_r = 0.0, v_c = 0.0, g_z = 0.0, g_kc = 0.0;
-      for (index_t q = 0; q < n; ++q) {
-        XG[q] = beta * V[q] - work[q];
-        xg_r += XG[q] * Rj[q];
-        v_c += V[q] * Ccj[q];
-        g_z += Gam[q] * z0w[q];
-        g_kc += Gam[q] * KCj[q];
+      if constexpr (Feat) {
+        reverse_sums(n, beta, Rj, Ccj, KCj, V.data(), work.data(), Gam.data(), z0w.data(), XG.data(), xg_r, v_c, g_z,
+                     g_kc);
+      } else {
+        for (index_t q = 0; q < n; ++q) {
+          XG[q] = beta * V[q] - work[q];
+          xg_r += XG[q] * Rj[q];
+          v_c += V[q] * Ccj[q];
+          g_z += Gam[q] * z0w[q];
+          g_kc += Gam[q] * KCj[q];
+        }
       }
       const double gb_col = gb * colR[j];
       const double gw_wj = beta * a[j] * gk_w0 - beta * v_c - a[j] * g_z + g_kc;  // <gbar_w, W_j>
       hyper[lr.ks > 1 ? j : 0] -= xg_r + lam * gw_wj + gb_col;
       grad_l2 -= al * gw_wj;
-      if (Feat) feature_step(n, al, a[j], beta, gb, Rj, curv.data() + j * n, Ccj, inv_n);
+      if (Feat)
+        feature_step(n, al, a[j], beta, gb, Rj, curv.data() + j * n, Ccj, inv_n, XG.data(), Gam.data(), fcg.data(),
+                     fct.data(), fN.data());
       if (mode == Mode::maml) {
         const double* cj = curv.data() + j * n;
         double hs = 0.0;
-        for (index_t i = 0; i < n; ++i) {
-          H[i] = cj[i] * (XG[i] + gb);
-          hs += H[i];
+        if constexpr (Feat) {
+          hs = reverse_gam(n, rho, al, gb, inv_n, cj, XG.data(), H.data(), Gam.data());
+        } else {
+          for (index_t i = 0; i < n; ++i) {
+            H[i] = cj[i] * (XG[i] + gb);
+            hs += H[i];
+          }
+          for (index_t q = 0; q < n; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
         }
-        for (index_t q = 0; q < n; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
         gb -= al * hs * inv_n;
         beta *= rho;
       }
@@ -249,16 +264,66 @@ struct FastGramWorker {
   // with O(n^2) coefficients kept in float64: one (n x (n + 2))((n + 2) x d)
   // product at the end of the task instead of forming u_j and w_j in d-space.
   // XG (= X gbar_{j+1,w}) is this step's, from the reverse loop.
-  FASTMAML_INLINE void feature_step(index_t n, double al, double aj, double beta, double gb, const double* Rj,
-                                    const double* cj, const double* Ccj, double inv_n) {
+  //
+  // Every loop of the feature instantiation (this, reverse_sums, reverse_gam,
+  // ordered_dot) reads and writes through restrict-qualified pointers and
+  // keeps its sums scalar and in order: with the workers' vectors possibly
+  // adjacent on the heap, GCC otherwise versions these loops for aliasing /
+  // alignment, and the vector and scalar versions round differently, so the
+  // bits depended on the heap layout and on theta's alignment.
+  static FASTMAML_INLINE void feature_step(index_t n, double al, double aj, double beta, double gb,
+                                           const double* FASTMAML_RESTRICT Rj, const double* FASTMAML_RESTRICT cj,
+                                           const double* FASTMAML_RESTRICT Ccj, double inv_n,
+                                           const double* FASTMAML_RESTRICT xg, const double* FASTMAML_RESTRICT gam,
+                                           double* FASTMAML_RESTRICT cg, double* FASTMAML_RESTRICT ct,
+                                           double* FASTMAML_RESTRICT N) {
     for (index_t i = 0; i < n; ++i) {
-      const double ru = al * Rj[i];                          // (p - y)/n alpha_j
-      const double c = al * cj[i] * (XG[i] + gb) * inv_n;    // s (x~ . u_j)/n
-      fcg[i] += ru * beta;
-      fct[i] += c * aj;
-      double* Ni = fN.data() + i * n;
-      for (index_t k = 0; k < n; ++k) Ni[k] -= ru * Gam[k] + c * Ccj[k];
+      const double ru = al * Rj[i];                        // (p - y)/n alpha_j
+      const double c = al * cj[i] * (xg[i] + gb) * inv_n;  // s (x~ . u_j)/n
+      cg[i] += ru * beta;
+      ct[i] += c * aj;
+      for (index_t k = 0; k < n; ++k) N[i * n + k] -= ru * gam[k] + c * Ccj[k];
     }
+  }
+
+  // <gbar_w, theta_w> as one ordered scalar sum (see feature_step).
+  static FASTMAML_INLINE double ordered_dot(const T* FASTMAML_RESTRICT g, const T* FASTMAML_RESTRICT w, index_t d) {
+    double s = 0.0;
+    for (index_t q = 0; q < d; ++q) s += static_cast<double>(g[q]) * static_cast<double>(w[q]);
+    return s;
+  }
+
+  // The reverse step's XG and its four n-space sums (sweep's loop, restrict-
+  // qualified, sums in order).
+  static FASTMAML_INLINE void reverse_sums(index_t n, double beta, const double* FASTMAML_RESTRICT Rj,
+                                           const double* FASTMAML_RESTRICT Ccj, const double* FASTMAML_RESTRICT KCj,
+                                           const double* FASTMAML_RESTRICT v, const double* FASTMAML_RESTRICT wk,
+                                           const double* FASTMAML_RESTRICT gam, const double* FASTMAML_RESTRICT z0,
+                                           double* FASTMAML_RESTRICT xg, double& xg_r, double& v_c, double& g_z,
+                                           double& g_kc) {
+    for (index_t q = 0; q < n; ++q) xg[q] = beta * v[q] - wk[q];
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (index_t q = 0; q < n; ++q) {
+      s0 += xg[q] * Rj[q];
+      s1 += v[q] * Ccj[q];
+      s2 += gam[q] * z0[q];
+      s3 += gam[q] * KCj[q];
+    }
+    xg_r = s0;
+    v_c = s1;
+    g_z = s2;
+    g_kc = s3;
+  }
+
+  // H = curv_j (XG + gb), Gam <- rho Gam + al H / n; returns sum(H) in order.
+  static FASTMAML_INLINE double reverse_gam(index_t n, double rho, double al, double gb, double inv_n,
+                                            const double* FASTMAML_RESTRICT cj, const double* FASTMAML_RESTRICT xg,
+                                            double* FASTMAML_RESTRICT h, double* FASTMAML_RESTRICT gam) {
+    for (index_t i = 0; i < n; ++i) h[i] = cj[i] * (xg[i] + gb);
+    double hs = 0.0;
+    for (index_t i = 0; i < n; ++i) hs += h[i];
+    for (index_t q = 0; q < n; ++q) gam[q] = rho * gam[q] + al * h[q] * inv_n;
+    return hs;
   }
 
   // The support rows -(1/T) [fcg gK_w + fct theta_w + fN X] as one register-

@@ -323,13 +323,15 @@ py::tuple meta_impl(const py::array& theta, const Side& s, const Side& q, index_
 // A meta-gradient with per-task hyperparameters (task_lr: inner_lr is one
 // (K, P) table per task; l2_per_task: float64 (n_tasks,)) and/or feature
 // gradients: a plain sweep (extended.hpp; `generic`, tests only, keeps the
-// generic one where the fast binary sweep applies). Returns (loss, grad,
+// generic one where the fast binary sweep applies), or, for feature gradients
+// with shared hyperparameters, the path `sweep` asks for (extended_sweep). Returns (loss, grad,
 // grad_inner_lr: (n_tasks, H) or (H,), grad_l2: (n_tasks,) or float,
 // grad_support_X: (support rows, d) or None, grad_query_X likewise).
 template <class T>
 py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, index_t C, index_t K, double l2,
                         fastmaml::Mode mode, int n_threads, const py::object& alpha, fastmaml::LrLayout lr,
-                        bool task_lr, const py::object& l2_per_task, bool grad_features, bool generic) {
+                        bool task_lr, const py::object& l2_per_task, bool grad_features, bool generic,
+                        fastmaml::Sweep sweep) {
   TaskGuard guard;
   auto ts = make_taskset<T>(C, s, &q, py::none(), guard);
   const index_t d = ts.d, D = d + 1, P = D * C, n_tasks = ts.n_tasks;
@@ -375,7 +377,7 @@ py::tuple meta_ext_impl(const py::array& theta, const Side& s, const Side& q, in
     st = with_link<T>(C, [&](auto link) {
       return fastmaml::meta_value_and_grad_extended<T>(ts, link, th, al, K, lr, l2, mode, ext, n_threads, &loss,
                                                        grad.mutable_data(), task_lr ? nullptr : hyper.mutable_data(),
-                                                       &grad_l2, generic);
+                                                       &grad_l2, generic, sweep);
     });
   }
   raise_status(st);
@@ -794,14 +796,15 @@ PYBIND11_MODULE(_core, m) {
          bool grad_features, bool ext_generic) {
         const auto lr = lr_layout_of(lr_layout);
         if (task_lr || !l2_per_task.is_none() || grad_features) {
-          if (!log_scale.is_none() || !kernel.is_none() || block_sums || sweep == Sweep::gram)
-            value_error("per-task hyperparameters and feature gradients run the plain sweep with inner_lr: "
-                        "not with a preconditioner, a kernel, block sums or sweep=gram");
+          if (!log_scale.is_none() || !kernel.is_none() || block_sums ||
+              (sweep == Sweep::gram && (task_lr || !l2_per_task.is_none())))
+            value_error("per-task hyperparameters and feature gradients run with inner_lr: not with a "
+                        "preconditioner, a kernel or block sums; per-task hyperparameters not with sweep=gram");
           if (is_f32(support.X))
             return meta_ext_impl<float>(theta, support, query, n_classes, inner_steps, l2, mode, n_threads,
-                                        inner_lr, lr, task_lr, l2_per_task, grad_features, ext_generic);
+                                        inner_lr, lr, task_lr, l2_per_task, grad_features, ext_generic, sweep);
           return meta_ext_impl<double>(theta, support, query, n_classes, inner_steps, l2, mode, n_threads,
-                                       inner_lr, lr, task_lr, l2_per_task, grad_features, ext_generic);
+                                       inner_lr, lr, task_lr, l2_per_task, grad_features, ext_generic, sweep);
         }
         if (is_f32(support.X))
           return meta_impl<float>(theta, support, query, n_classes, inner_steps, l2, mode, sweep, n_threads,
@@ -854,7 +857,7 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "choose_sweep",
       [](index_t support_rows, index_t n_tasks, index_t n_features, index_t n_classes, index_t inner_steps,
-         Layout lr_layout, bool preconditioned, Mode mode, bool kernel, Sweep requested) {
+         Layout lr_layout, bool preconditioned, Mode mode, bool kernel, Sweep requested, bool features) {
         if (n_tasks < 1) value_error("n_tasks: expected at least 1, got " + std::to_string(n_tasks));
         fastmaml::CallShape shape;
         shape.support_rows_per_task = static_cast<double>(support_rows) / static_cast<double>(n_tasks);
@@ -865,14 +868,16 @@ PYBIND11_MODULE(_core, m) {
         shape.preconditioned = preconditioned;
         shape.lr = lr_layout_of(lr_layout);
         shape.mode = mode;
+        shape.features = features;
         return fastmaml::choose_sweep(shape, requested);
       },
       py::arg("support_rows"), py::arg("n_tasks"), py::arg("n_features"), py::arg("n_classes"),
       py::arg("inner_steps"), py::kw_only(), py::arg("lr_layout") = Layout{1, 1, 1},
       py::arg("preconditioned") = false, py::arg("mode") = Mode::maml, py::arg("kernel") = false,
-      py::arg("requested") = Sweep::automatic,
+      py::arg("requested") = Sweep::automatic, py::arg("features") = false,
       "The path (Sweep.plain or Sweep.gram) the core takes for a call of these shapes: the same rule as the "
-      "dispatcher. A requested gram that does not apply gives plain.");
+      "dispatcher. A requested gram that does not apply gives plain. features: a call with feature gradients "
+      "and shared hyperparameters (binary only on the Gram path).");
 
   m.def(
       "extended_path",

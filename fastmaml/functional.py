@@ -273,9 +273,11 @@ def meta_value_and_grad(
         n x n Gram matrix (one step size per step: scalar or per-step
         inner_lr); "plain" sweeps the features every step. "auto" picks by a
         cost model of the shapes (never of the thread count). Both agree to
-        rounding. Calls with ``task_axis=True``, a per-task ``l2`` or
-        ``grad_features=True`` always run the plain sweep ("gram" is then an
-        error).
+        rounding. Calls with per-task step sizes (``task_axis=True``) or a
+        per-task ``l2`` always run the plain sweep ("gram" is then an
+        error); ``grad_features=True`` takes the Gram sweep only for a binary
+        theta with shared step sizes and l2 (the cost model counts the
+        feature gradients' own product).
     task_axis : bool, default=False
         Read inner_lr's leading axis as the task axis (see ``inner_lr``).
         Without it no shape of inner_lr is ever read as per task.
@@ -405,23 +407,36 @@ def _check_task_l2(l2, n_tasks: int, dtype) -> np.ndarray:
 
 
 _EXTENDED_GRAM = (
-    "sweep: 'gram' does not apply with task_axis=True, a per-task l2 or grad_features=True (these always run "
-    "the plain sweep); use sweep='auto' or 'plain'"
+    "sweep: 'gram' does not apply with task_axis=True, a per-task l2, or grad_features=True on a softmax theta "
+    "(these always run the plain sweep); use sweep='auto' or 'plain'"
 )
 
 
 def _run_meta_extended(call: "_Call", mode, sweep, grad_features: bool) -> MetaGradient:
-    """The one call into the core for per-task hyperparameters and feature gradients (the plain sweep)."""
-    if _sweep_arg(sweep) == _core.Sweep.gram:
-        raise ValueError(_EXTENDED_GRAM)
+    """The one call into the core for per-task hyperparameters and feature gradients.
+
+    Per-task hyperparameters run the plain sweep; binary feature gradients
+    with shared ones take the path ``sweep`` asks for (the cost model for
+    "auto"), as a plain call does.
+    """
+    requested = _sweep_arg(sweep)
+    shared = grad_features and not call.task_lr and call.l2_tasks is None
+    if requested == _core.Sweep.gram:
+        # Name the rule the call breaks: the Gram path's own (inner_steps,
+        # step-size layout, mode) before the feature-specific one.
+        if shared and _choose(call, mode, requested) != _core.Sweep.gram:
+            raise ValueError(_GRAM_NEEDS)
+        if not (shared and _choose(call, mode, requested, features=True) == _core.Sweep.gram):
+            raise ValueError(_EXTENDED_GRAM)
     if grad_features:
         rows = int(call.support.ptr[-1]) + int(call.query.ptr[-1])
         check_memory(rows * call.n_features * call.dtype.itemsize, "grad_features",
                      f"the gradients of {rows} support and query rows")
     out = _core.meta_value_and_grad(
         call.theta, call.support, call.query, n_classes=call.n_classes, inner_steps=call.inner_steps, l2=call.l2,
-        mode=mode, sweep=_core.Sweep.plain, n_threads=call.n_threads, inner_lr=call.inner_lr,
-        lr_layout=call.lr_layout, task_lr=call.task_lr, l2_per_task=call.l2_tasks, grad_features=grad_features,
+        mode=mode, sweep=requested if shared else _core.Sweep.plain, n_threads=call.n_threads,
+        inner_lr=call.inner_lr, lr_layout=call.lr_layout, task_lr=call.task_lr, l2_per_task=call.l2_tasks,
+        grad_features=grad_features,
     )
     # With nothing per task (a leading axis of 1, a scalar l2, no feature
     # gradients) the core runs today's call on the plain sweep: 4 outputs.
@@ -672,12 +687,12 @@ def _run_adapt(call: _Call, return_path: bool):
     return out[0] if call.single else out
 
 
-def _choose(call: _Call, mode, requested) -> "_core.Sweep":
+def _choose(call: _Call, mode, requested, features: bool = False) -> "_core.Sweep":
     kernel = call.kernel is not None and call.support.idx is not None
     return _core.choose_sweep(
         call.support_rows, call.n_tasks, call.n_features, call.n_classes, call.inner_steps,
         lr_layout=call.lr_layout, preconditioned=call.log_scale is not None, mode=mode, kernel=kernel,
-        requested=requested,
+        requested=requested, features=features,
     )
 
 

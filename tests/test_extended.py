@@ -353,14 +353,17 @@ def test_bad_per_task_l2_is_named(l2, match):
         fastmaml.meta_value_and_grad(theta, tasks, inner_lr=0.5, inner_steps=2, l2=l2)
 
 
-@pytest.mark.parametrize("options", [dict(task_axis=True, inner_lr=np.full(T, 0.5)),
-                                     dict(l2=np.full(T, 0.1)), dict(grad_features=True)],
-                         ids=["task_axis", "per_task_l2", "grad_features"])
-def test_gram_sweep_with_the_new_options_is_an_error(options):
+# A per-parameter inner_lr breaks the Gram path's own rule, named as without features.
+@pytest.mark.parametrize("options, match", [
+    (dict(task_axis=True, inner_lr=np.full(T, 0.5)), "sweep: 'gram' does not apply"),
+    (dict(l2=np.full(T, 0.1)), "sweep: 'gram' does not apply"),
+    (dict(grad_features=True, inner_lr=np.full((2, D_FEAT + 1), 0.5)), "sweep: 'gram' needs one step size per step")],
+    ids=["task_axis", "per_task_l2", "grad_features_per_parameter_lr"])
+def test_gram_sweep_with_the_new_options_is_an_error(options, match):
     theta, tasks = dense_problem("binary")
     kw = dict(inner_lr=0.5, inner_steps=2)
     kw.update(options)
-    with pytest.raises(ValueError, match="sweep: 'gram' does not apply"):
+    with pytest.raises(ValueError, match=match):
         fastmaml.meta_value_and_grad(theta, tasks, sweep="gram", **kw)
     fastmaml.meta_value_and_grad(theta, tasks, sweep="auto", **kw)  # auto takes the plain sweep
 

@@ -123,16 +123,21 @@ def test_float32_fast_sweep_within_tolerance_of_float64():
 
 
 def test_shared_values_give_the_shared_fast_sweep_bit_for_bit():
-    """Proof that the extras run FastPlainWorker: with every task's l2 and step size equal, the loss and
-    meta-gradient are the bits of the shared call on the fast plain sweep (the generic sweep rounds
-    differently), while the per-task outputs sum to the shared ones."""
+    """Proof that the extras run FastPlainWorker: with every task's l2 and step size equal, the loss is
+    the bits of the shared call on the fast plain sweep (the generic sweep rounds differently) and the
+    meta-gradient agrees to a few ulps, while the per-task outputs sum to the shared ones.
+
+    The gradient is not compared bit for bit: the two calls are separate instantiations of the reverse
+    sweep, and GCC's link-time optimisation may contract their multiply-adds differently from one build of
+    the module to another (measured: 7e-18 after an unrelated kernel joined the module). Each build's
+    bits are still a deterministic function of the inputs (thread counts, alignment: other tests)."""
     T, n, m, d, K = 6, 9, 11, 37, 3
     theta, tasks = dense(T, n, m, d, seed=5)
     shared = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=0.4, inner_steps=K, l2=0.1, sweep="plain")
     ext = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=np.full(T, 0.4), task_axis=True, inner_steps=K,
                                        l2=np.full(T, 0.1), grad_features=True)
     assert ext.loss == shared.loss
-    assert np.array_equal(ext.grad, shared.grad)
+    np.testing.assert_allclose(ext.grad, shared.grad, rtol=0, atol=16 * np.finfo(float).eps * np.abs(shared.grad).max())
     assert ext.grad_inner_lr.shape == (T,) and ext.grad_l2.shape == (T,)
     assert ext.grad_inner_lr.sum() == pytest.approx(shared.grad_inner_lr, rel=1e-12)
     assert ext.grad_l2.sum() == pytest.approx(shared.grad_l2, rel=1e-12)

@@ -60,10 +60,20 @@ struct FastGramWorker {
   std::vector<double> G, z0w, U, Z, R, curv, Cc, KC, a, work, V, Gam, XG, H, colR, qz, qr, tails;
   std::vector<double> neg, G1;
   std::vector<T> wvec, gbar;
+  // Feature gradients (grad_features with shared hyperparameters only;
+  // extended.hpp dispatches): ext.grad_support_X / grad_query_X set.
+  TaskExtras<T> ext{};
+  bool extended = false;  // run sweep<true>: form the feature gradients (ext)
+  std::vector<double> fcg, fct, fN;
+  std::vector<T> fcf;
+  std::vector<const T*> fvecs;
 
   ErrorCode operator()(index_t t, double* slot, index_t* step);
   // The whole per-task sweep is compiled once per ISA (gram_task below), so
   // every kernel and the n-space loops inline into one dispatched function.
+  // Feat = false is the shared call; Feat = true adds the feature gradients
+  // in a second instantiation, so the shared call's code is what it was.
+  template <bool Feat>
   FASTMAML_INLINE ErrorCode sweep(index_t t, double* slot, index_t* step) {
     const index_t d = ts->d, D = d + 1;
     const auto& sup = ts->support;
@@ -149,6 +159,22 @@ struct FastGramWorker {
       return ErrorCode::nonfinite_query;
     }
     slot[0] = loss;
+    if (Feat) {
+      // Query row i: (1/T) (p_i - y_i)/m w_K, rank one (rows holds the query rows).
+      const index_t m = ts->query.size(t);
+      fcf.resize(static_cast<size_t>(m));
+      for (index_t i = 0; i < m; ++i) fcf[i] = static_cast<T>(qr[i] * ext.inv_T);
+      const T* wk = wvec.data();
+      T* gq = ext.grad_query_X + ts->query.begin(t) * d;
+      tile::combine_body(m, d, 1, fcf.data(), &wk, gq);
+      if (!tile::finite_body(gq, m * d)) {
+        *step = -1;
+        return ErrorCode::nonfinite_grad;
+      }
+      fcg.assign(static_cast<size_t>(n), 0.0);
+      fct.assign(static_cast<size_t>(n), 0.0);
+      fN.assign(static_cast<size_t>(n * n), 0.0);
+    }
     double* hyper = slot + 1 + D;
     std::fill(hyper, hyper + lr.size(), 0.0);
     double grad_l2 = 0.0;
@@ -157,7 +183,11 @@ struct FastGramWorker {
     V.resize(static_cast<size_t>(n));
     tile::xv_body(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
     double gk_w0 = 0.0;
-    {
+    if constexpr (Feat) {
+      // In order, never vectorised: an omp simd reduction here is peeled for
+      // theta's alignment, so its bits would depend on where theta sits.
+      gk_w0 = ordered_dot(gbar.data(), theta, d);
+    } else {
       const T* gq = gbar.data();
 #pragma omp simd reduction(+ : gk_w0)
       for (index_t q = 0; q < d; ++q) gk_w0 += static_cast<double>(gq[q]) * static_cast<double>(theta[q]);
@@ -175,25 +205,37 @@ struct FastGramWorker {
       const double* KCj = KC.data() + j * n;
       tile::gram_mul_body(G.data(), n, Gam.data(), work.data());
       double xg_r = 0.0, v_c = 0.0, g_z = 0.0, g_kc = 0.0;
-      for (index_t q = 0; q < n; ++q) {
-        XG[q] = beta * V[q] - work[q];
-        xg_r += XG[q] * Rj[q];
-        v_c += V[q] * Ccj[q];
-        g_z += Gam[q] * z0w[q];
-        g_kc += Gam[q] * KCj[q];
+      if constexpr (Feat) {
+        reverse_sums(n, beta, Rj, Ccj, KCj, V.data(), work.data(), Gam.data(), z0w.data(), XG.data(), xg_r, v_c, g_z,
+                     g_kc);
+      } else {
+        for (index_t q = 0; q < n; ++q) {
+          XG[q] = beta * V[q] - work[q];
+          xg_r += XG[q] * Rj[q];
+          v_c += V[q] * Ccj[q];
+          g_z += Gam[q] * z0w[q];
+          g_kc += Gam[q] * KCj[q];
+        }
       }
       const double gb_col = gb * colR[j];
       const double gw_wj = beta * a[j] * gk_w0 - beta * v_c - a[j] * g_z + g_kc;  // <gbar_w, W_j>
       hyper[lr.ks > 1 ? j : 0] -= xg_r + lam * gw_wj + gb_col;
       grad_l2 -= al * gw_wj;
+      if (Feat)
+        feature_step(n, al, a[j], beta, gb, Rj, curv.data() + j * n, Ccj, inv_n, XG.data(), Gam.data(), fcg.data(),
+                     fct.data(), fN.data());
       if (mode == Mode::maml) {
         const double* cj = curv.data() + j * n;
         double hs = 0.0;
-        for (index_t i = 0; i < n; ++i) {
-          H[i] = cj[i] * (XG[i] + gb);
-          hs += H[i];
+        if constexpr (Feat) {
+          hs = reverse_gam(n, rho, al, gb, inv_n, cj, XG.data(), H.data(), Gam.data());
+        } else {
+          for (index_t i = 0; i < n; ++i) {
+            H[i] = cj[i] * (XG[i] + gb);
+            hs += H[i];
+          }
+          for (index_t q = 0; q < n; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
         }
-        for (index_t q = 0; q < n; ++q) Gam[q] = rho * Gam[q] + al * H[q] * inv_n;
         gb -= al * hs * inv_n;
         beta *= rho;
       }
@@ -205,6 +247,106 @@ struct FastGramWorker {
     slot[1 + d] = gb;
     slot[1 + D + lr.size()] = grad_l2;
     if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+      *step = -1;
+      return ErrorCode::nonfinite_grad;
+    }
+    if (Feat) return finish_features(t, n, step);
+    return ErrorCode::ok;
+  }
+
+  // Step j's share of the support rows' feature gradients, in coefficient
+  // form (docs/design.md, "Feature gradients"). Support row i receives
+  //   (p_ji - y_i)/n u_{j,w} + c_ji w_j,   c_ji = s_ji (x~_i . u_j)/n,
+  // and on this path u_{j,w} = alpha_j (beta gK_w - X^T Gam) and
+  // w_j = a_j theta_w - X^T Cc_j (Gam, beta: gbar_{j+1}'s coefficients, read
+  // before this step's update), so the sum over steps is
+  //   fcg_i gK_w + fct_i theta_w + sum_k fN_ik x_k
+  // with O(n^2) coefficients kept in float64: one (n x (n + 2))((n + 2) x d)
+  // product at the end of the task instead of forming u_j and w_j in d-space.
+  // XG (= X gbar_{j+1,w}) is this step's, from the reverse loop.
+  //
+  // Every loop of the feature instantiation (this, reverse_sums, reverse_gam,
+  // ordered_dot) reads and writes through restrict-qualified pointers and
+  // keeps its sums scalar and in order: with the workers' vectors possibly
+  // adjacent on the heap, GCC otherwise versions these loops for aliasing /
+  // alignment, and the vector and scalar versions round differently, so the
+  // bits depended on the heap layout and on theta's alignment.
+  static FASTMAML_INLINE void feature_step(index_t n, double al, double aj, double beta, double gb,
+                                           const double* FASTMAML_RESTRICT Rj, const double* FASTMAML_RESTRICT cj,
+                                           const double* FASTMAML_RESTRICT Ccj, double inv_n,
+                                           const double* FASTMAML_RESTRICT xg, const double* FASTMAML_RESTRICT gam,
+                                           double* FASTMAML_RESTRICT cg, double* FASTMAML_RESTRICT ct,
+                                           double* FASTMAML_RESTRICT N) {
+    for (index_t i = 0; i < n; ++i) {
+      const double ru = al * Rj[i];                        // (p - y)/n alpha_j
+      const double c = al * cj[i] * (xg[i] + gb) * inv_n;  // s (x~ . u_j)/n
+      cg[i] += ru * beta;
+      ct[i] += c * aj;
+      for (index_t k = 0; k < n; ++k) N[i * n + k] -= ru * gam[k] + c * Ccj[k];
+    }
+  }
+
+  // <gbar_w, theta_w> as one ordered scalar sum (see feature_step).
+  static FASTMAML_INLINE double ordered_dot(const T* FASTMAML_RESTRICT g, const T* FASTMAML_RESTRICT w, index_t d) {
+    double s = 0.0;
+    for (index_t q = 0; q < d; ++q) s += static_cast<double>(g[q]) * static_cast<double>(w[q]);
+    return s;
+  }
+
+  // The reverse step's XG and its four n-space sums (sweep's loop, restrict-
+  // qualified, sums in order).
+  static FASTMAML_INLINE void reverse_sums(index_t n, double beta, const double* FASTMAML_RESTRICT Rj,
+                                           const double* FASTMAML_RESTRICT Ccj, const double* FASTMAML_RESTRICT KCj,
+                                           const double* FASTMAML_RESTRICT v, const double* FASTMAML_RESTRICT wk,
+                                           const double* FASTMAML_RESTRICT gam, const double* FASTMAML_RESTRICT z0,
+                                           double* FASTMAML_RESTRICT xg, double& xg_r, double& v_c, double& g_z,
+                                           double& g_kc) {
+    for (index_t q = 0; q < n; ++q) xg[q] = beta * v[q] - wk[q];
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (index_t q = 0; q < n; ++q) {
+      s0 += xg[q] * Rj[q];
+      s1 += v[q] * Ccj[q];
+      s2 += gam[q] * z0[q];
+      s3 += gam[q] * KCj[q];
+    }
+    xg_r = s0;
+    v_c = s1;
+    g_z = s2;
+    g_kc = s3;
+  }
+
+  // H = curv_j (XG + gb), Gam <- rho Gam + al H / n; returns sum(H) in order.
+  static FASTMAML_INLINE double reverse_gam(index_t n, double rho, double al, double gb, double inv_n,
+                                            const double* FASTMAML_RESTRICT cj, const double* FASTMAML_RESTRICT xg,
+                                            double* FASTMAML_RESTRICT h, double* FASTMAML_RESTRICT gam) {
+    for (index_t i = 0; i < n; ++i) h[i] = cj[i] * (xg[i] + gb);
+    double hs = 0.0;
+    for (index_t i = 0; i < n; ++i) hs += h[i];
+    for (index_t q = 0; q < n; ++q) gam[q] = rho * gam[q] + al * h[q] * inv_n;
+    return hs;
+  }
+
+  // The support rows -(1/T) [fcg gK_w + fct theta_w + fN X] as one register-
+  // tiled product (rows holds the support rows, gbar gK, wvec is free).
+  FASTMAML_INLINE ErrorCode finish_features(index_t t, index_t n, index_t* step) {
+    const index_t d = ts->d, L = n + 2;
+    fcf.resize(static_cast<size_t>(L * n));
+    fvecs.resize(static_cast<size_t>(L));
+    const double neg_T = -ext.inv_T;
+    for (index_t k = 0; k < n; ++k) {
+      T* ck = fcf.data() + k * n;  // vector k (support row k) for every output row i
+      for (index_t i = 0; i < n; ++i) ck[i] = static_cast<T>(neg_T * fN[i * n + k]);
+      fvecs[k] = rows[k];
+    }
+    for (index_t i = 0; i < n; ++i) {
+      fcf[n * n + i] = static_cast<T>(neg_T * fcg[i]);
+      fcf[(n + 1) * n + i] = static_cast<T>(neg_T * fct[i]);
+    }
+    fvecs[n] = gbar.data();
+    fvecs[n + 1] = theta;
+    T* gs = ext.grad_support_X + ts->support.begin(t) * d;
+    tile::combine_body(n, d, L, fcf.data(), fvecs.data(), gs);
+    if (!tile::finite_body(gs, n * d)) {
       *step = -1;
       return ErrorCode::nonfinite_grad;
     }
@@ -379,10 +521,18 @@ struct FastPlainWorker {
 };
 
 FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<float>& w, index_t t, double* slot, index_t* step) {
-  return w.sweep(t, slot, step);
+  return w.template sweep<false>(t, slot, step);
 }
 FASTMAML_CLONES inline ErrorCode gram_task(FastGramWorker<double>& w, index_t t, double* slot, index_t* step) {
-  return w.sweep(t, slot, step);
+  return w.template sweep<false>(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode gram_task_features(FastGramWorker<float>& w, index_t t, double* slot,
+                                                    index_t* step) {
+  return w.template sweep<true>(t, slot, step);
+}
+FASTMAML_CLONES inline ErrorCode gram_task_features(FastGramWorker<double>& w, index_t t, double* slot,
+                                                    index_t* step) {
+  return w.template sweep<true>(t, slot, step);
 }
 FASTMAML_CLONES inline ErrorCode plain_task(FastPlainWorker<float>& w, index_t t, double* slot, index_t* step) {
   return w.template sweep<false>(t, slot, step);
@@ -400,7 +550,7 @@ FASTMAML_CLONES inline ErrorCode plain_task_extras(FastPlainWorker<double>& w, i
 }
 template <class T>
 ErrorCode FastGramWorker<T>::operator()(index_t t, double* slot, index_t* step) {
-  return gram_task(*this, t, slot, step);
+  return extended ? gram_task_features(*this, t, slot, step) : gram_task(*this, t, slot, step);
 }
 template <class T>
 ErrorCode FastPlainWorker<T>::operator()(index_t t, double* slot, index_t* step) {

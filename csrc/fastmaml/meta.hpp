@@ -46,9 +46,22 @@ inline double gram_cost(index_t n, index_t d, index_t C, index_t K, bool have_ke
   return gram + 4.0 * n * d * C + 4.0 * K * nn * C;
 }
 
+// Feature gradients (binary, extended.hpp) add to each path the product that
+// forms the support rows' gradients at the end of a task: (n x 2K)(2K x d)
+// on the plain sweep (plus, first order, the K passes X u_j its missing HVP
+// pass would have formed), (n x (n + 2))((n + 2) x d) on the Gram path.
+inline double plain_feature_cost(index_t n, index_t d, index_t K, bool first_order) {
+  return (2.0 + (first_order ? 1.0 : 0.0)) * static_cast<double>(K) * n * d;
+}
+inline double gram_feature_cost(index_t n, index_t d) { return (static_cast<double>(n) + 2.0) * n * d; }
+
 // The cost model alone: whether the span sweep is cheaper for tasks of n
 // support rows (where it applies).
-inline bool gram_is_cheaper(index_t n, index_t d, index_t C, index_t K, bool have_kernel) {
+inline bool gram_is_cheaper(index_t n, index_t d, index_t C, index_t K, bool have_kernel, bool features = false,
+                            bool first_order = false) {
+  if (features)
+    return gram_cost(n, d, C, K, have_kernel) + gram_feature_cost(n, d) <
+           plain_cost(n, d, C, K) + plain_feature_cost(n, d, K, first_order);
   return gram_cost(n, d, C, K, have_kernel) < plain_cost(n, d, C, K);
 }
 
@@ -60,6 +73,7 @@ struct CallShape {
   bool preconditioned = false;
   LrLayout lr{};
   Mode mode = Mode::maml;
+  bool features = false;  // binary feature gradients with shared hyperparameters (extended.hpp)
 };
 
 template <class T>
@@ -79,8 +93,10 @@ CallShape call_shape(const TaskSet<T>& ts, index_t C, index_t K, bool preconditi
 // Whether the span-of-rows sweep computes this case exactly: one step size
 // per step (scalar or per-step inner_lr), no preconditioner, MAML or
 // first-order MAML, at least one step.
+// With feature gradients: binary only (fastsweep.hpp's FastGramWorker forms them).
 inline bool gram_applies(const CallShape& s) {
-  return !s.preconditioned && s.lr.pr == 1 && s.lr.pc == 1 && s.mode != Mode::reptile && s.K > 0;
+  return !s.preconditioned && s.lr.pr == 1 && s.lr.pc == 1 && s.mode != Mode::reptile && s.K > 0 &&
+         !(s.features && s.C != 1);
 }
 
 // The path a call takes: plain or gram, never automatic. A requested "gram"
@@ -91,7 +107,8 @@ inline Sweep choose_sweep(const CallShape& s, Sweep requested) {
   if (requested == Sweep::plain || !gram_applies(s)) return Sweep::plain;
   if (requested == Sweep::gram) return Sweep::gram;
   const index_t n = static_cast<index_t>(std::ceil(s.support_rows_per_task));
-  return gram_is_cheaper(n, s.d, s.C, s.K, s.kernel) ? Sweep::gram : Sweep::plain;
+  return gram_is_cheaper(n, s.d, s.C, s.K, s.kernel, s.features, s.mode == Mode::first_order) ? Sweep::gram
+                                                                                              : Sweep::plain;
 }
 
 // Meta-loss and gradients for a meta-batch. Outputs are means over tasks:

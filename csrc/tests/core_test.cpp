@@ -390,6 +390,74 @@ static void extended_fast_case() {
   check(binary_fast && !per_param && !softmax, "extended fast: only binary one-step-size calls take it");
 }
 
+// Feature gradients on the Gram path (FastGramWorker with ext): shared step
+// sizes (per step) and L2, ragged index-form tasks of 2..6 support and 1..6
+// query rows, d = 13 (the 4-row and 4/8-feature tiles' tails), MAML and first
+// order, against the fast plain sweep forced on the same call; bitwise across
+// threads; a divergence named; and the feature-aware choice.
+static void gram_features_case() {
+  const index_t d = 13, K = 3, T = 150;
+  Data D = make(T, d, 1, 78);
+  auto ts = view(D);
+  const index_t P = d + 1;
+  std::mt19937_64 rng(10);
+  std::normal_distribution<double> g(0.0, 0.3);
+  std::vector<double> theta(static_cast<size_t>(P));
+  for (auto& x : theta) x = g(rng);
+  const LrLayout lr{K, 1, 1};
+  std::vector<double> alpha(static_cast<size_t>(K * P));
+  for (index_t j = 0; j < K; ++j)
+    for (index_t p = 0; p < P; ++p) alpha[j * P + p] = 0.2 + 0.1 * static_cast<double>(j);
+  const index_t S = D.sptr.back(), Q = D.qptr.back();
+  struct Out {
+    TaskStatus st;
+    double loss = 0, gl2 = 0;
+    std::vector<double> grad, hyper, gsx, gqx;
+  };
+  auto run = [&](const std::vector<double>& al, int threads, Mode mode, Sweep sweep) {
+    Out o;
+    o.grad.resize(static_cast<size_t>(P));
+    o.hyper.resize(static_cast<size_t>(K));
+    o.gsx.resize(static_cast<size_t>(S * d));
+    o.gqx.resize(static_cast<size_t>(Q * d));
+    TaskExtras<double> ext;
+    ext.grad_support_X = o.gsx.data();
+    ext.grad_query_X = o.gqx.data();
+    o.st = meta_value_and_grad_extended<double>(ts, BinaryLink{}, theta.data(), al.data(), K, lr, 0.1, mode, ext,
+                                                threads, &o.loss, o.grad.data(), o.hyper.data(), &o.gl2, false,
+                                                sweep);
+    return o;
+  };
+  for (Mode mode : {Mode::maml, Mode::first_order}) {
+    const std::string what = mode == Mode::maml ? "gram features (MAML)" : "gram features (first order)";
+    const Out gram = run(alpha, 2, mode, Sweep::gram), plain = run(alpha, 2, mode, Sweep::plain);
+    double worst = std::fabs(gram.loss - plain.loss) / std::fabs(plain.loss);
+    worst = std::max(worst, std::fabs(gram.gl2 - plain.gl2) / std::fabs(plain.gl2));
+    for (auto pr : {std::make_pair(&gram.grad, &plain.grad), std::make_pair(&gram.hyper, &plain.hyper),
+                    std::make_pair(&gram.gsx, &plain.gsx), std::make_pair(&gram.gqx, &plain.gqx)})
+      worst = std::max(worst, rel_err(*pr.first, *pr.second));
+    check(gram.st.ok() && plain.st.ok() && worst < 1e-12 && gram.gsx != plain.gsx,
+          what + ": equals the plain sweep to rounding (ragged index form, tails)");
+    const Out one = run(alpha, 1, mode, Sweep::gram);
+    check(one.loss == gram.loss && one.grad == gram.grad && one.gsx == gram.gsx && one.gqx == gram.gqx,
+          what + ": bitwise equal for 1 and 2 threads");
+  }
+  std::vector<double> huge(alpha.size(), 1e300);
+  const Out bad = run(huge, 2, Mode::maml, Sweep::gram);
+  check(bad.st.code == ErrorCode::diverged, "gram features: divergence is reported");
+  CallShape shape;
+  shape.d = 256, shape.C = 1, shape.K = 5, shape.lr = LrLayout{1, 1, 1};
+  shape.support_rows_per_task = 10;
+  shape.features = true;
+  const bool head = choose_sweep(shape, Sweep::automatic) == Sweep::gram;
+  shape.support_rows_per_task = 60, shape.d = 64, shape.K = 2;
+  const bool wide = choose_sweep(shape, Sweep::automatic) == Sweep::plain;
+  shape.support_rows_per_task = 10, shape.d = 256, shape.K = 5, shape.C = 3;
+  const bool softmax = choose_sweep(shape, Sweep::gram) == Sweep::plain;
+  check(head && wide && softmax, "gram features: the feature-aware choice (head shape gram, n >> K plain, "
+                                 "softmax never)");
+}
+
 // The choice of sweep: the cost model, and gram only where it applies.
 static void sweep_choice() {
   CallShape s;
@@ -576,6 +644,7 @@ int main() {
   extended_case(BinaryLink{}, 1, "extended binary");
   extended_case(soft, 3, "extended softmax C=3");
   extended_fast_case();
+  gram_features_case();
   sweep_choice();
   portable_sampling();
   training_loop();

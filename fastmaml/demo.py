@@ -799,9 +799,8 @@ class RaggedConfig:
     this estimate again (``results["power"]``; the seed-0 run at 2000 groups measured sd 2.9 there and a
     half-width of 0.13). The cost is the grid-search baseline: it still runs on every test group (the
     comparison is paired) and its definition (C by 5-fold CV on the support set, warm-started C path, as
-    before) is unchanged, so it is about 90% of the run (measured on the shared 2-core machine under load:
-    0.47 s per task, 17.5 min for the whole run; 0.18 s per task was measured alone earlier, about 6 min
-    of grid search at 2000 groups). The other methods take about 2 minutes together.
+    before) is unchanged, so it is the largest part of the run (measured on a quiet 2-core machine: 66 ms
+    per task, 156 s for the whole run; under a load average of 4-5, 0.47 s per task and 17.5 min).
     """
 
     test_groups: int = 2000

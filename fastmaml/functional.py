@@ -11,6 +11,7 @@ as named arguments; the bindings only re-check what guards memory.
 
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
@@ -164,6 +165,15 @@ def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
     """
     if isinstance(inner_lr, bool) or isinstance(inner_lr, (str, bytes)):
         raise TypeError(f"inner_lr: expected a number or an array of numbers, got {inner_lr!r}")
+    if type(inner_lr) is float or (type(inner_lr) is int and abs(inner_lr) < 2**53):
+        # The common call, one Python number: the same table as below, without
+        # the broadcasting machinery (about 12 us a call, a visible share of a
+        # small meta-batch). Anything not finite takes the checks below.
+        full = (inner_steps,) + tuple(theta_shape)
+        with np.errstate(over="ignore"):
+            cast = np.asarray(inner_lr, dtype=dtype)
+        if math.isfinite(inner_lr) and math.isfinite(cast):
+            return np.full(full, cast, dtype=dtype), (1, 1, 1), (), True
     scalar_in = isinstance(inner_lr, numbers.Real) and not isinstance(inner_lr, np.ndarray)
     arr = np.asarray(inner_lr)
     if arr.dtype.kind not in "iuf":

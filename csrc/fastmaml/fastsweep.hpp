@@ -27,6 +27,27 @@
 
 namespace fastmaml {
 
+// <g, w> over d entries in float64 (<gbar_w, theta_w> of the Gram paths): entry q goes to chain q % 8, the chains
+// are summed in a fixed tree. Every operation is written out (no
+// reassociation left to the compiler), so the bits never depend on
+// alignment, the ISA clone or the instantiation (see feature_step).
+template <class T>
+FASTMAML_INLINE inline double blocked_dot(const T* FASTMAML_RESTRICT g, const T* FASTMAML_RESTRICT w, index_t d) {
+  double c[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  index_t q = 0;
+  for (; q + 8 <= d; q += 8)
+    for (int l = 0; l < 8; ++l) c[l] += static_cast<double>(g[q + l]) * static_cast<double>(w[q + l]);
+  for (int l = 0; q < d; ++q, ++l) c[l] += static_cast<double>(g[q]) * static_cast<double>(w[q]);
+  return ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
+}
+
+// Whether theta's weights ride along as row n of the Gram tiles (4 x 4):
+// only where the last row tile has a spare slot. With n a multiple of 4 a
+// whole extra row of tiles (mostly repeats of theta) would cost more than
+// X theta on its own. Either way every entry is the same dot product with
+// the same operations (tile.hpp), so the bits do not depend on this choice.
+inline bool theta_rides(index_t n) { return n % 4 != 0; }
+
 // Query side of task t at phi (D): returns the mean loss and writes the
 // gradient X~^T (p - y) / m into grad (D).
 template <class T>
@@ -86,18 +107,20 @@ struct FastGramWorker {
         const T* krow = ts->kernel + idx[i] * ts->kernel_rows;
         for (index_t k = 0; k < n; ++k) G[i * n + k] = static_cast<double>(krow[idx[k]]);
       }
-    } else {
-      // theta's weights ride along as row n: X theta comes out of the same
-      // tiles while the rows are in L1 (one pass fewer over X).
+    } else if (theta_rides(n)) {
+      // theta's weights ride along as row n in the last tile's spare slot:
+      // X theta comes out of the same tiles while the rows are in L1.
       rows.push_back(theta);
       G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
       tile::gram_body(rows.data(), n + 1, d, G1.data());
       rows.pop_back();
       for (index_t i = 0; i < n; ++i) std::copy(G1.data() + i * (n + 1), G1.data() + i * (n + 1) + n, G.data() + i * n);
+    } else {
+      tile::gram_body(rows.data(), n, d, G.data());
     }
     const double inv_n = 1.0 / static_cast<double>(n);
     z0w.resize(static_cast<size_t>(n));
-    if (ts->kernel && sup.idx) {
+    if ((ts->kernel && sup.idx) || !theta_rides(n)) {
       tile::xv_body(rows.data(), n, d, theta, z0w.data());
     } else {
       for (index_t i = 0; i < n; ++i) z0w[i] = G1[n * (n + 1) + i];
@@ -182,16 +205,10 @@ struct FastGramWorker {
     sup.gather(t, d, rows);
     V.resize(static_cast<size_t>(n));
     tile::xv_body(rows.data(), n, d, gbar.data(), V.data());  // X gK_w
-    double gk_w0 = 0.0;
-    if constexpr (Feat) {
-      // In order, never vectorised: an omp simd reduction here is peeled for
-      // theta's alignment, so its bits would depend on where theta sits.
-      gk_w0 = ordered_dot(gbar.data(), theta, d);
-    } else {
-      const T* gq = gbar.data();
-#pragma omp simd reduction(+ : gk_w0)
-      for (index_t q = 0; q < d; ++q) gk_w0 += static_cast<double>(gq[q]) * static_cast<double>(theta[q]);
-    }
+    // Eight chains in a fixed order, not an omp simd reduction: that one is
+    // peeled for theta's alignment, so its bits would depend on where theta
+    // sits (and as one scalar chain it was a visible share of W1's time).
+    const double gk_w0 = blocked_dot(gbar.data(), theta, d);
     double beta = 1.0;
     Gam.assign(static_cast<size_t>(n), 0.0);
     double gb = static_cast<double>(gbar[d]);
@@ -266,7 +283,7 @@ struct FastGramWorker {
   // XG (= X gbar_{j+1,w}) is this step's, from the reverse loop.
   //
   // Every loop of the feature instantiation (this, reverse_sums, reverse_gam,
-  // ordered_dot) reads and writes through restrict-qualified pointers and
+  // blocked_dot) reads and writes through restrict-qualified pointers and
   // keeps its sums scalar and in order: with the workers' vectors possibly
   // adjacent on the heap, GCC otherwise versions these loops for aliasing /
   // alignment, and the vector and scalar versions round differently, so the
@@ -286,12 +303,6 @@ struct FastGramWorker {
     }
   }
 
-  // <gbar_w, theta_w> as one ordered scalar sum (see feature_step).
-  static FASTMAML_INLINE double ordered_dot(const T* FASTMAML_RESTRICT g, const T* FASTMAML_RESTRICT w, index_t d) {
-    double s = 0.0;
-    for (index_t q = 0; q < d; ++q) s += static_cast<double>(g[q]) * static_cast<double>(w[q]);
-    return s;
-  }
 
   // The reverse step's XG and its four n-space sums (sweep's loop, restrict-
   // qualified, sums in order).
@@ -603,12 +614,18 @@ struct LockstepGram {
       const index_t t = t0 + (l < g ? l : 0);
       sup.gather(t, d, rows);
       const std::int32_t* y = sup.y + sup.begin(t);
-      rows.push_back(theta);
+      const bool ride = theta_rides(n);
+      const index_t nr = ride ? n + 1 : n;
+      if (ride) rows.push_back(theta);
       G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
-      tile::gram_body(rows.data(), n + 1, d, G1.data());
+      tile::gram_body(rows.data(), nr, d, G1.data());
+      if (!ride) {
+        qz.resize(static_cast<size_t>(n));
+        tile::xv_body(rows.data(), n, d, theta, qz.data());
+      }
       for (index_t i = 0; i < n; ++i) {
-        for (index_t k = 0; k < n; ++k) G[(i * n + k) * L + l] = G1[i * (n + 1) + k];
-        z0w[i * L + l] = G1[n * (n + 1) + i];
+        for (index_t k = 0; k < n; ++k) G[(i * n + k) * L + l] = G1[i * nr + k];
+        z0w[i * L + l] = ride ? G1[n * nr + i] : qz[i];
         ylab[i * L + l] = y[i];
       }
     }
@@ -700,10 +717,7 @@ struct LockstepGram {
       qz.resize(static_cast<size_t>(n));
       tile::xv_body(rows.data(), n, d, gk, qz.data());
       for (index_t i = 0; i < n; ++i) V[i * L + l] = qz[i];
-      double s0 = 0.0;
-#pragma omp simd reduction(+ : s0)
-      for (index_t q = 0; q < d; ++q) s0 += static_cast<double>(gk[q]) * static_cast<double>(theta[q]);
-      gkw0[l] = s0;
+      gkw0[l] = blocked_dot(gk, theta, d);  // the same sum as FastGramWorker's
       gb[l] = static_cast<double>(gk[d]);
     }
     // Phase 4, lanes: the reverse sweep in n-space.
@@ -780,7 +794,34 @@ struct LockstepGram {
   // out = G in, per lane, k in order (the same sum as gram_mul_body).
   FASTMAML_INLINE void lanes_gram_mul(index_t n, const double* in, double* FASTMAML_RESTRICT out) const {
     constexpr index_t L = kLanes;
-    for (index_t i = 0; i < n; ++i) {
+    // Four output rows at once: four independent FMA chains per lane (one
+    // row alone waits on each FMA's latency); each out[i] is the same
+    // k-ordered sum either way.
+    index_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      double a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
+      for (index_t k = 0; k < n; ++k) {
+        const double* ink = in + k * L;
+        const double* g0 = G.data() + (i * n + k) * L;
+        const double* g1 = g0 + n * L;
+        const double* g2 = g1 + n * L;
+        const double* g3 = g2 + n * L;
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) {
+          a0[l] += g0[l] * ink[l];
+          a1[l] += g1[l] * ink[l];
+          a2[l] += g2[l] * ink[l];
+          a3[l] += g3[l] * ink[l];
+        }
+      }
+      for (index_t l = 0; l < L; ++l) {
+        out[i * L + l] = a0[l];
+        out[(i + 1) * L + l] = a1[l];
+        out[(i + 2) * L + l] = a2[l];
+        out[(i + 3) * L + l] = a3[l];
+      }
+    }
+    for (; i < n; ++i) {
       double acc[L] = {};
       for (index_t k = 0; k < n; ++k) {
         const double* gik = G.data() + (i * n + k) * L;

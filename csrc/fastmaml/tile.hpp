@@ -3,9 +3,9 @@
 // Rows are given by pointer (dense and index-form tasks alike) and are never
 // copied. Three products cover both sweeps:
 //   gram   G = X X^T            4 x 4 tiles of dot products: 8 loads feed 16 FMAs
-//   xv     z = X v              4 rows per load of v (5 loads per 4 FMAs)
-//   xtr    o = c0 base + X^T r  32 features of o held in registers over all n rows
-//                               (one load per FMA, one store per 32 features)
+//   xv     z = X v              8 rows per load of v (9 loads per 8 FMAs)
+//   xtr    o = c0 base + X^T r  64 float32 features (32 float64) of o held in
+//                               registers over all n rows (one load per FMA)
 // plus fused_rows, one pass that forms 4 logits, applies a row function and
 // adds the 4 rows into X^T coef while they are in L1 (the plain sweep).
 //
@@ -182,6 +182,54 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
       for (int b = 0; b < NB; ++b) out[a][b] += static_cast<double>(A[a][k]) * static_cast<double>(B[b][k]);
 }
 
+// z[a] = <A_a, v> for 8 rows: dot_tile<T, 1> on rows 0-3 and 4-7 at once.
+// Eight independent accumulator chains instead of four (a chain of FMAs
+// waits on its own latency), and every row's sum is formed by exactly the
+// operations dot_tile<T, 1> uses for it: the same bits, more in flight.
+template <class T>
+FASTMAML_INLINE inline void dot_col8(const T* const* A, const T* v, index_t d, double* z) {
+  using L = Lanes<T>;
+  using V = typename L::V;
+  constexpr index_t W = L::W;
+  double lo[4] = {0.0, 0.0, 0.0, 0.0}, hi[4] = {0.0, 0.0, 0.0, 0.0};
+  const index_t dv = d - d % W;
+  for (index_t k0 = 0; k0 < dv; k0 += L::kBlock) {
+    const index_t k1 = std::min(dv, k0 + L::kBlock);
+    V acc[8];
+    for (int a = 0; a < 8; ++a) acc[a] = V{};
+    for (index_t k = k0; k < k1; k += W) {
+      const V bv = vload<V>(v + k);
+      for (int a = 0; a < 8; ++a) acc[a] += vload<V>(A[a] + k) * bv;
+    }
+    reduce4(acc[0], acc[1], acc[2], acc[3], lo);
+    reduce4(acc[4], acc[5], acc[6], acc[7], hi);
+  }
+  for (index_t k = dv; k < d; ++k)  // feature tail, scalar in double
+    for (int a = 0; a < 4; ++a) {
+      lo[a] += static_cast<double>(A[a][k]) * static_cast<double>(v[k]);
+      hi[a] += static_cast<double>(A[a + 4][k]) * static_cast<double>(v[k]);
+    }
+  for (int a = 0; a < 4; ++a) {
+    z[a] = lo[a];
+    z[a + 4] = hi[a];
+  }
+}
+
+// z[a] = <A_a, v> for the first min(left, 8) of 8 rows: dot_col8, or the
+// 4-row tile when at most 4 are left (small n wastes no row-sized work; a
+// row's result is the same either way).
+template <class T>
+FASTMAML_INLINE inline void dot_rows(const T* const* A, index_t left, const T* v, index_t d, double* z) {
+  if (left > 4) {
+    dot_col8(A, v, d, z);
+    return;
+  }
+  const T* B[1] = {v};
+  double o[4][4];
+  dot_tile<T, 1>(A, B, d, o);
+  for (int a = 0; a < 4; ++a) z[a] = o[a][0];
+}
+
 template <class T>
 FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G) {
   const T* A[4];
@@ -206,38 +254,40 @@ FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d
 // z[i] = <x_i, v> (weights only; no bias)
 template <class T>
 FASTMAML_INLINE inline void xv_body(const T* const* rows, index_t n, index_t d, const T* v, double* FASTMAML_RESTRICT z) {
-  const T* A[4];
-  const T* B[1] = {v};
-  double o[4][4];
-  for (index_t i0 = 0; i0 < n; i0 += 4) {
-    for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
-    dot_tile<T, 1>(A, B, d, o);
-    for (int a = 0; a < 4 && i0 + a < n; ++a) z[i0 + a] = o[a][0];
+  const T* A[8];
+  double o[8];
+  for (index_t i0 = 0; i0 < n; i0 += 8) {
+    for (int a = 0; a < 8; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
+    dot_rows(A, n - i0, v, d, o);
+    for (int a = 0; a < 8 && i0 + a < n; ++a) z[i0 + a] = o[a];
   }
 }
 
 // out[k] = c0 * base[k] + sum_i coef[i] x_i[k]  for k < d, in T, rows in order
-// (base may be null: c0 ignored). 32 features at a time stay in registers.
+// (base may be null: c0 ignored). 8 vectors of features at a time stay in registers.
 template <class T>
 FASTMAML_INLINE inline void xtr_body(const T* const* rows, index_t n, index_t d, const double* coef, double c0, const T* base,
                      T* FASTMAML_RESTRICT out) {
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr index_t W = L::W;
-  constexpr index_t S = 4 * W;
+  // 8 vectors a strip: eight independent FMA chains (four left the FMA
+  // units half idle, each chain waiting on its own latency). Each feature is
+  // the same row-ordered sum at any strip width.
+  constexpr index_t S = 8 * W;
   T cf[256];
   const index_t nb = std::min<index_t>(n, 256);
   for (index_t i = 0; i < nb; ++i) cf[i] = static_cast<T>(coef[i]);
   const index_t ds = d - d % S;
   for (index_t k = 0; k < ds; k += S) {
-    V acc[4];
-    for (int q = 0; q < 4; ++q) acc[q] = base ? static_cast<T>(c0) * vload<V>(base + k + q * W) : V{};
+    V acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = base ? static_cast<T>(c0) * vload<V>(base + k + q * W) : V{};
     for (index_t i = 0; i < n; ++i) {
       const T c = i < nb ? cf[i] : static_cast<T>(coef[i]);
       const T* x = rows[i] + k;
-      for (int q = 0; q < 4; ++q) acc[q] += c * vload<V>(x + q * W);
+      for (int q = 0; q < 8; ++q) acc[q] += c * vload<V>(x + q * W);
     }
-    for (int q = 0; q < 4; ++q) vstore(out + k + q * W, acc[q]);
+    for (int q = 0; q < 8; ++q) vstore(out + k + q * W, acc[q]);
   }
   const index_t dw = d - d % W;
   for (index_t k = ds; k < dw; k += W) {
@@ -266,17 +316,20 @@ FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, i
   using V = typename L::V;
   constexpr index_t W = L::W;
   std::fill(out, out + d, T(0));
-  const T* A[4];
-  const T* B[1] = {v};
-  double o[4][4];
+  // Blocks of 8 rows: 8 independent chains for the logits (dot_col8), and
+  // out is loaded and stored once per 8 rows. Each entry of out is still the
+  // row-ordered chain out += c_i x_i (FMA after FMA), so the bits do not
+  // depend on the block size; the link runs row by row in order.
+  const T* A[8];
+  double o[8];
   double bias = 0.0;
   const index_t dw = d - d % W;
-  for (index_t i0 = 0; i0 < n; i0 += 4) {
-    const index_t nb = std::min<index_t>(4, n - i0);
-    for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
-    dot_tile<T, 1>(A, B, d, o);
-    double z[4];
-    for (int a = 0; a < 4; ++a) z[a] = o[a][0] + vb;
+  for (index_t i0 = 0; i0 < n; i0 += 8) {
+    const index_t nb = std::min<index_t>(8, n - i0);
+    for (int a = 0; a < 8; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
+    dot_rows(A, nb, v, d, o);
+    double z[8];
+    for (int a = 0; a < 8; ++a) z[a] = o[a] + vb;
     for (index_t a = 0; a < nb; ++a) {
       const index_t i = i0 + a;
       if (mode != 1) {
@@ -295,30 +348,38 @@ FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, i
       }
       bias += coef[i];
     }
-    if (nb == 4) {
-      const T c0 = static_cast<T>(coef[i0]), c1 = static_cast<T>(coef[i0 + 1]);
-      const T c2 = static_cast<T>(coef[i0 + 2]), c3 = static_cast<T>(coef[i0 + 3]);
+    T c[8];
+    for (index_t a = 0; a < nb; ++a) c[a] = static_cast<T>(coef[i0 + a]);
+    if (nb == 8) {
       for (index_t k = 0; k < dw; k += W) {
         V acc = vload<V>(out + k);
-        acc += c0 * vload<V>(A[0] + k);
-        acc += c1 * vload<V>(A[1] + k);
-        acc += c2 * vload<V>(A[2] + k);
-        acc += c3 * vload<V>(A[3] + k);
+        for (int a = 0; a < 8; ++a) acc += c[a] * vload<V>(A[a] + k);
         vstore(out + k, acc);
       }
       for (index_t k = dw; k < d; ++k) {
         T acc = out[k];
-        acc += c0 * A[0][k];
-        acc += c1 * A[1][k];
-        acc += c2 * A[2][k];
-        acc += c3 * A[3][k];
+        for (int a = 0; a < 8; ++a) acc += c[a] * A[a][k];
         out[k] = acc;
       }
     } else {
-      for (index_t a = 0; a < nb; ++a) {
-        const T c = static_cast<T>(coef[i0 + a]);
-        for (index_t k = 0; k < dw; k += W) vstore(out + k, vload<V>(out + k) + c * vload<V>(A[a] + k));
-        for (index_t k = dw; k < d; ++k) out[k] += c * A[a][k];
+      index_t a = 0;
+      if (nb >= 4) {  // the tail block's first 4 rows in one pass
+        for (index_t k = 0; k < dw; k += W) {
+          V acc = vload<V>(out + k);
+          for (int q = 0; q < 4; ++q) acc += c[q] * vload<V>(A[q] + k);
+          vstore(out + k, acc);
+        }
+        for (index_t k = dw; k < d; ++k) {
+          T acc = out[k];
+          for (int q = 0; q < 4; ++q) acc += c[q] * A[q][k];
+          out[k] = acc;
+        }
+        a = 4;
+      }
+      for (; a < nb; ++a) {
+        const T ca = c[a];
+        for (index_t k = 0; k < dw; k += W) vstore(out + k, vload<V>(out + k) + ca * vload<V>(A[a] + k));
+        for (index_t k = dw; k < d; ++k) out[k] += ca * A[a][k];
       }
     }
   }

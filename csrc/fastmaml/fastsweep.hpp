@@ -579,6 +579,17 @@ ErrorCode FastPlainWorker<T>::operator()(index_t t, double* slot, index_t* step)
 // tasks, so rho, a_j and beta are scalars.
 constexpr index_t kLanes = 8;
 
+// Whether a lock-step group runs its passes over d on rows packed
+// lane-major (tile.hpp): tiny rows, where the per-task tile kernels spend
+// more on horizontal sums and loop overhead than on products (W3: n = m =
+// 10, d = 64). Shape only: a task of this shape always takes this path, in
+// any lane, group or thread, so its bits depend on nothing else. d <= 128
+// bounds a float32 sum over features to 128 terms in order.
+inline bool lanes_packed(index_t n, index_t m, index_t d) {
+  return d <= 128 && (n + m) * d <= 8192;
+}
+
+
 template <class T>
 struct LockstepGram {
   const TaskSet<T>* ts;
@@ -593,6 +604,10 @@ struct LockstepGram {
       qt, hyper, gl2, gb, beta_l;
   std::vector<std::int32_t> ylab;
   std::vector<T> wvec, gK;
+  // the packed path (lanes_packed): lane-major rows, coefficients, w_K, gK, dtheta
+  std::vector<T> Ps, Pq, lcf, lwk, lgk, ldt;
+  std::vector<const T*> lrows;
+  const T* const* lrowp[kLanes] = {};
   std::vector<index_t> bad_step;
   std::vector<int> bad_code;
 
@@ -609,8 +624,22 @@ struct LockstepGram {
     ylab.resize(static_cast<size_t>(nL));
     bad_step.assign(L, -1);
     bad_code.assign(L, 0);
+    const index_t m = ts->query.size(t0);
+    const bool packed = lanes_packed(n, m, d);
+    if (packed) {
+      // Phase 1, lanes: pack the 8 tasks' support and query rows lane-major,
+      // then the Gram matrices and X theta of all lanes at once.
+      pack_side(sup, t0, g, n, Ps);
+      pack_side(ts->query, t0, g, m, Pq);
+      tile::lanes_gram(Ps.data(), n, d, G.data());
+      tile::lanes_xv(Ps.data(), n, d, theta, true, z0w.data());
+      for (index_t l = 0; l < L; ++l) {
+        const std::int32_t* y = sup.y + sup.begin(t0 + (l < g ? l : 0));
+        for (index_t i = 0; i < n; ++i) ylab[i * L + l] = y[i];
+      }
+    }
     // Phase 1, per task: Gram matrix and X theta (theta as row n).
-    for (index_t l = 0; l < L; ++l) {
+    for (index_t l = 0; l < L && !packed; ++l) {
       const index_t t = t0 + (l < g ? l : 0);
       sup.gather(t, d, rows);
       const std::int32_t* y = sup.y + sup.begin(t);
@@ -669,10 +698,15 @@ struct LockstepGram {
       }
       for (index_t l = 0; l < L; ++l) B[l] -= al * col[l];
       a[j + 1] = rho * a[j];
+      double fins[L];  // per lane, x * 0 summed: 0 for finite x, NaN otherwise
+#pragma omp simd
+      for (index_t l = 0; l < L; ++l) fins[l] = B[l] * 0.0;
+      for (index_t i = 0; i < n; ++i)
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) fins[l] += U[i * L + l] * 0.0;
       for (index_t l = 0; l < L; ++l) {
         if (bad_code[l]) continue;
-        double fin = B[l] * 0.0;
-        for (index_t i = 0; i < n; ++i) fin += U[i * L + l] * 0.0;
+        const double fin = fins[l];
         if (!(fin == 0.0)) {
           bad_code[l] = static_cast<int>(ErrorCode::diverged);
           bad_step[l] = j;
@@ -686,7 +720,8 @@ struct LockstepGram {
     wvec.resize(static_cast<size_t>(D));
     neg.resize(static_cast<size_t>(n));
     gb.resize(L);
-    for (index_t l = 0; l < L; ++l) {
+    if (packed) packed_query(t0, g, n, m, slots, slot_len);
+    for (index_t l = 0; l < L && !packed; ++l) {
       if (l >= g) {  // unused lane: a copy of lane 0
         for (index_t i = 0; i < n; ++i) V[i * L + l] = V[i * L];
         gkw0[l] = gkw0[0];
@@ -772,15 +807,25 @@ struct LockstepGram {
         beta *= rho;
       }
     }
-    // Phase 5, per task: dtheta = [beta gK_w - X^T Gam ; gb].
+    // Phase 5: dtheta = [beta gK_w - X^T Gam ; gb].
+    if (packed) {
+      lcf.resize(static_cast<size_t>(nL));
+      for (index_t q = 0; q < nL; ++q) lcf[q] = static_cast<T>(-Gam[q]);
+      ldt.resize(static_cast<size_t>(d * L));
+      tile::lanes_xtr(Ps.data(), n, d, lcf.data(), beta, lgk.data(), false, ldt.data());
+    }
     for (index_t l = 0; l < g; ++l) {
       if (bad_code[l]) continue;
       const index_t t = t0 + l;
       double* slot = slots + l * slot_len;
-      sup.gather(t, d, rows);
-      for (index_t i = 0; i < n; ++i) neg[i] = -Gam[i * L + l];
-      tile::xtr_body(rows.data(), n, d, neg.data(), beta, gK.data() + l * D, wvec.data());
-      for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
+      if (packed) {
+        for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(ldt[q * L + l]);
+      } else {
+        sup.gather(t, d, rows);
+        for (index_t i = 0; i < n; ++i) neg[i] = -Gam[i * L + l];
+        tile::xtr_body(rows.data(), n, d, neg.data(), beta, gK.data() + l * D, wvec.data());
+        for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
+      }
       slot[1 + d] = gb[l];
       for (index_t h = 0; h < Hn; ++h) slot[1 + D + h] = hyper[h * L + l];
       slot[1 + D + Hn] = gl2[l];
@@ -788,6 +833,98 @@ struct LockstepGram {
         bad_code[l] = static_cast<int>(ErrorCode::nonfinite_grad);
         bad_step[l] = -1;
       }
+    }
+  }
+
+  // Packs side's rows of tasks t0 .. t0 + g - 1 (unused lanes: task t0's)
+  // lane-major into P (tile::pack_lanes).
+  FASTMAML_INLINE void pack_side(const SideView<T>& side, index_t t0, index_t g, index_t nrows, std::vector<T>& P) {
+    constexpr index_t L = kLanes;
+    const index_t d = ts->d;
+    lrows.resize(static_cast<size_t>(L * nrows));
+    for (index_t l = 0; l < L; ++l) {
+      side.gather(t0 + (l < g ? l : 0), d, rows);
+      std::copy(rows.begin(), rows.end(), lrows.begin() + l * nrows);
+      lrowp[l] = lrows.data() + l * nrows;
+    }
+    P.resize(static_cast<size_t>(nrows * d * L));
+    tile::pack_lanes(lrowp, nrows, d, P.data());
+  }
+
+  // Phase 3 on the packed rows: phi_K of every lane, the query side (loss,
+  // gK), X gK and <gK_w, theta_w>, with per lane the operations of the
+  // per-task path's xtr_body / fused_rows_body (mode 2) except that sums
+  // over features run in order (tile.hpp, lane-major kernels).
+  FASTMAML_INLINE void packed_query(index_t t0, index_t g, index_t n, index_t m, double* slots, index_t slot_len) {
+    constexpr index_t L = kLanes;
+    const index_t d = ts->d, nL = n * L, mL = m * L;
+    lcf.resize(static_cast<size_t>(std::max(nL, mL)));
+    for (index_t q = 0; q < nL; ++q) lcf[q] = static_cast<T>(-Cc[K * nL + q]);
+    lwk.resize(static_cast<size_t>(d * L));
+    tile::lanes_xtr(Ps.data(), n, d, lcf.data(), a[K], theta, true, lwk.data());
+    // finite check of W_K per lane (x * 0 is 0 for finite x, NaN otherwise)
+    double fin[L];
+    for (index_t l = 0; l < L; ++l) fin[l] = static_cast<double>(static_cast<T>(B[l])) * 0.0;
+    for (index_t q = 0; q < d; ++q)
+#pragma omp simd
+      for (index_t l = 0; l < L; ++l) fin[l] += static_cast<double>(lwk[q * L + l]) * 0.0;
+    // query logits z = Xq w_K + b (b as the per-task path's phi[d], a T)
+    qz.resize(static_cast<size_t>(mL));
+    tile::lanes_xv(Pq.data(), m, d, lwk.data(), false, qz.data());
+    qr.resize(static_cast<size_t>(mL));
+    qt.resize(static_cast<size_t>(mL));
+    const double inv_m = 1.0 / static_cast<double>(m);
+    double hinge[L], bias[L];
+    for (index_t l = 0; l < L; ++l) {
+      const index_t t = t0 + (l < g ? l : 0);
+      const std::int32_t* y = ts->query.y + ts->query.begin(t);
+      const double vb = static_cast<double>(static_cast<T>(B[l]));
+      double h_sum = 0.0, r_sum = 0.0;
+      for (index_t i = 0; i < m; ++i) {  // fused_rows_body's mode 2, row by row
+        const double z = qz[i * L + l] + vb;
+        const double e = vmath::exp_nonpos(-std::fabs(z));
+        const double big = 1.0 / (1.0 + e), small = e * big;
+        const double pz = z >= 0.0 ? big : small, pm = z >= 0.0 ? small : big;
+        const double r = (y[i] == 1 ? -pm : pz) * inv_m;
+        qr[i * L + l] = r;
+        qt[l * m + i] = e;
+        const double h = y[i] == 1 ? -z : z;
+        h_sum += h > 0.0 ? h : 0.0;
+        r_sum += r;
+      }
+      hinge[l] = h_sum;
+      bias[l] = r_sum;
+    }
+    for (index_t q = 0; q < mL; ++q) lcf[q] = static_cast<T>(qr[q]);
+    lgk.resize(static_cast<size_t>(d * L));
+    tile::lanes_xtr0(Pq.data(), m, d, lcf.data(), lgk.data());
+    // X gK (V), <gK_w, theta_w> in float64, features in order, and gb
+    tile::lanes_xv(Ps.data(), n, d, lgk.data(), false, V.data());
+    double s0[L];
+    for (index_t l = 0; l < L; ++l) s0[l] = 0.0;
+    for (index_t q = 0; q < d; ++q) {
+      const double th = static_cast<double>(theta[q]);
+#pragma omp simd
+      for (index_t l = 0; l < L; ++l) s0[l] += static_cast<double>(lgk[q * L + l]) * th;
+    }
+    for (index_t l = 0; l < L; ++l) {
+      gkw0[l] = s0[l];
+      gb[l] = static_cast<double>(static_cast<T>(bias[l]));
+    }
+    for (index_t l = 0; l < g; ++l) {
+      if (bad_code[l]) continue;
+      if (!(fin[l] == 0.0)) {
+        bad_code[l] = static_cast<int>(ErrorCode::diverged);
+        bad_step[l] = K - 1;
+        continue;
+      }
+      const double loss = (hinge[l] + vmath::sum_log1p(qt.data() + l * m, m)) * inv_m;
+      if (!std::isfinite(loss)) {
+        bad_code[l] = static_cast<int>(ErrorCode::nonfinite_query);
+        bad_step[l] = K;
+        continue;
+      }
+      slots[l * slot_len] = loss;
     }
   }
 

@@ -78,6 +78,11 @@ struct Vec {
 typedef Vec<float, 8> vf8;
 typedef Vec<double, 4> vd4;
 #endif
+#if FASTMAML_VECTOR_EXT
+typedef double vd8 __attribute__((vector_size(64)));
+#else
+typedef Vec<double, 8> vd8;
+#endif
 
 template <class T>
 struct Lanes;
@@ -456,6 +461,203 @@ FASTMAML_INLINE inline void combine_body(index_t n, index_t d, index_t L, const 
         out[(i0 + a) * d + k] = acc;
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Lane-major kernels (LockstepGram's packed path, fastsweep.hpp): 8 tasks'
+// rows packed as P[(i * d + q) * 8 + l] (row i, feature q, task lane l), so
+// every product below is elementwise over the 8 lanes: no horizontal sums,
+// and a task's result is the same in every lane. Sums over features run in
+// order in the rows' dtype (the packed path is only taken for d <= 128, so
+// a float32 sum has at most 128 terms, fewer than one float32 block of the
+// tile kernels), then go to float64; sums over rows run in order as in
+// xtr_body. Packing (pack_lanes) is 8 x 8 transposes: the pass that reads
+// the task data, into bounded per-thread scratch.
+template <class T>
+struct Lane8;
+template <>
+struct Lane8<float> {
+  using V = vf8;
+};
+template <>
+struct Lane8<double> {
+  using V = vd8;
+};
+
+template <class V, class T>
+FASTMAML_INLINE inline V splat(T s) {
+  V v;
+  for (int l = 0; l < 8; ++l) v[l] = s;
+  return v;
+}
+
+// dst[j * 8 + l] = src[l][j] for j, l < 8: one 8 x 8 block of the packing.
+FASTMAML_INLINE inline void transpose8(const float* const* src, float* FASTMAML_RESTRICT dst) {
+#if FASTMAML_VECTOR_EXT
+  vf8 r[8];
+  for (int l = 0; l < 8; ++l) r[l] = vload<vf8>(src[l]);
+  vf8 t[8], u[8];
+  for (int p = 0; p < 4; ++p) {
+    t[2 * p] = __builtin_shufflevector(r[2 * p], r[2 * p + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * p + 1] = __builtin_shufflevector(r[2 * p], r[2 * p + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int h = 0; h < 2; ++h) {
+    const int b = 4 * h;
+    u[b + 0] = __builtin_shufflevector(t[b + 0], t[b + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[b + 1] = __builtin_shufflevector(t[b + 0], t[b + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[b + 2] = __builtin_shufflevector(t[b + 1], t[b + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[b + 3] = __builtin_shufflevector(t[b + 1], t[b + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int j = 0; j < 4; ++j) {
+    vstore(dst + j * 8, vf8(__builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11)));
+    vstore(dst + (j + 4) * 8, vf8(__builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15)));
+  }
+#else
+  for (int j = 0; j < 8; ++j)
+    for (int l = 0; l < 8; ++l) dst[j * 8 + l] = src[l][j];
+#endif
+}
+FASTMAML_INLINE inline void transpose8(const double* const* src, double* FASTMAML_RESTRICT dst) {
+  for (int j = 0; j < 8; ++j)
+    for (int l = 0; l < 8; ++l) dst[j * 8 + l] = src[l][j];
+}
+
+// Packs row i of every lane: rows[l][i] (d features) into P.
+template <class T>
+FASTMAML_INLINE inline void pack_lanes(const T* const* const* rows, index_t nrows, index_t d, T* FASTMAML_RESTRICT P) {
+  for (index_t i = 0; i < nrows; ++i) {
+    const T* src[8];
+    for (int l = 0; l < 8; ++l) src[l] = rows[l][i];
+    T* dst = P + i * d * 8;
+    index_t q = 0;
+    for (; q + 8 <= d; q += 8) {
+      const T* s8[8];
+      for (int l = 0; l < 8; ++l) s8[l] = src[l] + q;
+      transpose8(s8, dst + q * 8);
+    }
+    for (; q < d; ++q)
+      for (int l = 0; l < 8; ++l) dst[q * 8 + l] = src[l][q];
+  }
+}
+
+template <class T>
+FASTMAML_INLINE inline void lanes_to_double(const typename Lane8<T>::V& v, double* out) {
+  for (int l = 0; l < 8; ++l) out[l] = static_cast<double>(v[l]);
+}
+
+// G[(i * n + k) * 8 + l] = <row i, row k> of lane l, both triangles, in 4 x 4
+// register tiles of lane vectors (tail tiles repeat the last row).
+template <class T>
+FASTMAML_INLINE inline void lanes_gram(const T* P, index_t n, index_t d, double* FASTMAML_RESTRICT G) {
+  using V = typename Lane8<T>::V;
+  for (index_t i0 = 0; i0 < n; i0 += 4) {
+    const T* A[4];
+    for (int a = 0; a < 4; ++a) A[a] = P + std::min(i0 + a, n - 1) * d * 8;
+    for (index_t k0 = 0; k0 <= i0; k0 += 4) {
+      const T* B[4];
+      for (int b = 0; b < 4; ++b) B[b] = P + std::min(k0 + b, n - 1) * d * 8;
+      V acc[4][4];
+      for (int a = 0; a < 4; ++a)
+        for (int b = 0; b < 4; ++b) acc[a][b] = V{};
+      for (index_t q = 0; q < d; ++q) {
+        V bv[4];
+        for (int b = 0; b < 4; ++b) bv[b] = vload<V>(B[b] + q * 8);
+        for (int a = 0; a < 4; ++a) {
+          const V av = vload<V>(A[a] + q * 8);
+          for (int b = 0; b < 4; ++b) acc[a][b] += av * bv[b];
+        }
+      }
+      for (int a = 0; a < 4 && i0 + a < n; ++a)
+        for (int b = 0; b < 4 && k0 + b < n; ++b) {
+          const index_t i = i0 + a, k = k0 + b;
+          if (k > i) continue;  // the diagonal tile: one triangle, mirrored
+          lanes_to_double<T>(acc[a][b], G + (i * n + k) * 8);
+          if (k != i) lanes_to_double<T>(acc[a][b], G + (k * n + i) * 8);
+        }
+    }
+  }
+}
+
+// z[i * 8 + l] = <row i of lane l, v_l> (+ vb[l] if vb): v lane-major
+// (v[q * 8 + l]) or, with shared, one vector for every lane (v[q]). R rows
+// a pass (R = 8 while more than 4 are left, else 4): R independent chains.
+template <class T, int R>
+FASTMAML_INLINE inline void lanes_dot_block(const T* P, index_t i0, index_t n, index_t d, const T* v, bool shared,
+                                            double* z) {
+  using V = typename Lane8<T>::V;
+  const T* A[R];
+  for (int a = 0; a < R; ++a) A[a] = P + std::min(i0 + a, n - 1) * d * 8;
+  V acc[R];
+  for (int a = 0; a < R; ++a) acc[a] = V{};
+  for (index_t q = 0; q < d; ++q) {
+    const V vv = shared ? splat<V>(v[q]) : vload<V>(v + q * 8);
+    for (int a = 0; a < R; ++a) acc[a] += vload<V>(A[a] + q * 8) * vv;
+  }
+  double o[8];
+  for (int a = 0; a < R && i0 + a < n; ++a) {
+    lanes_to_double<T>(acc[a], o);
+    for (int l = 0; l < 8; ++l) z[(i0 + a) * 8 + l] = o[l];
+  }
+}
+template <class T>
+FASTMAML_INLINE inline void lanes_xv(const T* P, index_t n, index_t d, const T* v, bool shared, double* z) {
+  for (index_t i0 = 0; i0 < n; i0 += 8) {
+    if (n - i0 > 4)
+      lanes_dot_block<T, 8>(P, i0, n, d, v, shared, z);
+    else
+      lanes_dot_block<T, 4>(P, i0, n, d, v, shared, z);
+  }
+}
+
+// out[q * 8 + l] = base_l[q] * c0 + sum_i cf[i * 8 + l] P[i][q][l] for q < d,
+// in T, rows in order: per lane the operations of xtr_body. base is
+// lane-major (base[q * 8 + l]) or, with shared, one vector (base[q]); c0 is
+// applied as T(c0) * base, as xtr_body does.
+template <class T>
+FASTMAML_INLINE inline void lanes_xtr(const T* P, index_t n, index_t d, const T* cf, double c0, const T* base,
+                                      bool shared, T* FASTMAML_RESTRICT out) {
+  using V = typename Lane8<T>::V;
+  const T c0t = static_cast<T>(c0);
+  index_t q0 = 0;
+  for (; q0 + 8 <= d; q0 += 8) {
+    V acc[8];
+    for (int j = 0; j < 8; ++j)
+      acc[j] = shared ? splat<V>(static_cast<T>(c0t * base[q0 + j])) : c0t * vload<V>(base + (q0 + j) * 8);
+    for (index_t i = 0; i < n; ++i) {
+      const V c = vload<V>(cf + i * 8);
+      const T* x = P + (i * d + q0) * 8;
+      for (int j = 0; j < 8; ++j) acc[j] += c * vload<V>(x + j * 8);
+    }
+    for (int j = 0; j < 8; ++j) vstore(out + (q0 + j) * 8, acc[j]);
+  }
+  for (; q0 < d; ++q0) {
+    V acc = shared ? splat<V>(static_cast<T>(c0t * base[q0])) : c0t * vload<V>(base + q0 * 8);
+    for (index_t i = 0; i < n; ++i) acc += vload<V>(cf + i * 8) * vload<V>(P + (i * d + q0) * 8);
+    vstore(out + q0 * 8, acc);
+  }
+}
+
+// out[q * 8 + l] = sum_i cf[i * 8 + l] P[i][q][l], rows in order from zero
+// (the X^T r of fused_rows_body, per lane the same operations).
+template <class T>
+FASTMAML_INLINE inline void lanes_xtr0(const T* P, index_t n, index_t d, const T* cf, T* FASTMAML_RESTRICT out) {
+  using V = typename Lane8<T>::V;
+  index_t q0 = 0;
+  for (; q0 + 8 <= d; q0 += 8) {
+    V acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = V{};
+    for (index_t i = 0; i < n; ++i) {
+      const V c = vload<V>(cf + i * 8);
+      const T* x = P + (i * d + q0) * 8;
+      for (int j = 0; j < 8; ++j) acc[j] += c * vload<V>(x + j * 8);
+    }
+    for (int j = 0; j < 8; ++j) vstore(out + (q0 + j) * 8, acc[j]);
+  }
+  for (; q0 < d; ++q0) {
+    V acc = V{};
+    for (index_t i = 0; i < n; ++i) acc += vload<V>(cf + i * 8) * vload<V>(P + (i * d + q0) * 8);
+    vstore(out + q0 * 8, acc);
   }
 }
 

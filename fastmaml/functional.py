@@ -128,6 +128,8 @@ def _prepare_theta(theta, n_features: int, dtype, name: str = "theta") -> np.nda
         raise ValueError(f"{name}: a multinomial theta needs at least 2 class columns, got {arr.shape[1]}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{name}: contains NaN or infinity")
+    if arr.dtype == dtype:  # finite already and nothing to round: no second pass
+        return np.ascontiguousarray(arr)
     with np.errstate(over="ignore"):
         arr = np.ascontiguousarray(arr, dtype=dtype)
     if not np.isfinite(arr).all():
@@ -673,7 +675,8 @@ def _check_path_memory(call: _Call) -> None:
     the Gram path; both are bounded here, for as many workers as can run.
     """
     K, P, C = call.inner_steps, (call.n_features + 1) * call.n_classes, call.n_classes
-    n = int(np.diff(call.support.ptr).max())
+    ptr = call.support.ptr
+    n = int((ptr[1:] - ptr[:-1]).max())
     itemsize = np.dtype(call.dtype).itemsize
     plain = (2 * K + 1) * P * itemsize + K * n * C * 8
     gram = 4 * (K + 1) * n * C * 8 + n * n * 8

@@ -130,8 +130,11 @@ struct FastGramWorker {
     const index_t Kc = std::max<index_t>(K, 1);
     R.resize(static_cast<size_t>(Kc * n));
     curv.resize(static_cast<size_t>(Kc * n));
-    Cc.assign(static_cast<size_t>((K + 1) * n), 0.0);
-    KC.assign(static_cast<size_t>((K + 1) * n), 0.0);
+    // Row 0 is zero; the loop writes rows 1..K before anything reads them.
+    Cc.resize(static_cast<size_t>((K + 1) * n));
+    KC.resize(static_cast<size_t>((K + 1) * n));
+    std::fill(Cc.begin(), Cc.begin() + n, 0.0);
+    std::fill(KC.begin(), KC.begin() + n, 0.0);
     a.assign(static_cast<size_t>(K + 1), 1.0);
     colR.resize(static_cast<size_t>(Kc));
     Z.resize(static_cast<size_t>(n));
@@ -665,8 +668,10 @@ struct LockstepGram {
     R.resize(static_cast<size_t>(Kc * nL));
     curv.resize(static_cast<size_t>(Kc * nL));
     tails.resize(static_cast<size_t>(nL));
-    Cc.assign(static_cast<size_t>((K + 1) * nL), 0.0);
-    KC.assign(static_cast<size_t>((K + 1) * nL), 0.0);
+    Cc.resize(static_cast<size_t>((K + 1) * nL));  // row 0 zero, rows 1..K written below
+    KC.resize(static_cast<size_t>((K + 1) * nL));
+    std::fill(Cc.begin(), Cc.begin() + nL, 0.0);
+    std::fill(KC.begin(), KC.begin() + nL, 0.0);
     a.assign(static_cast<size_t>(K + 1), 1.0);
     colR.resize(static_cast<size_t>(Kc * L));
     work.resize(static_cast<size_t>(nL));
@@ -763,7 +768,7 @@ struct LockstepGram {
     XG.resize(static_cast<size_t>(nL));
     H.resize(static_cast<size_t>(nL));
     double beta = 1.0;
-    double xg_r[L], v_c[L], g_z[L], g_kc[L], hs[L];
+    double xg_r[L], v_c[L], g_z[L], g_kc[L], hs[L], fin5[L];
     for (index_t j = K - 1; j >= 0; --j) {
       const double al = static_cast<double>(alpha[j * D]);
       const double rho = 1.0 - al * lam;
@@ -813,6 +818,15 @@ struct LockstepGram {
       for (index_t q = 0; q < nL; ++q) lcf[q] = static_cast<T>(-Gam[q]);
       ldt.resize(static_cast<size_t>(d * L));
       tile::lanes_xtr(Ps.data(), n, d, lcf.data(), beta, lgk.data(), false, ldt.data());
+      // the slot's finite check, per lane over the lane-major dtheta
+#pragma omp simd
+      for (index_t l = 0; l < L; ++l) fin5[l] = gb[l] * 0.0 + gl2[l] * 0.0;
+      for (index_t h = 0; h < lr.size(); ++h)
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) fin5[l] += hyper[h * L + l] * 0.0;
+      for (index_t q = 0; q < d; ++q)
+#pragma omp simd
+        for (index_t l = 0; l < L; ++l) fin5[l] += static_cast<double>(ldt[q * L + l]) * 0.0;
     }
     for (index_t l = 0; l < g; ++l) {
       if (bad_code[l]) continue;
@@ -829,7 +843,7 @@ struct LockstepGram {
       slot[1 + d] = gb[l];
       for (index_t h = 0; h < Hn; ++h) slot[1 + D + h] = hyper[h * L + l];
       slot[1 + D + Hn] = gl2[l];
-      if (!all_finite(slot, 1 + D + Hn + 1)) {
+      if (packed ? !(fin5[l] == 0.0) : !all_finite(slot, 1 + D + Hn + 1)) {
         bad_code[l] = static_cast<int>(ErrorCode::nonfinite_grad);
         bad_step[l] = -1;
       }
@@ -897,7 +911,7 @@ struct LockstepGram {
     }
     for (index_t q = 0; q < mL; ++q) lcf[q] = static_cast<T>(qr[q]);
     lgk.resize(static_cast<size_t>(d * L));
-    tile::lanes_xtr0(Pq.data(), m, d, lcf.data(), lgk.data());
+    tile::lanes_xtr(Pq.data(), m, d, lcf.data(), 0.0, static_cast<const T*>(nullptr), false, lgk.data());
     // X gK (V), <gK_w, theta_w> in float64, features in order, and gb
     tile::lanes_xv(Ps.data(), n, d, lgk.data(), false, V.data());
     double s0[L];

@@ -613,7 +613,8 @@ FASTMAML_INLINE inline void lanes_xv(const T* P, index_t n, index_t d, const T* 
 // out[q * 8 + l] = base_l[q] * c0 + sum_i cf[i * 8 + l] P[i][q][l] for q < d,
 // in T, rows in order: per lane the operations of xtr_body. base is
 // lane-major (base[q * 8 + l]) or, with shared, one vector (base[q]); c0 is
-// applied as T(c0) * base, as xtr_body does.
+// applied as T(c0) * base, as xtr_body does. Without base the sum starts
+// from zero (the X^T r of fused_rows_body, per lane the same operations).
 template <class T>
 FASTMAML_INLINE inline void lanes_xtr(const T* P, index_t n, index_t d, const T* cf, double c0, const T* base,
                                       bool shared, T* FASTMAML_RESTRICT out) {
@@ -623,7 +624,9 @@ FASTMAML_INLINE inline void lanes_xtr(const T* P, index_t n, index_t d, const T*
   for (; q0 + 8 <= d; q0 += 8) {
     V acc[8];
     for (int j = 0; j < 8; ++j)
-      acc[j] = shared ? splat<V>(static_cast<T>(c0t * base[q0 + j])) : c0t * vload<V>(base + (q0 + j) * 8);
+      acc[j] = !base   ? V{}
+               : shared ? splat<V>(static_cast<T>(c0t * base[q0 + j]))
+                        : c0t * vload<V>(base + (q0 + j) * 8);
     for (index_t i = 0; i < n; ++i) {
       const V c = vload<V>(cf + i * 8);
       const T* x = P + (i * d + q0) * 8;
@@ -632,30 +635,7 @@ FASTMAML_INLINE inline void lanes_xtr(const T* P, index_t n, index_t d, const T*
     for (int j = 0; j < 8; ++j) vstore(out + (q0 + j) * 8, acc[j]);
   }
   for (; q0 < d; ++q0) {
-    V acc = shared ? splat<V>(static_cast<T>(c0t * base[q0])) : c0t * vload<V>(base + q0 * 8);
-    for (index_t i = 0; i < n; ++i) acc += vload<V>(cf + i * 8) * vload<V>(P + (i * d + q0) * 8);
-    vstore(out + q0 * 8, acc);
-  }
-}
-
-// out[q * 8 + l] = sum_i cf[i * 8 + l] P[i][q][l], rows in order from zero
-// (the X^T r of fused_rows_body, per lane the same operations).
-template <class T>
-FASTMAML_INLINE inline void lanes_xtr0(const T* P, index_t n, index_t d, const T* cf, T* FASTMAML_RESTRICT out) {
-  using V = typename Lane8<T>::V;
-  index_t q0 = 0;
-  for (; q0 + 8 <= d; q0 += 8) {
-    V acc[8];
-    for (int j = 0; j < 8; ++j) acc[j] = V{};
-    for (index_t i = 0; i < n; ++i) {
-      const V c = vload<V>(cf + i * 8);
-      const T* x = P + (i * d + q0) * 8;
-      for (int j = 0; j < 8; ++j) acc[j] += c * vload<V>(x + j * 8);
-    }
-    for (int j = 0; j < 8; ++j) vstore(out + (q0 + j) * 8, acc[j]);
-  }
-  for (; q0 < d; ++q0) {
-    V acc = V{};
+    V acc = !base ? V{} : shared ? splat<V>(static_cast<T>(c0t * base[q0])) : c0t * vload<V>(base + q0 * 8);
     for (index_t i = 0; i < n; ++i) acc += vload<V>(cf + i * 8) * vload<V>(P + (i * d + q0) * 8);
     vstore(out + q0 * 8, acc);
   }

@@ -949,6 +949,19 @@ struct LockstepGram {
     // row alone waits on each FMA's latency); each out[i] is the same
     // k-ordered sum either way.
     index_t i = 0;
+    for (; i + 8 <= n; i += 8) {  // eight rows: one load of in[k] feeds 8 FMAs
+      double acc[8][L] = {};
+      for (index_t k = 0; k < n; ++k) {
+        const double* ink = in + k * L;
+        for (int r = 0; r < 8; ++r) {
+          const double* g = G.data() + ((i + r) * n + k) * L;
+#pragma omp simd
+          for (index_t l = 0; l < L; ++l) acc[r][l] += g[l] * ink[l];
+        }
+      }
+      for (int r = 0; r < 8; ++r)
+        for (index_t l = 0; l < L; ++l) out[(i + r) * L + l] = acc[r][l];
+    }
     for (; i + 4 <= n; i += 4) {
       double a0[L] = {}, a1[L] = {}, a2[L] = {}, a3[L] = {};
       for (index_t k = 0; k < n; ++k) {

@@ -657,10 +657,19 @@ FASTMAML_CLONES inline double fused_rows(const double* const* rows, index_t n, i
 // output with no horizontal sums; k in order, so each out[i] is the same
 // fixed-order sum for any n.
 FASTMAML_INLINE inline void gram_mul_body(const double* G, index_t n, const double* in, double* FASTMAML_RESTRICT out) {
-  // 16 outputs held in registers across all k (no store-to-load chain
-  // through out), then 4 at a time, then single outputs: each out[i] is the
-  // same k-ordered sum in every variant.
+  // 32 outputs held in registers across all k (8 independent FMA chains; no
+  // store-to-load chain through out), then 16, then 4 at a time, then single
+  // outputs: each out[i] is the same k-ordered sum in every variant.
   index_t i0 = 0;
+  for (; i0 + 32 <= n; i0 += 32) {
+    vd4 a[8] = {};
+    for (index_t k = 0; k < n; ++k) {
+      const double c = in[k];
+      const double* g = G + k * n + i0;
+      for (int q = 0; q < 8; ++q) a[q] += c * vload<vd4>(g + 4 * q);
+    }
+    for (int q = 0; q < 8; ++q) vstore(out + i0 + 4 * q, a[q]);
+  }
   for (; i0 + 16 <= n; i0 += 16) {
     vd4 a0{}, a1{}, a2{}, a3{};
     for (index_t k = 0; k < n; ++k) {

@@ -313,13 +313,30 @@ FASTMAML_INLINE inline void xtr_body(const T* const* rows, index_t n, index_t d,
 // zeroed first; returns sum(coef) (the bias entry). mode 0: forward link
 // (y, scale -> coef = (p - y) scale, curv = p (1 - p)); mode 1: HVP
 // (coef = curv z scale).
+// out += c[0] A[0] + ... + c[R-1] A[R-1], entry by entry in row order (FMA
+// after FMA), with out loaded and stored once per R rows: the same bits for
+// any R.
+template <class T, int R>
+FASTMAML_INLINE inline void add_rows(T* FASTMAML_RESTRICT out, const T* const* A, const T* c, index_t d) {
+  using V = typename Lanes<T>::V;
+  constexpr index_t W = Lanes<T>::W;
+  const index_t dw = d - d % W;
+  for (index_t k = 0; k < dw; k += W) {
+    V acc = vload<V>(out + k);
+    for (int a = 0; a < R; ++a) acc += c[a] * vload<V>(A[a] + k);
+    vstore(out + k, acc);
+  }
+  for (index_t k = dw; k < d; ++k) {
+    T acc = out[k];
+    for (int a = 0; a < R; ++a) acc += c[a] * A[a][k];
+    out[k] = acc;
+  }
+}
+
 template <class T>
 FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, index_t d, const T* v, double vb, int mode,
                               const std::int32_t* y, double scale, double* coef, double* curv, T* FASTMAML_RESTRICT out,
                               double* hinge) {
-  using L = Lanes<T>;
-  using V = typename L::V;
-  constexpr index_t W = L::W;
   std::fill(out, out + d, T(0));
   // Blocks of 8 rows: 8 independent chains for the logits (dot_col8), and
   // out is loaded and stored once per 8 rows. Each entry of out is still the
@@ -328,7 +345,6 @@ FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, i
   const T* A[8];
   double o[8];
   double bias = 0.0;
-  const index_t dw = d - d % W;
   for (index_t i0 = 0; i0 < n; i0 += 8) {
     const index_t nb = std::min<index_t>(8, n - i0);
     for (int a = 0; a < 8; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
@@ -356,36 +372,14 @@ FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, i
     T c[8];
     for (index_t a = 0; a < nb; ++a) c[a] = static_cast<T>(coef[i0 + a]);
     if (nb == 8) {
-      for (index_t k = 0; k < dw; k += W) {
-        V acc = vload<V>(out + k);
-        for (int a = 0; a < 8; ++a) acc += c[a] * vload<V>(A[a] + k);
-        vstore(out + k, acc);
-      }
-      for (index_t k = dw; k < d; ++k) {
-        T acc = out[k];
-        for (int a = 0; a < 8; ++a) acc += c[a] * A[a][k];
-        out[k] = acc;
-      }
+      add_rows<T, 8>(out, A, c, d);
     } else {
       index_t a = 0;
       if (nb >= 4) {  // the tail block's first 4 rows in one pass
-        for (index_t k = 0; k < dw; k += W) {
-          V acc = vload<V>(out + k);
-          for (int q = 0; q < 4; ++q) acc += c[q] * vload<V>(A[q] + k);
-          vstore(out + k, acc);
-        }
-        for (index_t k = dw; k < d; ++k) {
-          T acc = out[k];
-          for (int q = 0; q < 4; ++q) acc += c[q] * A[q][k];
-          out[k] = acc;
-        }
+        add_rows<T, 4>(out, A, c, d);
         a = 4;
       }
-      for (; a < nb; ++a) {
-        const T ca = c[a];
-        for (index_t k = 0; k < dw; k += W) vstore(out + k, vload<V>(out + k) + ca * vload<V>(A[a] + k));
-        for (index_t k = dw; k < d; ++k) out[k] += ca * A[a][k];
-      }
+      for (; a < nb; ++a) add_rows<T, 1>(out, A + a, c + a, d);
     }
   }
   return bias;

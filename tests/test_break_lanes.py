@@ -392,3 +392,20 @@ def test_compiled_fit_on_lockstep_episodes_is_thread_independent(learn):
     assert [r["loss"] for r in a.history_] == [r["loss"] for r in b.history_]
     for key in a._params:
         np.testing.assert_array_equal(a._params[key], b._params[key], err_msg=key)
+
+
+@pytest.mark.parametrize("shape", [(9, 10, 10, 64, 5), (9, 3, 1, 5, 2), (9, 32, 32, 128, 2)],
+                         ids=["W3", "n3m1d5", "packed_8192"])
+@pytest.mark.parametrize("lr,l2", [(0.0, 0.0), (0.0, 1.0), (0.5, 2.0), (0.5, 4.0), ("steps", 2.0)],
+                         ids=["lr0", "lr0_l2", "rho0", "rho-1", "per_step_rho0"])
+def test_packed_path_at_degenerate_step_sizes(shape, lr, l2):
+    """inner_lr = 0 (a_j = 1, nothing moves), inner_lr l2 = 1 (rho = 0: beta and a_K vanish) and = 2
+    (rho = -1), scalar and per step: the lanes' scalars rho, a_j, beta against the reference."""
+    T, n, m, d, K = shape
+    theta, tasks = dense(T, n, m, d, seed=K + d)
+    if lr == "steps":
+        lr = np.array([[0.0], [0.5]] + [[0.1]] * (K - 2))
+    for fo in (False, True):
+        got = fastmaml.meta_value_and_grad(theta, tasks, inner_lr=lr, inner_steps=K, l2=l2, first_order=fo,
+                                           sweep="gram")
+        assert_matches_reference(got, theta, tasks, lr, K, l2, fo)

@@ -586,8 +586,9 @@ constexpr index_t kLanes = 8;
 // lane-major (tile.hpp): tiny rows, where the per-task tile kernels spend
 // more on horizontal sums and loop overhead than on products (W3: n = m =
 // 10, d = 64). Shape only: a task of this shape always takes this path, in
-// any lane, group or thread, so its bits depend on nothing else. d <= 128
-// bounds a float32 sum over features to 128 terms in order.
+// any lane, group or thread, so its bits depend on nothing else. The bounds
+// keep the packed rows of a group (8 (n + m) d values) within 64 K values of
+// per-thread scratch, and d where the horizontal sums dominate.
 inline bool lanes_packed(index_t n, index_t m, index_t d) {
   return d <= 128 && (n + m) * d <= 8192;
 }

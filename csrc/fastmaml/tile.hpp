@@ -350,7 +350,7 @@ FASTMAML_INLINE inline double fused_rows_body(const T* const* rows, index_t n, i
     for (int a = 0; a < 8; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
     dot_rows(A, nb, v, d, o);
     double z[8];
-    for (int a = 0; a < 8; ++a) z[a] = o[a] + vb;
+    for (index_t a = 0; a < nb; ++a) z[a] = o[a] + vb;  // dot_rows sets only these
     for (index_t a = 0; a < nb; ++a) {
       const index_t i = i0 + a;
       if (mode != 1) {
@@ -463,20 +463,23 @@ FASTMAML_INLINE inline void combine_body(index_t n, index_t d, index_t L, const 
 // rows packed as P[(i * d + q) * 8 + l] (row i, feature q, task lane l), so
 // every product below is elementwise over the 8 lanes: no horizontal sums,
 // and a task's result is the same in every lane. Sums over features run in
-// order in the rows' dtype (the packed path is only taken for d <= 128, so
-// a float32 sum has at most 128 terms, fewer than one float32 block of the
-// tile kernels), then go to float64; sums over rows run in order as in
-// xtr_body. Packing (pack_lanes) is 8 x 8 transposes: the pass that reads
+// order in the rows' dtype over chunks of 32 features (float32; one chunk
+// in float64), the chunks added in float64, as accurate as the tile
+// kernels' blocks; sums over rows run in order as in xtr_body. Packing (pack_lanes) is 8 x 8 transposes: the pass that reads
 // the task data, into bounded per-thread scratch.
 template <class T>
 struct Lane8;
 template <>
 struct Lane8<float> {
   using V = vf8;
+  // Features per float32 partial sum, then added into float64: 32 terms, as
+  // many as a lane of the tile kernels' float32 blocks sums.
+  static constexpr index_t kChunk = 32;
 };
 template <>
 struct Lane8<double> {
   using V = vd8;
+  static constexpr index_t kChunk = index_t(1) << 40;  // one chunk
 };
 
 template <class V, class T>
@@ -535,10 +538,17 @@ FASTMAML_INLINE inline void pack_lanes(const T* const* const* rows, index_t nrow
   }
 }
 
-template <class T>
-FASTMAML_INLINE inline void lanes_to_double(const typename Lane8<T>::V& v, double* out) {
-  for (int l = 0; l < 8; ++l) out[l] = static_cast<double>(v[l]);
+// The float64 values of 8 lanes (a chunk's partial sums), as one vector.
+FASTMAML_INLINE inline vd8 to_d8(const vf8& v) {
+#if FASTMAML_VECTOR_EXT
+  return __builtin_convertvector(v, vd8);
+#else
+  vd8 r;
+  for (int l = 0; l < 8; ++l) r[l] = static_cast<double>(v[l]);
+  return r;
+#endif
 }
+FASTMAML_INLINE inline vd8 to_d8(const vd8& v) { return v; }
 
 // G[(i * n + k) * 8 + l] = <row i, row k> of lane l, both triangles, in 4 x 4
 // register tiles of lane vectors (tail tiles repeat the last row).
@@ -551,23 +561,29 @@ FASTMAML_INLINE inline void lanes_gram(const T* P, index_t n, index_t d, double*
     for (index_t k0 = 0; k0 <= i0; k0 += 4) {
       const T* B[4];
       for (int b = 0; b < 4; ++b) B[b] = P + std::min(k0 + b, n - 1) * d * 8;
-      V acc[4][4];
-      for (int a = 0; a < 4; ++a)
-        for (int b = 0; b < 4; ++b) acc[a][b] = V{};
-      for (index_t q = 0; q < d; ++q) {
-        V bv[4];
-        for (int b = 0; b < 4; ++b) bv[b] = vload<V>(B[b] + q * 8);
-        for (int a = 0; a < 4; ++a) {
-          const V av = vload<V>(A[a] + q * 8);
-          for (int b = 0; b < 4; ++b) acc[a][b] += av * bv[b];
+      vd8 tot[4][4] = {};
+      for (index_t q0 = 0; q0 < d; q0 += Lane8<T>::kChunk) {
+        const index_t q1 = std::min(d, q0 + Lane8<T>::kChunk);
+        V acc[4][4];
+        for (int a = 0; a < 4; ++a)
+          for (int b = 0; b < 4; ++b) acc[a][b] = V{};
+        for (index_t q = q0; q < q1; ++q) {
+          V bv[4];
+          for (int b = 0; b < 4; ++b) bv[b] = vload<V>(B[b] + q * 8);
+          for (int a = 0; a < 4; ++a) {
+            const V av = vload<V>(A[a] + q * 8);
+            for (int b = 0; b < 4; ++b) acc[a][b] += av * bv[b];
+          }
         }
+        for (int a = 0; a < 4; ++a)
+          for (int b = 0; b < 4; ++b) tot[a][b] += to_d8(acc[a][b]);
       }
       for (int a = 0; a < 4 && i0 + a < n; ++a)
         for (int b = 0; b < 4 && k0 + b < n; ++b) {
           const index_t i = i0 + a, k = k0 + b;
           if (k > i) continue;  // the diagonal tile: one triangle, mirrored
-          lanes_to_double<T>(acc[a][b], G + (i * n + k) * 8);
-          if (k != i) lanes_to_double<T>(acc[a][b], G + (k * n + i) * 8);
+          vstore(G + (i * n + k) * 8, tot[a][b]);
+          if (k != i) vstore(G + (k * n + i) * 8, tot[a][b]);
         }
     }
   }
@@ -582,17 +598,18 @@ FASTMAML_INLINE inline void lanes_dot_block(const T* P, index_t i0, index_t n, i
   using V = typename Lane8<T>::V;
   const T* A[R];
   for (int a = 0; a < R; ++a) A[a] = P + std::min(i0 + a, n - 1) * d * 8;
-  V acc[R];
-  for (int a = 0; a < R; ++a) acc[a] = V{};
-  for (index_t q = 0; q < d; ++q) {
-    const V vv = shared ? splat<V>(v[q]) : vload<V>(v + q * 8);
-    for (int a = 0; a < R; ++a) acc[a] += vload<V>(A[a] + q * 8) * vv;
+  vd8 tot[R] = {};
+  for (index_t q0 = 0; q0 < d; q0 += Lane8<T>::kChunk) {
+    const index_t q1 = std::min(d, q0 + Lane8<T>::kChunk);
+    V acc[R];
+    for (int a = 0; a < R; ++a) acc[a] = V{};
+    for (index_t q = q0; q < q1; ++q) {
+      const V vv = shared ? splat<V>(v[q]) : vload<V>(v + q * 8);
+      for (int a = 0; a < R; ++a) acc[a] += vload<V>(A[a] + q * 8) * vv;
+    }
+    for (int a = 0; a < R; ++a) tot[a] += to_d8(acc[a]);
   }
-  double o[8];
-  for (int a = 0; a < R && i0 + a < n; ++a) {
-    lanes_to_double<T>(acc[a], o);
-    for (int l = 0; l < 8; ++l) z[(i0 + a) * 8 + l] = o[l];
-  }
+  for (int a = 0; a < R && i0 + a < n; ++a) vstore(z + (i0 + a) * 8, tot[a]);
 }
 template <class T>
 FASTMAML_INLINE inline void lanes_xv(const T* P, index_t n, index_t d, const T* v, bool shared, double* z) {

@@ -538,17 +538,17 @@ FASTMAML_INLINE inline void pack_lanes(const T* const* const* rows, index_t nrow
   }
 }
 
-// The float64 values of 8 lanes (a chunk's partial sums), as one vector.
-FASTMAML_INLINE inline vd8 to_d8(const vf8& v) {
+// tot += the float64 values of 8 lanes (a chunk's partial sums). By
+// reference, not by value: a 64-byte vector returned from a function built
+// for the baseline ISA would change the ABI (GCC's -Wpsabi).
+FASTMAML_INLINE inline void add_d8(vd8& tot, const vf8& v) {
 #if FASTMAML_VECTOR_EXT
-  return __builtin_convertvector(v, vd8);
+  tot += __builtin_convertvector(v, vd8);
 #else
-  vd8 r;
-  for (int l = 0; l < 8; ++l) r[l] = static_cast<double>(v[l]);
-  return r;
+  for (int l = 0; l < 8; ++l) tot[l] += static_cast<double>(v[l]);
 #endif
 }
-FASTMAML_INLINE inline vd8 to_d8(const vd8& v) { return v; }
+FASTMAML_INLINE inline void add_d8(vd8& tot, const vd8& v) { tot += v; }
 
 // G[(i * n + k) * 8 + l] = <row i, row k> of lane l, both triangles, in 4 x 4
 // register tiles of lane vectors (tail tiles repeat the last row).
@@ -576,7 +576,7 @@ FASTMAML_INLINE inline void lanes_gram(const T* P, index_t n, index_t d, double*
           }
         }
         for (int a = 0; a < 4; ++a)
-          for (int b = 0; b < 4; ++b) tot[a][b] += to_d8(acc[a][b]);
+          for (int b = 0; b < 4; ++b) add_d8(tot[a][b], acc[a][b]);
       }
       for (int a = 0; a < 4 && i0 + a < n; ++a)
         for (int b = 0; b < 4 && k0 + b < n; ++b) {
@@ -607,7 +607,7 @@ FASTMAML_INLINE inline void lanes_dot_block(const T* P, index_t i0, index_t n, i
       const V vv = shared ? splat<V>(v[q]) : vload<V>(v + q * 8);
       for (int a = 0; a < R; ++a) acc[a] += vload<V>(A[a] + q * 8) * vv;
     }
-    for (int a = 0; a < R; ++a) tot[a] += to_d8(acc[a]);
+    for (int a = 0; a < R; ++a) add_d8(tot[a], acc[a]);
   }
   for (int a = 0; a < R && i0 + a < n; ++a) vstore(z + (i0 + a) * 8, tot[a]);
 }

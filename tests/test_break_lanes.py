@@ -27,19 +27,12 @@ import pytest
 
 import fastmaml
 import reference
+from problems import dense
 from fastmaml import Tasks
 from fastmaml.functional import REDUCE_BLOCK, meta_block_sums
 from tolerances import RTOL_F32, RTOL_F64, assert_rel
 
 FIELDS = ("grad", "grad_inner_lr", "grad_l2")
-
-
-def dense(T, n, m, d, seed, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    Xs = rng.normal(size=(T, n, d)).astype(dtype)
-    Xq = rng.normal(size=(T, m, d)).astype(dtype)
-    theta = (rng.normal(size=d + 1) * 0.3).astype(dtype)
-    return theta, (Xs, rng.integers(0, 2, (T, n)), Xq, rng.integers(0, 2, (T, m)))
 
 
 def lockstep(n, d, K):

@@ -19,6 +19,7 @@ import pytest
 
 import fastmaml
 import reference
+from problems import dense
 from fastmaml import _core
 from tolerances import RTOL_F32, RTOL_F64, assert_rel
 
@@ -37,14 +38,6 @@ def call(theta, tasks, *, generic=False, monkeypatch=None, **kw):
     with monkeypatch.context() as mp:
         mp.setattr(_core, "meta_value_and_grad", forced)
         return fastmaml.meta_value_and_grad(theta, tasks, **kw)
-
-
-def dense(T, n, m, d, seed, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    Xs = rng.normal(size=(T, n, d)).astype(dtype)
-    Xq = rng.normal(size=(T, m, d)).astype(dtype)
-    theta = (rng.normal(size=d + 1) * 0.3).astype(dtype)
-    return theta, (Xs, rng.integers(0, 2, (T, n)), Xq, rng.integers(0, 2, (T, m)))
 
 
 def options(name, T, K, seed=7):

@@ -19,18 +19,11 @@ import pytest
 
 import fastmaml
 import reference
+from problems import dense
 from fastmaml import _core
 from tolerances import FD_RTOL, FD_STEP, RTOL_F32, RTOL_F64, assert_rel
 
 FIELDS = ("grad", "grad_inner_lr", "grad_l2", "grad_support_X", "grad_query_X")
-
-
-def dense(T, n, m, d, seed, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    Xs = rng.normal(size=(T, n, d)).astype(dtype)
-    Xq = rng.normal(size=(T, m, d)).astype(dtype)
-    theta = (rng.normal(size=d + 1) * 0.3).astype(dtype)
-    return theta, (Xs, rng.integers(0, 2, (T, n)), Xq, rng.integers(0, 2, (T, m)))
 
 
 def assert_same_numbers(a, b, rtol):

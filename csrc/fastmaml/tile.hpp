@@ -465,8 +465,9 @@ FASTMAML_INLINE inline void combine_body(index_t n, index_t d, index_t L, const 
 // and a task's result is the same in every lane. Sums over features run in
 // order in the rows' dtype over chunks of 32 features (float32; one chunk
 // in float64), the chunks added in float64, as accurate as the tile
-// kernels' blocks; sums over rows run in order as in xtr_body. Packing (pack_lanes) is 8 x 8 transposes: the pass that reads
-// the task data, into bounded per-thread scratch.
+// kernels' blocks; sums over rows run in order as in xtr_body. Packing
+// (pack_lanes) is 8 x 8 transposes into bounded per-thread scratch: the pass
+// that reads the task data.
 template <class T>
 struct Lane8;
 template <>

@@ -19,7 +19,7 @@ import pytest
 
 import fastmaml
 import reference
-from problems import dense
+from problems import dense, ragged_index
 from fastmaml import _core
 from tolerances import RTOL_F32, RTOL_F64, assert_rel
 
@@ -137,15 +137,8 @@ def test_shared_values_give_the_shared_fast_sweep_bit_for_bit():
 
 
 def test_index_form_and_ragged_tasks_on_the_fast_sweep(monkeypatch):
-    rng = np.random.default_rng(2)
     d, K, T = 21, 3, 5
-    X = rng.normal(size=(40, d))
-    ns, ms = np.array([1, 6, 3, 9, 4]), np.array([2, 1, 7, 5, 3])
-    sptr, qptr = np.r_[0, np.cumsum(ns)], np.r_[0, np.cumsum(ms)]
-    sidx, qidx = rng.integers(0, 40, sptr[-1]), rng.integers(0, 40, qptr[-1])
-    sy, qy = rng.integers(0, 2, sidx.shape), rng.integers(0, 2, qidx.shape)
-    tasks = fastmaml.Tasks.from_index(X, sidx, sy, qidx, qy, support_ptr=sptr, query_ptr=qptr)
-    theta = rng.normal(size=d + 1) * 0.3
+    tasks, theta, (X, sidx, sy, qidx, qy, sptr, qptr) = ragged_index(seed=2)
     kw = dict(options("lr_task_step_l2_features", T, K), inner_steps=K)
     fast = call(theta, tasks, **kw)
     generic = call(theta, tasks, generic=True, monkeypatch=monkeypatch, **kw)

@@ -19,7 +19,7 @@ import pytest
 
 import fastmaml
 import reference
-from problems import dense
+from problems import dense, ragged_index
 from fastmaml import _core
 from tolerances import FD_RTOL, FD_STEP, RTOL_F32, RTOL_F64, assert_rel
 
@@ -134,15 +134,8 @@ def test_gram_features_bitwise_across_threads_and_independent_of_the_other_tasks
 
 
 def test_index_form_and_ragged_tasks_on_the_gram_path():
-    rng = np.random.default_rng(2)
-    d, K, T = 21, 3, 5
-    X = rng.normal(size=(40, d))
-    ns, ms = np.array([1, 6, 3, 9, 4]), np.array([2, 1, 7, 5, 3])
-    sptr, qptr = np.r_[0, np.cumsum(ns)], np.r_[0, np.cumsum(ms)]
-    sidx, qidx = rng.integers(0, 40, sptr[-1]), rng.integers(0, 40, qptr[-1])
-    sy, qy = rng.integers(0, 2, sidx.shape), rng.integers(0, 2, qidx.shape)
-    tasks = fastmaml.Tasks.from_index(X, sidx, sy, qidx, qy, support_ptr=sptr, query_ptr=qptr)
-    theta = rng.normal(size=d + 1) * 0.3
+    d, K = 21, 3
+    tasks, theta, (X, sidx, sy, qidx, qy, sptr, qptr) = ragged_index(seed=2)
     kw = dict(inner_lr=np.array([[0.3], [0.5], [0.2]]), inner_steps=K, l2=0.1, grad_features=True)
     gram = fastmaml.meta_value_and_grad(theta, tasks, sweep="gram", **kw)
     assert gram.grad_support_X.shape == (sptr[-1], d) and gram.grad_query_X.shape == (qptr[-1], d)

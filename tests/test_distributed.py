@@ -170,7 +170,7 @@ def test_ragged_shards_keep_the_pools_choice_of_sweep(client):
     # model would pick the Gram sweep for shard 0 and the plain sweep for the pool.
     rng = np.random.default_rng(2)
     d, K = 30, 5
-    sizes = np.concatenate([rng.integers(2, 6, B), rng.integers(30, 40, B)])
+    sizes = np.concatenate([rng.integers(2, 6, B), rng.integers(60, 80, B)])
     X = rng.random((500, d))
     s_ptr = np.concatenate([[0], np.cumsum(sizes)])
     s_idx = rng.integers(0, 500, s_ptr[-1])

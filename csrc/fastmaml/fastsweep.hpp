@@ -77,7 +77,7 @@ struct FastGramWorker {
   LrLayout lr;
   double lam;
   Mode mode;
-  std::vector<const T*> rows;
+  std::vector<const T*> rows, qrows;
   std::vector<double> G, z0w, U, Z, R, curv, Cc, KC, a, work, V, Gam, XG, H, colR, qz, qr, tails;
   std::vector<double> neg, G1;
   std::vector<T> wvec, gbar;
@@ -107,16 +107,26 @@ struct FastGramWorker {
         const T* krow = ts->kernel + idx[i] * ts->kernel_rows;
         for (index_t k = 0; k < n; ++k) G[i * n + k] = static_cast<double>(krow[idx[k]]);
       }
-    } else if (theta_rides(n)) {
-      // theta's weights ride along as row n in the last tile's spare slot:
-      // X theta comes out of the same tiles while the rows are in L1.
-      rows.push_back(theta);
-      G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
-      tile::gram_body(rows.data(), n + 1, d, G1.data());
-      rows.pop_back();
-      for (index_t i = 0; i < n; ++i) std::copy(G1.data() + i * (n + 1), G1.data() + i * (n + 1) + n, G.data() + i * n);
     } else {
-      tile::gram_body(rows.data(), n, d, G.data());
+      // The query rows are first read by the query pass; their lines are
+      // prefetched into L2 while the tiles (compute-bound) run.
+      const index_t m = ts->query.gather(t, d, qrows);
+      tile::RowPrefetch pf;
+      pf.rows = reinterpret_cast<const char* const*>(qrows.data());
+      pf.nrows = m;
+      pf.row_bytes = d * static_cast<index_t>(sizeof(T));
+      if (theta_rides(n)) {
+        // theta's weights ride along as row n in the last tile's spare slot:
+        // X theta comes out of the same tiles while the rows are in L1.
+        rows.push_back(theta);
+        G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
+        tile::gram_body(rows.data(), n + 1, d, G1.data(), &pf);
+        rows.pop_back();
+        for (index_t i = 0; i < n; ++i)
+          std::copy(G1.data() + i * (n + 1), G1.data() + i * (n + 1) + n, G.data() + i * n);
+      } else {
+        tile::gram_body(rows.data(), n, d, G.data(), &pf);
+      }
     }
     const double inv_n = 1.0 / static_cast<double>(n);
     z0w.resize(static_cast<size_t>(n));

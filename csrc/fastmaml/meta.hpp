@@ -31,17 +31,18 @@ enum class Sweep : int { automatic = 0, plain = 1, gram = 2 };
 // same for both paths). Softmax (C > 1, sweep.hpp / span.hpp): multiply-add
 // counts. Binary (C == 1, fastsweep.hpp), in the units of a fused
 // matrix-vector pass: the plain sweep makes 2K passes over X (n d each); the
-// Gram matrix runs in 4 x 4 register tiles at about twice the speed of a
-// pass per multiply-add (n^2 d / 2 / 2, measured: W1 n = 20, K = 5 takes
-// Gram, W2 n = 100, K = 10 is faster plain), the Gram sweep makes 4 passes
-// over X and K n^2 in n-space.
+// Gram matrix runs in 4 x 4 register tiles at about four times the speed of
+// a pass per multiply-add (n^2 d / 2 / 4), the Gram sweep makes 4 passes
+// over X and K n^2 in n-space. Calibrated on float32, one thread, n = 8-200,
+// d = 64-784, K = 1-20 (docs/design.md): W1 (n = 20, K = 5) and W2 (n = 100,
+// K = 10) take the Gram sweep, n = 150 with K = 10 the plain one.
 inline double plain_cost(index_t n, index_t d, index_t C, index_t K) {
   if (C == 1) return 2.0 * static_cast<double>(K) * n * d;
   return 4.0 * static_cast<double>(K) * n * d * C;
 }
 inline double gram_cost(index_t n, index_t d, index_t C, index_t K, bool have_kernel = false) {
   const double nn = static_cast<double>(n) * n;
-  if (C == 1) return (have_kernel ? 0.0 : 0.5 * nn * d / 2.0) + 4.0 * n * d + static_cast<double>(K) * nn;
+  if (C == 1) return (have_kernel ? 0.0 : 0.5 * nn * d / 4.0) + 4.0 * n * d + static_cast<double>(K) * nn;
   const double gram = have_kernel ? nn : 0.5 * nn * d;
   return gram + 4.0 * n * d * C + 4.0 * K * nn * C;
 }

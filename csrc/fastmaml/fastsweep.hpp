@@ -44,8 +44,9 @@ FASTMAML_INLINE inline double blocked_dot(const T* FASTMAML_RESTRICT g, const T*
 // Whether theta's weights ride along as row n of the Gram tiles (4 x 4):
 // only where the last row tile has a spare slot. With n a multiple of 4 a
 // whole extra row of tiles (mostly repeats of theta) would cost more than
-// X theta on its own. Either way every entry is the same dot product with
-// the same operations (tile.hpp), so the bits do not depend on this choice.
+// X theta on its own. A rule of the task's own n: in float32 with d > 256
+// the two ways round differently (the tiles' float32 blocks are 1024
+// features, an X v pass's 256), so a task's bits depend on its shape only.
 inline bool theta_rides(index_t n) { return n % 4 != 0; }
 
 // Query side of task t at phi (D): returns the mean loss and writes the

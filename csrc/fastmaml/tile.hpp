@@ -15,8 +15,9 @@
 // nothing there). Each kernel is compiled per ISA by FASTMAML_CLONES.
 //
 // Accumulation, as in kernels.hpp: float64 rows in float64; float32 rows in
-// float32 lanes over blocks of 256 features (32 terms per lane), each block's
-// lanes summed into float64. Every output entry is computed by the same
+// float32 lanes over blocks of 256 features (32 terms per lane; the Gram
+// tiles 1024 features, 128 terms per lane), each block's lanes summed into
+// float64. Every output entry is computed by the same
 // sequence of operations wherever it sits in a tile (tail tiles repeat the
 // last row and drop the extra results), so G[i][k] depends only on rows i and
 // k — never on n, the tile grid or the thread.
@@ -91,12 +92,17 @@ struct Lanes<float> {
   using V = vf8;
   static constexpr index_t W = 8;
   static constexpr index_t kBlock = 256;  // features per float32 block
+  // The Gram tiles' block: their reduction into float64 (shuffles, converts)
+  // was 11% of a tile at 256 (W2: n = 100, d = 784); at 1024 a tile runs at
+  // the FMA peak. Each lane still sums at most 128 products in float32.
+  static constexpr index_t kGramBlock = 1024;
 };
 template <>
 struct Lanes<double> {
   using V = vd4;
   static constexpr index_t W = 4;
   static constexpr index_t kBlock = index_t(1) << 40;  // one block
+  static constexpr index_t kGramBlock = kBlock;
 };
 
 template <class V, class T>
@@ -152,8 +158,9 @@ FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2,
 }
 #endif
 
-// out[a][b] = <A_a, B_b> for 4 x NB rows (NB = 1 or 4): one register tile.
-template <class T, int NB>
+// out[a][b] = <A_a, B_b> for 4 x NB rows (NB = 1 or 4): one register tile,
+// float32 sums in blocks of `Block` features added in float64.
+template <class T, int NB, index_t Block = Lanes<T>::kBlock>
 FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4]) {
   using L = Lanes<T>;
   using V = typename L::V;
@@ -161,8 +168,8 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
   for (int a = 0; a < 4; ++a)
     for (int b = 0; b < 4; ++b) out[a][b] = 0.0;
   const index_t dv = d - d % W;
-  for (index_t k0 = 0; k0 < dv; k0 += L::kBlock) {
-    const index_t k1 = std::min(dv, k0 + L::kBlock);
+  for (index_t k0 = 0; k0 < dv; k0 += Block) {
+    const index_t k1 = std::min(dv, k0 + Block);
     V acc[4][NB];
     for (int a = 0; a < 4; ++a)
       for (int b = 0; b < NB; ++b) acc[a][b] = V{};
@@ -276,7 +283,7 @@ FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d
     for (index_t k0 = 0; k0 <= i0; k0 += 4) {
       for (int b = 0; b < 4; ++b) B[b] = rows[std::min(k0 + b, n - 1)];
       if (pf) pf->step();
-      dot_tile<T, 4>(A, B, d, tileo);
+      dot_tile<T, 4, Lanes<T>::kGramBlock>(A, B, d, tileo);
       for (int a = 0; a < 4 && i0 + a < n; ++a)
         for (int b = 0; b < 4 && k0 + b < n; ++b) {
           const index_t i = i0 + a, k = k0 + b;

@@ -2,7 +2,7 @@
 
 Targets commits 8ffca97, 3bac49f and 24d62ea: ``tile::dot_col8`` / ``dot_rows``,
 ``fused_rows_body`` in 8-row blocks, ``xtr_body`` in 8-vector strips,
-``theta_rides`` and ``blocked_dot`` (fastsweep.hpp), and the packed path of
+X theta from the Gram tiles and ``blocked_dot`` (fastsweep.hpp), and the packed path of
 the lock-step Gram groups (``lanes_packed``: d <= 128 and (n + m) d <= 8192;
 ``lockstep_applies``: n <= 32 and 2 K n >= d), which packs 8 tasks' rows
 lane-major and computes every pass over d elementwise over the lanes.
@@ -85,7 +85,7 @@ BOUNDARY = [
     (9, 16, 49, 128, 4),    # lock-step, not packed: 8320
     (9, 3, 2, 129, 22),     # lock-step, not packed: d = 129
     (9, 32, 3, 129, 3),     # lock-step, not packed, n % 4 == 0 (theta does not ride)
-    (9, 33, 3, 65, 3),      # alone (n = 33 > 32), theta rides
+    (9, 33, 3, 65, 3),      # alone (n = 33 > 32), a partial last row tile
     (9, 36, 3, 300, 2),     # alone, n % 4 == 0: separate X theta pass
 ]
 IDS = ["T{}n{}m{}d{}K{}".format(*s) for s in BOUNDARY]
@@ -333,8 +333,8 @@ def test_packed_and_unpacked_groups_mixed_in_one_ragged_batch(dtype):
 
 
 @pytest.mark.parametrize("n", [7, 8, 12, 13])
-def test_kernel_tasks_with_and_without_theta_riding(n):
-    """A dataset kernel gives the Gram matrix; X theta is then its own pass whatever n % 4 (theta_rides)."""
+def test_kernel_tasks_with_full_and_partial_row_tiles(n):
+    """A dataset kernel gives the Gram matrix; X theta is then its own pass, whatever n % 4."""
     from fastmaml.datasets import dataset_kernel
 
     rng = np.random.default_rng(n)

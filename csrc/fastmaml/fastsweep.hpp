@@ -41,13 +41,6 @@ FASTMAML_INLINE inline double blocked_dot(const T* FASTMAML_RESTRICT g, const T*
   return ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
 }
 
-// Whether theta's weights ride along as row n of the Gram tiles (4 x 4):
-// only where the last row tile has a spare slot. With n a multiple of 4 a
-// whole extra row of tiles (mostly repeats of theta) would cost more than
-// X theta on its own. A rule of the task's own n: in float32 with d > 256
-// the two ways round differently (the tiles' float32 blocks are 1024
-// features, an X v pass's 256), so a task's bits depend on its shape only.
-inline bool theta_rides(index_t n) { return n % 4 != 0; }
 
 // Query side of task t at phi (D): returns the mean loss and writes the
 // gradient X~^T (p - y) / m into grad (D).
@@ -80,7 +73,7 @@ struct FastGramWorker {
   Mode mode;
   std::vector<const T*> rows, qrows;
   std::vector<double> G, z0w, U, Z, R, curv, Cc, KC, a, work, V, Gam, XG, H, colR, qz, qr, tails;
-  std::vector<double> neg, G1;
+  std::vector<double> neg;
   std::vector<T> wvec, gbar;
   // Feature gradients (grad_features with shared hyperparameters only;
   // extended.hpp dispatches): ext.grad_support_X / grad_query_X set.
@@ -108,6 +101,8 @@ struct FastGramWorker {
         const T* krow = ts->kernel + idx[i] * ts->kernel_rows;
         for (index_t k = 0; k < n; ++k) G[i * n + k] = static_cast<double>(krow[idx[k]]);
       }
+      z0w.resize(static_cast<size_t>(n));
+      tile::xv_body(rows.data(), n, d, theta, z0w.data());
     } else {
       // The query rows are first read by the query pass; their lines are
       // prefetched into L2 while the tiles (compute-bound) run.
@@ -116,26 +111,11 @@ struct FastGramWorker {
       pf.rows = reinterpret_cast<const char* const*>(qrows.data());
       pf.nrows = m;
       pf.row_bytes = d * static_cast<index_t>(sizeof(T));
-      if (theta_rides(n)) {
-        // theta's weights ride along as row n in the last tile's spare slot:
-        // X theta comes out of the same tiles while the rows are in L1.
-        rows.push_back(theta);
-        G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
-        tile::gram_body(rows.data(), n + 1, d, G1.data(), &pf);
-        rows.pop_back();
-        for (index_t i = 0; i < n; ++i)
-          std::copy(G1.data() + i * (n + 1), G1.data() + i * (n + 1) + n, G.data() + i * n);
-      } else {
-        tile::gram_body(rows.data(), n, d, G.data(), &pf);
-      }
+      // X theta from each row tile's rows while they are in L1.
+      z0w.resize(static_cast<size_t>(n));
+      tile::gram_body(rows.data(), n, d, G.data(), &pf, theta, z0w.data());
     }
     const double inv_n = 1.0 / static_cast<double>(n);
-    z0w.resize(static_cast<size_t>(n));
-    if ((ts->kernel && sup.idx) || !theta_rides(n)) {
-      tile::xv_body(rows.data(), n, d, theta, z0w.data());
-    } else {
-      for (index_t i = 0; i < n; ++i) z0w[i] = G1[n * (n + 1) + i];
-    }
     U = z0w;
     double B = static_cast<double>(theta[d]);
     const index_t Kc = std::max<index_t>(K, 1);
@@ -653,23 +633,17 @@ struct LockstepGram {
         for (index_t i = 0; i < n; ++i) ylab[i * L + l] = y[i];
       }
     }
-    // Phase 1, per task: Gram matrix and X theta (theta as row n).
+    // Phase 1, per task: Gram matrix and X theta (FastGramWorker's kernel).
     for (index_t l = 0; l < L && !packed; ++l) {
       const index_t t = t0 + (l < g ? l : 0);
       sup.gather(t, d, rows);
       const std::int32_t* y = sup.y + sup.begin(t);
-      const bool ride = theta_rides(n);
-      const index_t nr = ride ? n + 1 : n;
-      if (ride) rows.push_back(theta);
-      G1.resize(static_cast<size_t>((n + 1) * (n + 1)));
-      tile::gram_body(rows.data(), nr, d, G1.data());
-      if (!ride) {
-        qz.resize(static_cast<size_t>(n));
-        tile::xv_body(rows.data(), n, d, theta, qz.data());
-      }
+      G1.resize(static_cast<size_t>(n * n));
+      qz.resize(static_cast<size_t>(n));
+      tile::gram_body(rows.data(), n, d, G1.data(), nullptr, theta, qz.data());
       for (index_t i = 0; i < n; ++i) {
-        for (index_t k = 0; k < n; ++k) G[(i * n + k) * L + l] = G1[i * nr + k];
-        z0w[i * L + l] = ride ? G1[n * nr + i] : qz[i];
+        for (index_t k = 0; k < n; ++k) G[(i * n + k) * L + l] = G1[i * n + k];
+        z0w[i * L + l] = qz[i];
         ylab[i * L + l] = y[i];
       }
     }

@@ -264,9 +264,13 @@ struct RowPrefetch {
   }
 };
 
+// G = X X^T (both triangles). With v, also z[i] = <x_i, v>: each row tile's
+// 4 rows against v while they are in L1 after the tile row, by dot_tile<T, 1>
+// (xv_body's operations, so the same bits as an X v pass, without the pass).
 template <class T>
 FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G,
-                                      RowPrefetch* pf = nullptr) {
+                                      RowPrefetch* pf = nullptr, const T* v = nullptr,
+                                      double* FASTMAML_RESTRICT z = nullptr) {
   const T* A[4];
   const T* B[4];
   double tileo[4][4];
@@ -291,6 +295,12 @@ FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d
           G[i * n + k] = tileo[a][b];
           G[k * n + i] = tileo[a][b];
         }
+    }
+    if (v) {
+      const T* V1[1] = {v};
+      double o[4][4];
+      dot_tile<T, 1>(A, V1, d, o);
+      for (int a = 0; a < 4 && i0 + a < n; ++a) z[i0 + a] = o[a][0];
     }
   }
 }

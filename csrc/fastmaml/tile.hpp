@@ -717,7 +717,60 @@ FASTMAML_CLONES inline double fused_rows(const double* const* rows, index_t n, i
 // out += G[:, k] in[k] (rows of G are its columns), vectorised over the
 // output with no horizontal sums; k in order, so each out[i] is the same
 // fixed-order sum for any n.
+// out = G in for n >= 64 (G outgrows L1 there and the recursion streams it
+// from L2 every step), reading only G's lower block triangle: 32-column
+// strips S_b, rows k >= 32 b. A row segment G[k][S_b] is loaded once and used
+// twice: out[S_b] += in[k] G[k][S_b] (8 vector chains, k in order) and, below
+// the diagonal block, out[k] += <G[k][S_b], in[S_b]> (G symmetric: the
+// entries G[S_b][k] the strip would otherwise read above the diagonal).
+// Columns past the last full strip: out[k] (k there) = the row sums. Each
+// out[i] is a fixed-order sum: its strip's chain, then the dot products of
+// the strips before it in order.
+FASTMAML_INLINE inline void gram_mul_sym_body(const double* G, index_t n, const double* in,
+                                              double* FASTMAML_RESTRICT out) {
+  const index_t nb = n / 32, tail = nb * 32;
+  for (index_t k = 0; k < n; ++k) out[k] = 0.0;  // the dot-product parts
+  for (index_t b = 0; b < nb; ++b) {
+    const index_t i0 = 32 * b;
+    vd4 x[8];
+    for (int q = 0; q < 8; ++q) x[q] = vload<vd4>(in + i0 + 4 * q);
+    vd4 a[8] = {};
+    for (index_t k = i0; k < i0 + 32; ++k) {  // the diagonal block: the strip's own chains only
+      const double c = in[k];
+      const double* g = G + k * n + i0;
+      for (int q = 0; q < 8; ++q) a[q] += c * vload<vd4>(g + 4 * q);
+    }
+    for (index_t k = i0 + 32; k < n; ++k) {
+      const double c = in[k];
+      const double* g = G + k * n + i0;
+      vd4 s0{}, s1{};
+      for (int q = 0; q < 8; q += 2) {
+        const vd4 g0 = vload<vd4>(g + 4 * q), g1 = vload<vd4>(g + 4 * q + 4);
+        a[q] += c * g0;
+        a[q + 1] += c * g1;
+        s0 += g0 * x[q];
+        s1 += g1 * x[q + 1];
+      }
+      const vd4 s = s0 + s1;
+      out[k] += (s[0] + s[2]) + (s[1] + s[3]);
+    }
+    for (int q = 0; q < 8; ++q) {
+      const vd4 prior = vload<vd4>(out + i0 + 4 * q);
+      vstore(out + i0 + 4 * q, a[q] + prior);
+    }
+  }
+  for (index_t k = tail; k < n; ++k) {  // the last columns: row k of G against in, in order
+    double s = 0.0;
+    for (index_t i = tail; i < n; ++i) s += G[k * n + i] * in[i];
+    out[k] += s;
+  }
+}
+
 FASTMAML_INLINE inline void gram_mul_body(const double* G, index_t n, const double* in, double* FASTMAML_RESTRICT out) {
+  if (n >= 64) {
+    gram_mul_sym_body(G, n, in, out);
+    return;
+  }
   // 32 outputs held in registers across all k (8 independent FMA chains; no
   // store-to-load chain through out), then 16, then 4 at a time, then single
   // outputs: each out[i] is the same k-ordered sum in every variant.

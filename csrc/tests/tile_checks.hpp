@@ -258,6 +258,33 @@ inline void test_tiles() {
                                                                    ": products agree with long double on tails; entries independent of tile position");
 }
 
+// G in (tile::gram_mul) against long double on symmetric G: the 32-column
+// strips below n = 64, the lower-block-triangle form from 64 on (full strips,
+// the last partial columns, n not a multiple of 32).
+inline void test_gram_mul() {
+  for (index_t n : {1, 5, 31, 32, 33, 63, 64, 65, 95, 96, 100, 129, 131}) {
+    std::vector<double> G(static_cast<size_t>(n * n)), in(n), out(n, -7.0);
+    for (index_t i = 0; i < n; ++i) {
+      in[i] = 0.5 - 0.013 * static_cast<double>((i * 37) % 71);
+      for (index_t k = 0; k <= i; ++k)
+        G[i * n + k] = G[k * n + i] = 1.0 / (1.0 + static_cast<double>(i + k)) + 0.01 * static_cast<double>((i * k) % 5);
+    }
+    tile::gram_mul(G.data(), n, in.data(), out.data());
+    double e = 0, sc = 1e-300;
+    for (index_t i = 0; i < n; ++i) {
+      long double acc = 0;
+      for (index_t k = 0; k < n; ++k) acc += (long double)G[i * n + k] * in[k];
+      e = std::max(e, std::fabs(out[i] - (double)acc));
+      sc = std::max(sc, std::fabs((double)acc));
+    }
+    if (!(e / sc < 1e-14)) {
+      check(false, "gram_mul n=" + std::to_string(n));
+      return;
+    }
+  }
+  check(true, "gram_mul: strips and the symmetric form agree with long double (n = 1 ... 131)");
+}
+
 // A task's lock-step result is the same whatever group or lane it lands in
 // (and alone), tails included.
 template <class S>
@@ -356,6 +383,8 @@ inline int run_all(bool full) {
   test_workload({"odd n1 m1 d1 K1", 5, 1, 1, 1, 1});
   test_workload({"small n10 m10 d64 K5", 67, 10, 10, 64, 5});
   test_workload({"small n21 m9 d37 K2", 9, 21, 9, 37, 2});
+  test_gram_mul();
+  test_workload({"symmetric G n70 m9 d40 K3", 5, 70, 9, 40, 3});
   if (full) {
     for (const Work& w : {Work{"W1", 32, 20, 30, 784, 5}, Work{"W2", 256, 100, 100, 784, 10},
                           Work{"W3", 4096, 10, 10, 64, 5}, Work{"W4", 32, 20, 30, 784, 50}})

@@ -603,6 +603,9 @@ struct LockstepGram {
   std::vector<T> Ps, Pq, lcf, lwk, lgk, ldt;
   std::vector<const T*> lrows;
   const T* const* lrowp[kLanes] = {};
+  std::vector<const char*> pf_rows;
+  std::vector<const T*> pf_tmp;
+  tile::RowPrefetch npf;  // per_step 0 (nothing) unless prefetch_next_group set it
   std::vector<index_t> bad_step;
   std::vector<int> bad_code;
 
@@ -621,11 +624,13 @@ struct LockstepGram {
     bad_code.assign(L, 0);
     const index_t m = ts->query.size(t0);
     const bool packed = lanes_packed(n, m, d);
+    npf = tile::RowPrefetch{};
     if (packed) {
       // Phase 1, lanes: pack the 8 tasks' support and query rows lane-major,
       // then the Gram matrices and X theta of all lanes at once.
       pack_side(sup, t0, g, n, Ps);
       pack_side(ts->query, t0, g, m, Pq);
+      prefetch_next_group(t0 + L);
       tile::lanes_gram(Ps.data(), n, d, G.data());
       tile::lanes_xv(Ps.data(), n, d, theta, true, z0w.data());
       for (index_t l = 0; l < L; ++l) {
@@ -676,6 +681,7 @@ struct LockstepGram {
       for (index_t i = 0; i < n; ++i)
 #pragma omp simd
         for (index_t l = 0; l < L; ++l) col[l] += Rj[i * L + l];
+      npf.step();
       lanes_gram_mul(n, Rj, work.data());
       const double* Ccj = Cc.data() + j * nL;
       const double* KCj = KC.data() + j * nL;
@@ -761,6 +767,7 @@ struct LockstepGram {
       const double* Rj = R.data() + j * nL;
       const double* Ccj = Cc.data() + j * nL;
       const double* KCj = KC.data() + j * nL;
+      npf.step();
       lanes_gram_mul(n, Gam.data(), work.data());
       for (index_t l = 0; l < L; ++l) xg_r[l] = v_c[l] = g_z[l] = g_kc[l] = hs[l] = 0.0;
       for (index_t i = 0; i < n; ++i) {
@@ -834,6 +841,25 @@ struct LockstepGram {
         bad_step[l] = -1;
       }
     }
+  }
+
+  // The next group's rows (tasks t1 .. t1 + kLanes - 1), prefetched into L2
+  // over this group's forward and reverse steps (npf.step), which read no
+  // task data: the packing that reads them first otherwise waits on memory.
+  FASTMAML_INLINE void prefetch_next_group(index_t t1) {
+    const index_t d = ts->d;
+    pf_rows.clear();
+    npf = tile::RowPrefetch{};
+    for (index_t t = t1; t < std::min(ts->n_tasks, t1 + kLanes) && K > 0; ++t)
+      for (const SideView<T>* side : {&ts->support, &ts->query}) {
+        side->gather(t, d, pf_tmp);
+        for (const T* r : pf_tmp) pf_rows.push_back(reinterpret_cast<const char*>(r));
+      }
+    if (pf_rows.empty()) return;
+    npf.rows = pf_rows.data();
+    npf.nrows = static_cast<index_t>(pf_rows.size());
+    npf.row_bytes = d * static_cast<index_t>(sizeof(T));
+    npf.per_step = (npf.nrows * ((npf.row_bytes + 63) / 64) + 2 * K - 1) / (2 * K);
   }
 
   // Packs side's rows of tasks t0 .. t0 + g - 1 (unused lanes: task t0's)

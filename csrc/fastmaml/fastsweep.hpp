@@ -165,7 +165,7 @@ struct FastGramWorker {
     for (index_t i = 0; i < n; ++i) neg[i] = -Cc[K * n + i];
     tile::xtr_body(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
     wvec[d] = static_cast<T>(B);
-    if (!all_finite(wvec.data(), D)) {
+    if (!tile::finite_body(wvec.data(), D)) {
       *step = K - 1;
       return ErrorCode::diverged;
     }
@@ -257,7 +257,7 @@ struct FastGramWorker {
     for (index_t q = 0; q < d; ++q) slot[1 + q] = static_cast<double>(wvec[q]);
     slot[1 + d] = gb;
     slot[1 + D + lr.size()] = grad_l2;
-    if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+    if (!tile::finite_body(slot, 1 + D + lr.size() + 1)) {
       *step = -1;
       return ErrorCode::nonfinite_grad;
     }
@@ -412,7 +412,7 @@ struct FastPlainWorker {
       const T al = alpha_t[j * D];
       for (index_t k = 0; k < D; ++k) next[k] = phi[k] - al * g[k];
       // (the same answer; the extras' instantiation takes the vectorised check)
-      if (!(Ext ? tile::finite_body(next, D) : all_finite(next, D))) {
+      if (!tile::finite_body(next, D)) {
         *step = j;
         return ErrorCode::diverged;
       }
@@ -472,7 +472,7 @@ struct FastPlainWorker {
     }
     for (index_t p = 0; p < D; ++p) slot[1 + p] = static_cast<double>(gbar[p]);
     slot[1 + D + lr.size()] = grad_l2;
-    if (!all_finite(slot, 1 + D + lr.size() + 1)) {
+    if (!tile::finite_body(slot, 1 + D + lr.size() + 1)) {
       *step = -1;
       return ErrorCode::nonfinite_grad;
     }
@@ -732,7 +732,7 @@ struct LockstepGram {
       for (index_t i = 0; i < n; ++i) neg[i] = -Cc[K * nL + i * L + l];
       tile::xtr_body(rows.data(), n, d, neg.data(), a[K], theta, wvec.data());
       wvec[d] = static_cast<T>(B[l]);
-      if (!all_finite(wvec.data(), D)) {
+      if (!tile::finite_body(wvec.data(), D)) {
         bad_code[l] = static_cast<int>(ErrorCode::diverged);
         bad_step[l] = K - 1;
         continue;
@@ -836,7 +836,7 @@ struct LockstepGram {
       slot[1 + d] = gb[l];
       for (index_t h = 0; h < Hn; ++h) slot[1 + D + h] = hyper[h * L + l];
       slot[1 + D + Hn] = gl2[l];
-      if (packed ? !(fin5[l] == 0.0) : !all_finite(slot, 1 + D + Hn + 1)) {
+      if (packed ? !(fin5[l] == 0.0) : !tile::finite_body(slot, 1 + D + Hn + 1)) {
         bad_code[l] = static_cast<int>(ErrorCode::nonfinite_grad);
         bad_step[l] = -1;
       }

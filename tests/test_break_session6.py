@@ -155,7 +155,7 @@ def test_float32_gram_blocks_of_1024_stay_within_the_float32_tolerance_on_offset
     float32 blocks of the Gram tiles carry the largest rounding; still within RTOL_F32 of float64.
 
     The step sizes move the inner logits by O(1) (the inner loop matters);
-    a Gram matrix summed wholly in float32 or a wrong block sum fails.
+    a dropped, repeated or mis-split 1024-feature block fails by far.
     """
     rng = np.random.default_rng(d)
     T, m = 2, 9
@@ -230,3 +230,38 @@ def test_a_nonfinite_row_of_the_last_index_task_is_named_x_by_the_core(n, where,
                              check_finite=False)
     with pytest.raises(ValueError, match="^X: contains NaN"):
         meta_value_and_grad(np.zeros(d + 1, dtype), tasks, inner_lr=0.05, inner_steps=3, sweep="gram", n_threads=2)
+
+
+@pytest.mark.parametrize("n", [64, 97, 131])
+def test_feature_gradients_with_the_symmetric_gram_product_match_the_reference(n):
+    """grad_features on the Gram sweep (FastGramWorker<Feat>: G in forward and reverse from the lower
+    block triangle) for n >= 64 with tail columns: loss, gradients and both feature gradients exact."""
+    rng = np.random.default_rng(n)
+    T, m, d, K = 2, 4, 11, 3
+    Xs, Xq = rng.normal(size=(T, n, d)), rng.normal(size=(T, m, d))
+    tasks = (Xs, rng.integers(0, 2, (T, n)), Xq, rng.integers(0, 2, (T, m)))
+    theta = rng.normal(size=d + 1) * 0.3
+    lr = np.array([[0.3], [0.5], [0.2]])
+    got = meta_value_and_grad(theta, tasks, inner_lr=lr, inner_steps=K, l2=0.05, sweep="gram", grad_features=True)
+    ref = reference.meta_value_and_grad_ext(theta, tasks, lr, K, l2=0.05, grad_features=True)
+    assert got.loss == pytest.approx(ref.loss, rel=RTOL_F64, abs=0)
+    for f in FIELDS + ("grad_support_X", "grad_query_X"):
+        assert_rel(getattr(got, f), getattr(ref, f), RTOL_F64, f)
+
+
+@pytest.mark.parametrize("nt", [1, 2, 3])
+def test_unpacked_lockstep_and_alone_tasks_past_one_float32_block_keep_their_own_bits(nt):
+    """d = 300 > 256: the Gram tiles (1024-feature float32 blocks) and X theta (256-feature blocks,
+    per row tile in gram_body) are summed differently; unpacked lock-step groups (n <= 32, 2 K n >= d)
+    and tasks alone (n = 13: 2 K n < d; n = 40) still give each task its own slot at any n_threads."""
+    rng = np.random.default_rng(5)
+    d, N, T = 300, 200, 21
+    shapes = [(20, 3), (32, 1), (13, 9), (40, 2)]
+    sizes = [shapes[int(i)] for i in rng.integers(0, len(shapes), T)]
+    X = rng.normal(size=(N, d)).astype(np.float32)
+    parts = _parts(sizes, N, rng)
+    theta = (rng.normal(size=d + 1) * 0.05).astype(np.float32)
+    kw = dict(inner_lr=0.01, inner_steps=8, l2=0.01, sweep="gram")
+    own = np.array([meta_block_sums(theta, _index_tasks(X, parts, [t]), **kw).blocks[0] for t in range(T)])
+    got = meta_block_sums(theta, _index_tasks(X, parts, range(T)), n_threads=nt, **kw).blocks
+    np.testing.assert_array_equal(got, _fold(own))

@@ -96,10 +96,13 @@ struct FastGramWorker {
     const std::int32_t* y = sup.y + sup.begin(t);
     G.resize(static_cast<size_t>(n * n));
     if (ts->kernel && sup.idx) {
+      // One triangle of the kernel, mirrored: G is symmetric whatever the
+      // kernel's rounding, so the n-space products (which read one triangle
+      // from n = 64 on) see the G every other n would.
       const index_t* idx = sup.idx + sup.begin(t);
       for (index_t i = 0; i < n; ++i) {
         const T* krow = ts->kernel + idx[i] * ts->kernel_rows;
-        for (index_t k = 0; k < n; ++k) G[i * n + k] = static_cast<double>(krow[idx[k]]);
+        for (index_t k = 0; k <= i; ++k) G[i * n + k] = G[k * n + i] = static_cast<double>(krow[idx[k]]);
       }
       z0w.resize(static_cast<size_t>(n));
       tile::xv_body(rows.data(), n, d, theta, z0w.data());

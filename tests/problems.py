@@ -36,3 +36,16 @@ def ragged_index(seed=2):
     tasks = fastmaml.Tasks.from_index(X, sidx, sy, qidx, qy, support_ptr=sptr, query_ptr=qptr)
     theta = rng.normal(size=d + 1) * 0.3
     return tasks, theta, (X, sidx, sy, qidx, qy, sptr, qptr)
+
+
+def fold(slots):
+    """The core's reduction of per-task slots: per block of REDUCE_BLOCK tasks, added in task order from 0.0."""
+    from fastmaml.functional import REDUCE_BLOCK
+
+    out = []
+    for b0 in range(0, len(slots), REDUCE_BLOCK):
+        acc = np.zeros(slots.shape[1])
+        for s in slots[b0:b0 + REDUCE_BLOCK]:
+            acc = acc + s
+        out.append(acc)
+    return np.array(out)

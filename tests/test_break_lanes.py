@@ -27,9 +27,9 @@ import pytest
 
 import fastmaml
 import reference
-from problems import dense
+from problems import dense, fold
 from fastmaml import Tasks
-from fastmaml.functional import REDUCE_BLOCK, meta_block_sums
+from fastmaml.functional import meta_block_sums
 from tolerances import RTOL_F32, RTOL_F64, assert_rel
 
 FIELDS = ("grad", "grad_inner_lr", "grad_l2")
@@ -41,17 +41,6 @@ def lockstep(n, d, K):
 
 def packed(n, m, d):
     return d <= 128 and (n + m) * d <= 8192
-
-
-def fold(slots):
-    """The core's reduction: per block of REDUCE_BLOCK tasks, slots added in task order from 0.0."""
-    out = []
-    for b0 in range(0, len(slots), REDUCE_BLOCK):
-        acc = np.zeros(slots.shape[1])
-        for s in slots[b0:b0 + REDUCE_BLOCK]:
-            acc = acc + s
-        out.append(acc)
-    return np.array(out)
 
 
 def own_slots(theta, one_task, T, **kw):

@@ -22,20 +22,11 @@ import reference
 from fastmaml import Tasks, meta_value_and_grad
 from fastmaml._core import uses_gram
 from fastmaml.datasets import dataset_kernel
-from fastmaml.functional import REDUCE_BLOCK, meta_block_sums
+from fastmaml.functional import meta_block_sums
+from problems import fold
 from tolerances import RTOL_F32, RTOL_F64, assert_rel
 
 FIELDS = ("grad", "grad_inner_lr", "grad_l2")
-
-
-def _fold(slots):
-    out = []
-    for b0 in range(0, len(slots), REDUCE_BLOCK):
-        acc = np.zeros(slots.shape[1])
-        for s in slots[b0:b0 + REDUCE_BLOCK]:
-            acc = acc + s
-        out.append(acc)
-    return np.array(out)
 
 
 def _index_tasks(X, parts, order, kernel=None):
@@ -119,10 +110,10 @@ def test_gram_tasks_keep_their_own_bits_with_query_prefetch_at_any_thread_count(
     own = np.array([meta_block_sums(theta, _index_tasks(X, parts, [t]), **kw).blocks[0] for t in range(T)])
     for nt in (1, 2, 3):
         got = meta_block_sums(theta, _index_tasks(X, parts, range(T)), n_threads=nt, **kw).blocks
-        np.testing.assert_array_equal(got, _fold(own), err_msg=f"n_threads={nt}")
+        np.testing.assert_array_equal(got, fold(own), err_msg=f"n_threads={nt}")
     perm = rng.permutation(T)
     got = meta_block_sums(theta, _index_tasks(X, parts, perm), n_threads=3, **kw).blocks
-    np.testing.assert_array_equal(got, _fold(own[perm]))
+    np.testing.assert_array_equal(got, fold(own[perm]))
 
 
 @pytest.mark.parametrize("T", [9, 17, 66])
@@ -145,7 +136,7 @@ def test_packed_lockstep_groups_keep_their_own_bits_with_next_group_prefetch(T, 
     own = np.array([meta_block_sums(theta, _index_tasks(X, parts, [t]), **kw).blocks[0] for t in range(T)])
     for nt in (1, 2, 3):
         got = meta_block_sums(theta, _index_tasks(X, parts, range(T)), n_threads=nt, **kw).blocks
-        np.testing.assert_array_equal(got, _fold(own), err_msg=f"n_threads={nt}")
+        np.testing.assert_array_equal(got, fold(own), err_msg=f"n_threads={nt}")
 
 
 @pytest.mark.parametrize("n, d, K, lr", [(20, 3001, 5, 1e-4), (70, 4999, 4, 2e-5), (100, 2048, 10, 2e-5)],
@@ -264,7 +255,7 @@ def test_unpacked_lockstep_and_alone_tasks_past_one_float32_block_keep_their_own
     kw = dict(inner_lr=0.01, inner_steps=8, l2=0.01, sweep="gram")
     own = np.array([meta_block_sums(theta, _index_tasks(X, parts, [t]), **kw).blocks[0] for t in range(T)])
     got = meta_block_sums(theta, _index_tasks(X, parts, range(T)), n_threads=nt, **kw).blocks
-    np.testing.assert_array_equal(got, _fold(own))
+    np.testing.assert_array_equal(got, fold(own))
 
 
 @pytest.mark.parametrize("n", [20, 70])

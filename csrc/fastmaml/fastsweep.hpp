@@ -41,7 +41,6 @@ FASTMAML_INLINE inline double blocked_dot(const T* FASTMAML_RESTRICT g, const T*
   return ((c[0] + c[1]) + (c[2] + c[3])) + ((c[4] + c[5]) + (c[6] + c[7]));
 }
 
-
 // Query side of task t at phi (D): returns the mean loss and writes the
 // gradient X~^T (p - y) / m into grad (D).
 template <class T>
@@ -110,8 +109,8 @@ struct FastGramWorker {
       // The query rows are first read by the query pass; their lines are
       // prefetched into L2 while the tiles (compute-bound) run.
       const index_t m = ts->query.gather(t, d, qrows);
-      tile::RowPrefetch pf;
-      pf.rows = reinterpret_cast<const char* const*>(qrows.data());
+      tile::RowPrefetch<T> pf;
+      pf.rows = qrows.data();
       pf.nrows = m;
       pf.row_bytes = d * static_cast<index_t>(sizeof(T));
       // X theta from each row tile's rows while they are in L1.
@@ -414,7 +413,6 @@ struct FastPlainWorker {
       if (lam_t != 0.0) axpy(g, phi, d, lam_t);
       const T al = alpha_t[j * D];
       for (index_t k = 0; k < D; ++k) next[k] = phi[k] - al * g[k];
-      // (the same answer; the extras' instantiation takes the vectorised check)
       if (!tile::finite_body(next, D)) {
         *step = j;
         return ErrorCode::diverged;
@@ -606,9 +604,8 @@ struct LockstepGram {
   std::vector<T> Ps, Pq, lcf, lwk, lgk, ldt;
   std::vector<const T*> lrows;
   const T* const* lrowp[kLanes] = {};
-  std::vector<const char*> pf_rows;
-  std::vector<const T*> pf_tmp;
-  tile::RowPrefetch npf;  // per_step 0 (nothing) unless prefetch_next_group set it
+  std::vector<const T*> pf_rows, pf_tmp;
+  tile::RowPrefetch<T> npf;  // per_step 0 (nothing) unless prefetch_next_group set it
   std::vector<index_t> bad_step;
   std::vector<int> bad_code;
 
@@ -627,7 +624,7 @@ struct LockstepGram {
     bad_code.assign(L, 0);
     const index_t m = ts->query.size(t0);
     const bool packed = lanes_packed(n, m, d);
-    npf = tile::RowPrefetch{};
+    npf = tile::RowPrefetch<T>{};
     if (packed) {
       // Phase 1, lanes: pack the 8 tasks' support and query rows lane-major,
       // then the Gram matrices and X theta of all lanes at once.
@@ -648,7 +645,7 @@ struct LockstepGram {
       const std::int32_t* y = sup.y + sup.begin(t);
       G1.resize(static_cast<size_t>(n * n));
       qz.resize(static_cast<size_t>(n));
-      tile::gram_body(rows.data(), n, d, G1.data(), nullptr, theta, qz.data());
+      tile::gram_body(rows.data(), n, d, G1.data(), static_cast<tile::RowPrefetch<T>*>(nullptr), theta, qz.data());
       for (index_t i = 0; i < n; ++i) {
         for (index_t k = 0; k < n; ++k) G[(i * n + k) * L + l] = G1[i * n + k];
         z0w[i * L + l] = qz[i];
@@ -852,11 +849,11 @@ struct LockstepGram {
   FASTMAML_INLINE void prefetch_next_group(index_t t1) {
     const index_t d = ts->d;
     pf_rows.clear();
-    npf = tile::RowPrefetch{};
+    npf = tile::RowPrefetch<T>{};
     for (index_t t = t1; t < std::min(ts->n_tasks, t1 + kLanes) && K > 0; ++t)
       for (const SideView<T>* side : {&ts->support, &ts->query}) {
         side->gather(t, d, pf_tmp);
-        for (const T* r : pf_tmp) pf_rows.push_back(reinterpret_cast<const char*>(r));
+        pf_rows.insert(pf_rows.end(), pf_tmp.begin(), pf_tmp.end());
       }
     if (pf_rows.empty()) return;
     npf.rows = pf_rows.data();

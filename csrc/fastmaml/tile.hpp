@@ -245,15 +245,16 @@ FASTMAML_INLINE inline void dot_rows(const T* const* A, index_t left, const T* v
 // Software prefetch of rows a later pass reads for the first time (the
 // query rows, while the Gram tiles run): `per_step` cache lines a step, into
 // L2, row by row. A hint only: it never changes a result.
+template <class T>
 struct RowPrefetch {
-  const char* const* rows = nullptr;
+  const T* const* rows = nullptr;
   index_t nrows = 0, row_bytes = 0, row = 0, off = 0;
   index_t per_step = 0;
   static constexpr index_t kMaxPerTile = 32;
   FASTMAML_INLINE void step() {
     for (index_t s = 0; s < per_step && row < nrows; ++s) {
 #if defined(__GNUC__) || defined(__clang__)
-      __builtin_prefetch(rows[row] + off, 0, 2);
+      __builtin_prefetch(reinterpret_cast<const char*>(rows[row]) + off, 0, 2);
 #endif
       off += 64;
       if (off >= row_bytes) {
@@ -269,7 +270,7 @@ struct RowPrefetch {
 // (xv_body's operations, so the same bits as an X v pass, without the pass).
 template <class T>
 FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G,
-                                      RowPrefetch* pf = nullptr, const T* v = nullptr,
+                                      RowPrefetch<T>* pf = nullptr, const T* v = nullptr,
                                       double* FASTMAML_RESTRICT z = nullptr) {
   const T* A[4];
   const T* B[4];
@@ -280,7 +281,7 @@ FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d
     const index_t rt = (n + 3) / 4, tiles = rt * (rt + 1) / 2;
     const index_t lines = pf->nrows * ((pf->row_bytes + 63) / 64);
     pf->per_step = (lines + tiles - 1) / tiles;
-    if (pf->per_step > RowPrefetch::kMaxPerTile) pf = nullptr;
+    if (pf->per_step > RowPrefetch<T>::kMaxPerTile) pf = nullptr;
   }
   for (index_t i0 = 0; i0 < n; i0 += 4) {
     for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];

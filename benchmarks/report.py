@@ -26,7 +26,9 @@ OPENBLAS_CORETYPE is set, the larger of the peaks with and without it), and
 B / BW, the time to read the row's task data once (B bytes: features and
 labels as passed) at BW, the best streaming-read bandwidth measured over a
 buffer of B bytes with the same thread count (several read kernels, best of
-several runs, at the start and at the end). Beside them fastmaml's time and
+several runs, at the start and at the end; each thread reads its share
+repeatedly within one dispatch, so that the thread pool's dispatch is not
+timed as reading). Beside them fastmaml's time and
 its ratio to the issue's bound max(2.5 F/P, 2 B/BW) (<= 1: within it).
 
 E1 rows give meta-iterations per second of episodic training on MNIST digit

@@ -116,6 +116,9 @@ inline bool built_with_openmp() {
 // slots + l * slot_len and a failure, if any, into status[l].
 // If `total` is non-null it receives the block-ordered sum of the slots.
 // Returns the error of the lowest-numbered failing task, if any.
+// Entries per piece of run_groups' block sums (256 doubles: 2 KiB per slot).
+constexpr index_t kSumRange = 256;
+
 template <class GroupEnd, class MakeWorker>
 TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd&& group_end,
                       MakeWorker&& make_worker, double* total, double work_per_task = 1e9,
@@ -166,6 +169,7 @@ TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd
     starts.push_back(start + count);
     const index_t n_groups = static_cast<index_t>(starts.size()) - 1;
     const index_t n_blocks = (count + kReduceBlock - 1) / kReduceBlock;
+    const index_t n_ranges = (slot_len0 + kSumRange - 1) / kSumRange;
     double* const slot0 = slots.get();
     double* const bsum = total ? block_sums.data() : nullptr;
     for (index_t i = 0; i < count; ++i) task_status[static_cast<size_t>(i)] = TaskStatus{};
@@ -175,7 +179,7 @@ TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd
 #ifdef _OPENMP
     const index_t grain = std::max<index_t>(1, n_groups / (16 * static_cast<index_t>(threads)));
 #pragma omp parallel num_threads(threads) default(none) \
-    shared(make_worker, task_status, starts, start, n_groups, slot_len, grain, count, n_blocks, slot0, bsum)
+    shared(make_worker, task_status, starts, start, n_groups, slot_len, grain, count, n_blocks, n_ranges, slot0, bsum)
 #endif
     {
       // No exception may leave an OpenMP region: everything is caught here
@@ -220,18 +224,24 @@ TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd
       }
       delete worker_ptr;
       // Every slot is written (the loop above ends in a barrier): each block's
-      // sum, its slots added in task order from 0.0.
+      // sum, its slots added in task order from 0.0. The work is split over
+      // (block, entry range) pieces, so that a call with one block (W1: 32
+      // tasks) still shares it between threads; every entry is still the same
+      // in-order sum, so the split never changes a bit.
       if (bsum) {
+        const index_t n_pieces = n_blocks * n_ranges;
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
-        for (index_t b = 0; b < n_blocks; ++b) {
+        for (index_t p = 0; p < n_pieces; ++p) {
+          const index_t b = p / n_ranges, k0 = (p % n_ranges) * kSumRange;
+          const index_t k1 = std::min(slot_len, k0 + kSumRange);
           const index_t b0 = b * kReduceBlock, b1 = std::min(count, b0 + kReduceBlock);
           double* sum = bsum + b * slot_len;
-          std::fill(sum, sum + slot_len, 0.0);
+          std::fill(sum + k0, sum + k1, 0.0);
           for (index_t i = b0; i < b1; ++i) {
             const double* s = slot0 + i * slot_len;
-            for (index_t k = 0; k < slot_len; ++k) sum[k] += s[k];
+            for (index_t k = k0; k < k1; ++k) sum[k] += s[k];
           }
         }
       }

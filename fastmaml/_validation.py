@@ -8,6 +8,7 @@ returned as they are, never copied.
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import os
@@ -217,6 +218,8 @@ def check_bool(value, name: str) -> bool:
 
 
 def check_int(value, name: str, *, minimum: int = 0) -> int:
+    if type(value) is int and value >= minimum:  # the common case, without the ABC checks below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     value = operator.index(value)
@@ -229,7 +232,7 @@ def check_float(value, name: str, *, minimum=None) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {value!r}")
     value = float(value)
-    if not np.isfinite(value):
+    if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected a number >= {minimum}, got {value}")

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional, Union
 
 import numpy as np
 
-from . import _core, _links
+from . import _core, _links, _validation
 from ._tasks import Tasks, _Side
 from ._validation import (
     as_feature_array,
@@ -111,6 +111,12 @@ def _as_tasks(tasks, check_finite: bool = True) -> Tasks:
     )
 
 
+def _all_finite(arr: np.ndarray) -> bool:
+    """np.isfinite(arr).all(), in the core for C-contiguous float arrays (no temporary, no ufunc dispatch)."""
+    ok = _core.all_finite(arr)
+    return bool(np.isfinite(arr).all()) if ok is None else ok
+
+
 def _prepare_theta(theta, n_features: int, dtype, name: str = "theta") -> np.ndarray:
     """theta as a C-contiguous array of the compute dtype: (d+1,) binary or (d+1, C) multinomial."""
     if isinstance(theta, (str, bytes)):
@@ -126,18 +132,23 @@ def _prepare_theta(theta, n_features: int, dtype, name: str = "theta") -> np.nda
         )
     if arr.ndim == 2 and arr.shape[1] < 2:
         raise ValueError(f"{name}: a multinomial theta needs at least 2 class columns, got {arr.shape[1]}")
-    if not np.isfinite(arr).all():
+    if not _all_finite(arr):
         raise ValueError(f"{name}: contains NaN or infinity")
     if arr.dtype == dtype:  # finite already and nothing to round: no second pass
         return np.ascontiguousarray(arr)
     with np.errstate(over="ignore"):
         arr = np.ascontiguousarray(arr, dtype=dtype)
-    if not np.isfinite(arr).all():
+    if not _all_finite(arr):
         raise ValueError(f"{name}: values overflow the compute dtype {np.dtype(dtype)}")
     return arr
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _check_l2(l2, dtype) -> float:
+    if type(l2) in (float, int) and 0.0 <= l2 <= _FLOAT32_MAX:  # the common case, in every compute dtype
+        return float(l2)
     lam = check_float(l2, "l2", minimum=0.0)
     if lam > float(np.finfo(dtype).max):  # compared as Python floats: no cast, no overflow warning
         raise ValueError(f"l2: {lam} overflows the compute dtype {np.dtype(dtype)}")
@@ -158,6 +169,15 @@ def _n_classes(theta: np.ndarray) -> int:
     return 1 if theta.ndim == 1 else int(theta.shape[1])
 
 
+# The step-size tables of recent scalar inner_lr calls (read-only, at most
+# _SCALAR_LR_CACHE_SIZE tables of up to 256 KB): a training loop asks for the
+# same table every call, and making it (np.full) cost about 10 us a call
+# right after a core call, with the caches cold (W1, 2 threads).
+_SCALAR_LR_TABLES: dict = {}
+_SCALAR_LR_CACHE_SIZE = 16
+_SCALAR_LR_CACHE_BYTES = 1 << 18
+
+
 def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
     """Broadcast inner_lr to its (K, *theta_shape) table.
 
@@ -172,10 +192,20 @@ def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
         # the broadcasting machinery (about 12 us a call, a visible share of a
         # small meta-batch). Anything not finite takes the checks below.
         full = (inner_steps,) + tuple(theta_shape)
+        key = (inner_lr, math.copysign(1.0, inner_lr), full, dtype)  # the sign keeps -0.0 apart from 0.0
+        table = _SCALAR_LR_TABLES.get(key)
+        if table is not None:
+            return table, (1, 1, 1), (), True
         with np.errstate(over="ignore"):
             cast = np.asarray(inner_lr, dtype=dtype)
         if math.isfinite(inner_lr) and math.isfinite(cast):
-            return np.full(full, cast, dtype=dtype), (1, 1, 1), (), True
+            table = np.full(full, cast, dtype=dtype)
+            if table.nbytes <= _SCALAR_LR_CACHE_BYTES:
+                table.flags.writeable = False  # shared by later calls: the core only reads it
+                if len(_SCALAR_LR_TABLES) >= _SCALAR_LR_CACHE_SIZE:
+                    _SCALAR_LR_TABLES.pop(next(iter(_SCALAR_LR_TABLES)), None)
+                _SCALAR_LR_TABLES[key] = table
+            return table, (1, 1, 1), (), True
     scalar_in = isinstance(inner_lr, numbers.Real) and not isinstance(inner_lr, np.ndarray)
     arr = np.asarray(inner_lr)
     if arr.dtype.kind not in "iuf":
@@ -619,7 +649,7 @@ def _prologue(theta, data, y=_FROM_TASKS, *, l2, n_threads, inner_steps=_NO_INNE
         query, kernel, user_labels = None, None, not isinstance(data, Tasks)
     K = check_int(inner_steps, "inner_steps", minimum=0) if inner_loop else 0
     l2_tasks = None
-    if per_task_l2 and not isinstance(l2, (str, bytes)) and np.ndim(l2) > 0:
+    if per_task_l2 and type(l2) not in (float, int) and not isinstance(l2, (str, bytes)) and np.ndim(l2) > 0:
         lam, l2_tasks = 0.0, _check_task_l2(l2, T, dtype)
     else:
         lam = _check_l2(l2, dtype)
@@ -675,13 +705,20 @@ def _check_path_memory(call: _Call) -> None:
     the Gram path; both are bounded here, for as many workers as can run.
     """
     K, P, C = call.inner_steps, (call.n_features + 1) * call.n_classes, call.n_classes
-    ptr = call.support.ptr
-    n = int((ptr[1:] - ptr[:-1]).max())
     itemsize = np.dtype(call.dtype).itemsize
-    plain = (2 * K + 1) * P * itemsize + K * n * C * 8
-    gram = 4 * (K + 1) * n * C * 8 + n * n * 8
     workers = min(call.n_threads or int(_core.max_threads()), call.n_tasks)
-    check_memory(workers * max(plain, gram), "inner_steps",
+
+    def need(n: int) -> int:  # bytes for tasks of at most n support rows
+        plain = (2 * K + 1) * P * itemsize + K * n * C * 8
+        gram = 4 * (K + 1) * n * C * 8 + n * n * 8
+        return workers * max(plain, gram)
+
+    # Every support row in one task bounds the largest task without a pass
+    # over the offsets (about 10 us a call, cold, at W1); usually that fits.
+    if need(call.support_rows) <= _validation._ALWAYS_FITS:
+        return
+    ptr = call.support.ptr
+    check_memory(need(int((ptr[1:] - ptr[:-1]).max())), "inner_steps",
                  f"the inner-loop path kept for the reverse sweep ({K} steps, {workers} worker thread(s))",
                  hint="use fewer inner_steps or n_threads")
 

@@ -44,6 +44,13 @@ def test_all_finite_falls_back_to_numpy_for_other_arrays():
     assert _core.all_finite(x[:, ::2]) is None  # not C-contiguous
     assert _core.all_finite(np.arange(5)) is None  # integers
     assert _core.all_finite(np.ones(3, dtype=np.float16)) is None
+    assert _core.all_finite(np.array([1.0, np.nan], dtype=">f8")) is None  # not native byte order
+    assert _core.all_finite(np.float64(np.nan)) is None  # not an array
+    assert _core.all_finite([1.0]) is None
+    assert F._all_finite(np.array([1.0, np.nan], dtype=">f8")) is False
+    unaligned = np.frombuffer(b"\0" + np.array([1.0, np.inf]).tobytes(), dtype=np.float64, offset=1)
+    assert _core.all_finite(unaligned) is None  # misaligned: NumPy reads it
+    assert F._all_finite(unaligned) is False
     y = x[:, ::2].copy(order="F")
     y[1, 1] = np.nan
     assert F._all_finite(y) is False

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -174,6 +176,16 @@ def _n_classes(theta: np.ndarray) -> int:
 # same table every call, and making it (np.full) cost about 10 us a call
 # right after a core call, with the caches cold (W1, 2 threads).
 _SCALAR_LR_TABLES: dict = {}
+_SCALAR_LR_LOCK = threading.Lock()
+
+
+def _new_lr_lock() -> None:  # a fork while another thread held the lock must not leave it held in the child
+    global _SCALAR_LR_LOCK
+    _SCALAR_LR_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lr_lock)
 _SCALAR_LR_CACHE_SIZE = 16
 _SCALAR_LR_CACHE_BYTES = 1 << 18
 
@@ -202,9 +214,10 @@ def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):
             table = np.full(full, cast, dtype=dtype)
             if table.nbytes <= _SCALAR_LR_CACHE_BYTES:
                 table.flags.writeable = False  # shared by later calls: the core only reads it
-                if len(_SCALAR_LR_TABLES) >= _SCALAR_LR_CACHE_SIZE:
-                    _SCALAR_LR_TABLES.pop(next(iter(_SCALAR_LR_TABLES)), None)
-                _SCALAR_LR_TABLES[key] = table
+                with _SCALAR_LR_LOCK:  # threads evict and insert one at a time (lookups need no lock)
+                    while len(_SCALAR_LR_TABLES) >= _SCALAR_LR_CACHE_SIZE:
+                        del _SCALAR_LR_TABLES[next(iter(_SCALAR_LR_TABLES))]
+                    _SCALAR_LR_TABLES[key] = table
             return table, (1, 1, 1), (), True
     scalar_in = isinstance(inner_lr, numbers.Real) and not isinstance(inner_lr, np.ndarray)
     arr = np.asarray(inner_lr)

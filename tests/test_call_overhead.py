@@ -181,3 +181,30 @@ def test_the_path_memory_bound_still_counts_the_largest_task(monkeypatch):
     monkeypatch.setattr(_validation, "available_memory", lambda: need(12) - 1)
     with pytest.raises(MemoryError, match=r"inner_steps: the inner-loop path kept for the reverse sweep \(4 steps"):
         fastmaml.meta_value_and_grad(theta, tasks, inner_lr=0.1, inner_steps=K, n_threads=1)
+
+
+def test_the_table_cache_under_racing_threads():
+    import sys
+    import threading
+
+    errors, old = [], sys.getswitchinterval()
+
+    def work(base):
+        try:
+            for k in range(2000):
+                table, *_ = F._prepare_inner_lr(base + (k % 40) * 1e-3, 2, (4,), np.float64)
+                assert table[0, 0] == np.float64(base + (k % 40) * 1e-3)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [threading.Thread(target=work, args=(0.5 + i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[:3]
+    assert len(F._SCALAR_LR_TABLES) <= F._SCALAR_LR_CACHE_SIZE

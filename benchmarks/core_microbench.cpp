@@ -3,7 +3,10 @@
 // Binary link, MAML, float32, scalar inner_lr 0.1, uniform [0, 1) features,
 // dense (T, n, d) tasks; prints the median time per call and per task.
 //
-//   g++ -std=c++17 -O3 -fopenmp -Icsrc benchmarks/core_microbench.cpp -o /tmp/core_microbench
+//   F="-O3 -fno-math-errno --param=vect-max-version-for-alias-checks=0"
+//   F="$F --param=vect-max-version-for-alignment-checks=0 --param=vect-max-peeling-for-alignment=0"
+//   g++ -std=c++17 -fopenmp $F -Icsrc benchmarks/core_microbench.cpp -o /tmp/core_microbench
+//   (the flags of the module's own build, CMakeLists.txt)
 //   /tmp/core_microbench T n m d K threads [calls] [sweep: 0 auto, 1 plain, 2 gram]
 //   /tmp/core_microbench 4096 10 10 64 5 2       # W3, 2 threads
 //   /tmp/core_microbench 4 20 30 784 5 1 20000   # W1's shape, data hot in L2

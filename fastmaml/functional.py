@@ -176,6 +176,8 @@ def _n_classes(theta: np.ndarray) -> int:
 # same table every call, and making it (np.full) cost about 10 us a call
 # right after a core call, with the caches cold (W1, 2 threads).
 _SCALAR_LR_TABLES: dict = {}
+_SCALAR_LR_CACHE_SIZE = 16
+_SCALAR_LR_CACHE_BYTES = 1 << 18
 _SCALAR_LR_LOCK = threading.Lock()
 
 
@@ -186,8 +188,6 @@ def _new_lr_lock() -> None:  # a fork while another thread held the lock must no
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_lr_lock)
-_SCALAR_LR_CACHE_SIZE = 16
-_SCALAR_LR_CACHE_BYTES = 1 << 18
 
 
 def _prepare_inner_lr(inner_lr, inner_steps: int, theta_shape: tuple, dtype):

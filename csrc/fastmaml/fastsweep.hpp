@@ -617,8 +617,8 @@ struct LockstepGram {
   Mode mode;
   std::vector<const T*> rows;
   std::vector<double> G1, G, z0w, U, B, R, curv, tails, Cc, KC, a, work, V, Gam, XG, H, colR, gkw0, yv, neg, qz, qr,
-      qt, hyper, gl2, gb, beta_l;
-  std::vector<std::int32_t> ylab;
+      qt, qe, qs, hyper, gl2, gb, beta_l;
+  std::vector<std::int32_t> ylab, yq;
   std::vector<T> wvec, gK;
   // the packed path (lanes_packed): lane-major rows, coefficients, w_K, gK, dtheta
   std::vector<T> Ps, Pq, lcf, lwk, lgk, ldt;
@@ -920,24 +920,32 @@ struct LockstepGram {
     tile::lanes_xv(Pq.data(), m, d, lwk.data(), false, qz.data());
     qr.resize(static_cast<size_t>(mL));
     qt.resize(static_cast<size_t>(mL));
+    qe.resize(static_cast<size_t>(mL));
+    qs.resize(static_cast<size_t>(mL));
+    yq.resize(static_cast<size_t>(mL));
     const double inv_m = 1.0 / static_cast<double>(m);
-    double hinge[L], bias[L];
+    double hinge[L], bias[L], vb[L];
     for (index_t l = 0; l < L; ++l) {
-      const index_t t = t0 + (l < g ? l : 0);
-      const std::int32_t* y = ts->query.y + ts->query.begin(t);
-      const double vb = static_cast<double>(static_cast<T>(B[l]));
+      const std::int32_t* y = ts->query.y + ts->query.begin(t0 + (l < g ? l : 0));
+      for (index_t i = 0; i < m; ++i) yq[i * L + l] = y[i];
+      vb[l] = static_cast<double>(static_cast<T>(B[l]));
+    }
+    // fused_rows_body's mode 2 for every lane at once: the logits, then the
+    // link over all m * L entries in one vectorised pass (binary_rows_body:
+    // per entry the same operations as the row-by-row form), then per lane
+    // the in-order sums over rows.
+    for (index_t i = 0; i < m; ++i)
+#pragma omp simd
+      for (index_t l = 0; l < L; ++l) qz[i * L + l] += vb[l];
+    vmath::binary_rows_body(qz.data(), yq.data(), mL, inv_m, qr.data(), qs.data(), qe.data());
+    for (index_t l = 0; l < L; ++l) {
       double h_sum = 0.0, r_sum = 0.0;
-      for (index_t i = 0; i < m; ++i) {  // fused_rows_body's mode 2, row by row
-        const double z = qz[i * L + l] + vb;
-        const double e = vmath::exp_nonpos(-std::fabs(z));
-        const double big = 1.0 / (1.0 + e), small = e * big;
-        const double pz = z >= 0.0 ? big : small, pm = z >= 0.0 ? small : big;
-        const double r = (y[i] == 1 ? -pm : pz) * inv_m;
-        qr[i * L + l] = r;
-        qt[l * m + i] = e;
-        const double h = y[i] == 1 ? -z : z;
+      for (index_t i = 0; i < m; ++i) {
+        const double z = qz[i * L + l];
+        const double h = yq[i * L + l] == 1 ? -z : z;
         h_sum += h > 0.0 ? h : 0.0;
-        r_sum += r;
+        r_sum += qr[i * L + l];
+        qt[l * m + i] = qe[i * L + l];
       }
       hinge[l] = h_sum;
       bias[l] = r_sum;

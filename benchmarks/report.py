@@ -279,13 +279,19 @@ def wait_for_quiet(log, threshold=NOISY, window=1.0, max_wait=120.0):
 # ---------------------------------------------------------------------------
 
 
-def time_interleaved(fns: dict, *, min_time: float, repeat: int, max_total: float) -> dict:
+def time_interleaved(fns: dict, *, min_time: float, repeat: int, max_total: float, settle: float = 0.0) -> dict:
     """Median seconds per call of each warmed-up zero-argument callable.
 
     Each callable gets a number of calls per repeat (so that a repeat takes
     about ``min_time``) and a number of repeats (``repeat``, fewer when that
     would exceed ``max_total`` seconds, at least one). Repeats are interleaved
-    across callables.
+    across callables. Every timed repeat starts after ``settle`` idle seconds:
+    the peers share one process, and the worker pools of the one that ran
+    before (XLA's, torch's, an OpenMP team) keep spinning on the cores for a
+    while after their last call. Measured at W1 (float32, 2 threads, on a
+    2-core EPYC): fastmaml's median call was 390-520 us in the 0.1 s after
+    torch.func and JAX had run, and 366-374 us after a 0.2 s pause, as with
+    no peer loaded at all (359-366 us).
     """
     plan = {}
     for name, fn in fns.items():
@@ -300,6 +306,8 @@ def time_interleaved(fns: dict, *, min_time: float, repeat: int, max_total: floa
             number, rep = plan[name]
             if r >= rep:
                 continue
+            if settle > 0:
+                time.sleep(settle)
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
@@ -388,7 +396,7 @@ class Runner:
             fns = {k: (lambda loop=loop, n=chunk[k]: loop.run(n)) for k, loop in loops.items()}
             probe = ForeignLoad()
             res = time_interleaved(fns, min_time=0.0, repeat=self.budget["repeat"],
-                                   max_total=self.budget["max_total"])
+                                   max_total=self.budget["max_total"], settle=self.budget.get("settle", 0.0))
             foreign = probe.read()
         its = {k: chunk[k] / v["median"] for k, v in res.items()}
         self.log(f"  E1 {dtype} {nt} thread(s): " + ", ".join(f"{k} {v:.0f} it/s" for k, v in its.items())
@@ -523,8 +531,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown workload(s) {unknown}; choose from {list(peers.WORKLOADS) + ['E1']}")
     dtypes = [s.strip() for s in args.dtypes.split(",") if s.strip()]
     threads = [int(s) for s in args.threads.split(",") if s.strip()]
-    budget = dict(min_time=0.05, repeat=3, max_total=5.0) if args.quick else dict(
-        min_time=0.25, repeat=7, max_total=30.0)
+    budget = dict(min_time=0.05, repeat=3, max_total=5.0, settle=0.05) if args.quick else dict(
+        min_time=0.25, repeat=7, max_total=30.0, settle=0.2)
 
     if args.retries is None:
         args.retries = 0 if args.quick else 2
@@ -624,7 +632,9 @@ def main(argv=None) -> int:
     print("flop model F = T (d+1) (8 K n + 4 m); GEMM peak = numpy a @ b with the same BLAS thread count;")
     print("% peak above 100 means fastmaml does fewer flops than the model counts (the support-side")
     print("recursion in the span of the support rows, docs/design.md section 3: O(K n^2) per task for deep K);")
-    print(f"bg = CPUs kept busy by other processes during the row (> {NOISY}: noisy, read with care)\n")
+    print(f"bg = CPUs kept busy by other processes during the row (> {NOISY}: noisy, read with care);")
+    print(f"every timed block (each library in turn, {budget['repeat']} rounds) starts after a {budget.get('settle', 0)} s pause, "
+          "so that the previous library's idle worker threads have stopped spinning\n")
     print_table(rows, e1_rows, peaks)
     if rows:
         print("\n== roofline: F/P = time at the matmul peak P, B/BW = time to read the task data once at BW; "

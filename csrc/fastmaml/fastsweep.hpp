@@ -606,6 +606,22 @@ inline bool next_group_prefetch_pays() {
 #endif
 }
 
+// Whether the CPU runs the x86-64-v4 clone (AVX-512: 32 vector registers),
+// for the choice of a register tile's shape (tile::lanes_gram), which never
+// changes a bit.
+inline bool has_32_vector_registers() {
+#if !FASTMAML_PORTABLE_FALLBACKS && (defined(__GNUC__) || defined(__clang__)) && \
+    (defined(__x86_64__) || defined(__i386__))
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
+
 template <class T>
 struct LockstepGram {
   const TaskSet<T>* ts;
@@ -651,7 +667,7 @@ struct LockstepGram {
       pack_side(sup, t0, g, n, Ps);
       pack_side(ts->query, t0, g, m, Pq);
       prefetch_next_group(t0 + L);
-      tile::lanes_gram(Ps.data(), n, d, G.data());
+      tile::lanes_gram(Ps.data(), n, d, G.data(), has_32_vector_registers());
       tile::lanes_xv(Ps.data(), n, d, theta, true, z0w.data());
       for (index_t l = 0; l < L; ++l) {
         const std::int32_t* y = sup.y + sup.begin(t0 + (l < g ? l : 0));

@@ -315,6 +315,43 @@ inline void test_lanes() {
                   ": a task alone is bitwise equal to the same task in any group / lane (tails included)");
 }
 
+// The lane-major Gram matrix is the same, bit for bit, whatever the register
+// tile (4 x 4 with 32 vector registers, 4 x 2 with 16: lanes_gram), for every
+// n (tails of both tile sides) and feature count (chunk tails), and agrees
+// with a long double reference.
+template <class S>
+inline void test_lanes_gram() {
+  bool same = true;
+  double worst = 0.0;
+  for (index_t n = 1; n <= 13; ++n)
+    for (index_t d : {1, 7, 33, 64, 70}) {
+      std::vector<S> P(static_cast<size_t>(n * d * 8));
+      for (size_t i = 0; i < P.size(); ++i) P[i] = static_cast<S>(std::sin(0.37 * static_cast<double>(i) + 0.1 * n));
+      std::vector<double> G44(static_cast<size_t>(n * n * 8), -1.0), G42(G44);
+      tile::lanes_gram(P.data(), n, d, G44.data(), true);
+      tile::lanes_gram(P.data(), n, d, G42.data(), false);
+      same = same && G44 == G42;
+      for (index_t i = 0; i < n; ++i)
+        for (index_t k = 0; k < n; ++k)
+          for (index_t l = 0; l < 8; ++l) {
+            long double r = 0.0L, a = 0.0L;
+            for (index_t q = 0; q < d; ++q) {
+              const long double x = P[(i * d + q) * 8 + l], y = P[(k * d + q) * 8 + l];
+              r += x * y;
+              a += std::fabs(static_cast<double>(x * y));
+            }
+            const double e = static_cast<double>(std::fabs(G42[(i * n + k) * 8 + l] - r) / (a > 0 ? a : 1.0L));
+            worst = std::max(worst, e);
+          }
+    }
+  const double tol = sizeof(S) == 4 ? 1e-5 : 1e-14;
+  char buf[160];
+  std::snprintf(buf, sizeof buf,
+                "lanes_gram %s: 4 x 4 and 4 x 2 register tiles bitwise equal, n = 1 ... 13, within %.0e of long double",
+                sizeof(S) == 4 ? "f32" : "f64", tol);
+  check(same && worst < tol, buf);
+}
+
 inline void test_workload(const Work& w) {
   Batch<double> b64(std::min<index_t>(w.T, 256), w.n, w.m, w.d, 11);
   Batch<float> b32(b64);
@@ -379,6 +416,8 @@ inline int run_all(bool full) {
   test_tiles<double>();
   test_lanes<float>();
   test_lanes<double>();
+  test_lanes_gram<float>();
+  test_lanes_gram<double>();
   test_workload({"odd n7 m5 d13 K3", 70, 7, 5, 13, 3});
   test_workload({"odd n1 m1 d1 K1", 5, 1, 1, 1, 1});
   test_workload({"small n10 m10 d64 K5", 67, 10, 10, 64, 5});

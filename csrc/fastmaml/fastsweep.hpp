@@ -606,22 +606,6 @@ inline bool next_group_prefetch_pays() {
 #endif
 }
 
-// Whether the CPU runs the x86-64-v4 clone (AVX-512: 32 vector registers),
-// for the choice of a register tile's shape (tile::lanes_gram), which never
-// changes a bit.
-inline bool has_32_vector_registers() {
-#if !FASTMAML_PORTABLE_FALLBACKS && (defined(__GNUC__) || defined(__clang__)) && \
-    (defined(__x86_64__) || defined(__i386__))
-  static const bool wide = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return wide;
-#else
-  return false;
-#endif
-}
-
 template <class T>
 struct LockstepGram {
   const TaskSet<T>* ts;

@@ -52,6 +52,22 @@ using index_t = std::int64_t;
 // <x, w>: float64 rows accumulate in float64. float32 rows accumulate in
 // float32 lanes over blocks of 256 features and the blocks in float64: the
 // rounding error stays ~1e-6 relative while the loop runs at float32 width.
+// Whether the CPU runs the x86-64-v4 clone (AVX-512: 32 vector registers),
+// for the choice of a register tile's shape (tile::lanes_gram,
+// tile::gram_body), which never changes a bit.
+inline bool has_32_vector_registers() {
+#if !FASTMAML_PORTABLE_FALLBACKS && (defined(__GNUC__) || defined(__clang__)) && \
+    (defined(__x86_64__) || defined(__i386__))
+  static const bool wide = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
+
 FASTMAML_CLONES inline double dot_kernel(const double* FASTMAML_RESTRICT x, const double* FASTMAML_RESTRICT w, index_t d) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)

@@ -158,8 +158,10 @@ FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2,
 }
 #endif
 
-// out[a][b] = <A_a, B_b> for 4 x NB rows (NB = 1 or 4): one register tile,
-// float32 sums in blocks of `Block` features added in float64.
+// out[a][b] = <A_a, B_b> for 4 x NB rows (NB = 1, 2 or 4): one register tile,
+// float32 sums in blocks of `Block` features added in float64. reduce4 sums
+// each of its four vectors by the same tree, whichever slot it takes, so an
+// entry's bits do not depend on NB.
 template <class T, int NB, index_t Block = Lanes<T>::kBlock>
 FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4]) {
   using L = Lanes<T>;
@@ -183,6 +185,15 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
     }
     if constexpr (NB == 4) {
       for (int a = 0; a < 4; ++a) reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3], out[a]);
+    } else if constexpr (NB == 2) {
+      for (int a = 0; a < 4; a += 2) {
+        double two[4] = {out[a][0], out[a][1], out[a + 1][0], out[a + 1][1]};
+        reduce4(acc[a][0], acc[a][1], acc[a + 1][0], acc[a + 1][1], two);
+        out[a][0] = two[0];
+        out[a][1] = two[1];
+        out[a + 1][0] = two[2];
+        out[a + 1][1] = two[3];
+      }
     } else {
       double col[4] = {out[0][0], out[1][0], out[2][0], out[3][0]};
       reduce4(acc[0][0], acc[1][0], acc[2][0], acc[3][0], col);
@@ -265,34 +276,36 @@ struct RowPrefetch {
   }
 };
 
-// G = X X^T (both triangles). With v, also z[i] = <x_i, v>: each row tile's
-// 4 rows against v while they are in L1 after the tile row, by dot_tile<T, 1>
-// (xv_body's operations, so the same bits as an X v pass, without the pass).
-template <class T>
-FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G,
-                                      RowPrefetch<T>* pf = nullptr, const T* v = nullptr,
-                                      double* FASTMAML_RESTRICT z = nullptr) {
+// G = X X^T (both triangles) in 4 x NB register tiles of rows. With v, also
+// z[i] = <x_i, v>: each row tile's 4 rows against v while they are in L1
+// after the tile row, by dot_tile<T, 1> (xv_body's operations, so the same
+// bits as an X v pass, without the pass).
+template <class T, int NB>
+FASTMAML_INLINE inline void gram_tiles(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G,
+                                       RowPrefetch<T>* pf, const T* v, double* FASTMAML_RESTRICT z) {
   const T* A[4];
-  const T* B[4];
+  const T* B[4] = {};
   double tileo[4][4];
   if (pf) {
     // Spread the lines over the tiles; only where the tiles are many enough
-    // (a burst of more lines a tile stalls them: W1's n = 20 measured slower).
-    const index_t rt = (n + 3) / 4, tiles = rt * (rt + 1) / 2;
+    // (a burst of more lines a tile stalls them: W1's n = 20 measured slower
+    // with 4 x 4 tiles). The bound scales with the tile's size.
+    index_t tiles = 0;
+    for (index_t i0 = 0; i0 < n; i0 += 4) tiles += (std::min(n, i0 + 4) + NB - 1) / NB;
     const index_t lines = pf->nrows * ((pf->row_bytes + 63) / 64);
     pf->per_step = (lines + tiles - 1) / tiles;
-    if (pf->per_step > RowPrefetch<T>::kMaxPerTile) pf = nullptr;
+    if (pf->per_step > RowPrefetch<T>::kMaxPerTile * NB / 4) pf = nullptr;
   }
   for (index_t i0 = 0; i0 < n; i0 += 4) {
     for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
-    for (index_t k0 = 0; k0 <= i0; k0 += 4) {
-      for (int b = 0; b < 4; ++b) B[b] = rows[std::min(k0 + b, n - 1)];
+    for (index_t k0 = 0; k0 < std::min(n, i0 + 4); k0 += NB) {
+      for (int b = 0; b < NB; ++b) B[b] = rows[std::min(k0 + b, n - 1)];
       if (pf) pf->step();
-      dot_tile<T, 4, Lanes<T>::kGramBlock>(A, B, d, tileo);
+      dot_tile<T, NB, Lanes<T>::kGramBlock>(A, B, d, tileo);
       for (int a = 0; a < 4 && i0 + a < n; ++a)
-        for (int b = 0; b < 4 && k0 + b < n; ++b) {
+        for (int b = 0; b < NB && k0 + b < n; ++b) {
           const index_t i = i0 + a, k = k0 + b;
-          if (k > i) continue;  // the diagonal tile: keep one triangle, mirror it
+          if (k > i) continue;  // the tiles across the diagonal: keep one triangle, mirror it
           G[i * n + k] = tileo[a][b];
           G[k * n + i] = tileo[a][b];
         }
@@ -304,6 +317,17 @@ FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d
       for (int a = 0; a < 4 && i0 + a < n; ++a) z[i0 + a] = o[a][0];
     }
   }
+}
+// 4 x 4 tiles with 32 vector registers (AVX-512), 4 x 2 with 16 (AVX2, where
+// 16 accumulators and 4 B vectors spilled in the inner loop): the same bits.
+template <class T>
+FASTMAML_INLINE inline void gram_body(const T* const* rows, index_t n, index_t d, double* FASTMAML_RESTRICT G,
+                                      RowPrefetch<T>* pf = nullptr, const T* v = nullptr,
+                                      double* FASTMAML_RESTRICT z = nullptr) {
+  if (has_32_vector_registers())
+    gram_tiles<T, 4>(rows, n, d, G, pf, v, z);
+  else
+    gram_tiles<T, 2>(rows, n, d, G, pf, v, z);
 }
 
 // z[i] = <x_i, v> (weights only; no bias)

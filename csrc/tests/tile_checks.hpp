@@ -352,6 +352,28 @@ inline void test_lanes_gram() {
   check(same && worst < tol, buf);
 }
 
+// The per-task Gram matrix (and the X v that rides with it) is the same, bit
+// for bit, in 4 x 4 and 4 x 2 register tiles (gram_body picks by the register
+// file), across row tails and feature-block tails (1024 in float32).
+template <class S>
+inline void test_gram_shapes() {
+  bool same = true;
+  for (index_t n = 1; n <= 13; ++n)
+    for (index_t d : {1, 7, 33, 300, 1100}) {
+      std::vector<S> X(static_cast<size_t>(n * d)), v(static_cast<size_t>(d));
+      for (size_t i = 0; i < X.size(); ++i) X[i] = static_cast<S>(std::cos(0.61 * static_cast<double>(i) + 0.2 * n));
+      for (index_t q = 0; q < d; ++q) v[q] = static_cast<S>(std::sin(0.3 * static_cast<double>(q)));
+      std::vector<const S*> rows(static_cast<size_t>(n));
+      for (index_t i = 0; i < n; ++i) rows[i] = X.data() + i * d;
+      std::vector<double> G4(static_cast<size_t>(n * n), -1.0), G2(G4), z4(static_cast<size_t>(n), -1.0), z2(z4);
+      tile::gram_tiles<S, 4>(rows.data(), n, d, G4.data(), nullptr, v.data(), z4.data());
+      tile::gram_tiles<S, 2>(rows.data(), n, d, G2.data(), nullptr, v.data(), z2.data());
+      same = same && G4 == G2 && z4 == z2;
+    }
+  check(same, std::string("gram_body ") + (sizeof(S) == 4 ? "f32" : "f64") +
+                  ": 4 x 4 and 4 x 2 register tiles bitwise equal (G and X v), n = 1 ... 13, d up to 1100");
+}
+
 inline void test_workload(const Work& w) {
   Batch<double> b64(std::min<index_t>(w.T, 256), w.n, w.m, w.d, 11);
   Batch<float> b32(b64);
@@ -418,6 +440,8 @@ inline int run_all(bool full) {
   test_lanes<double>();
   test_lanes_gram<float>();
   test_lanes_gram<double>();
+  test_gram_shapes<float>();
+  test_gram_shapes<double>();
   test_workload({"odd n7 m5 d13 K3", 70, 7, 5, 13, 3});
   test_workload({"odd n1 m1 d1 K1", 5, 1, 1, 1, 1});
   test_workload({"small n10 m10 d64 K5", 67, 10, 10, 64, 5});

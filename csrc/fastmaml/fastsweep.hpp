@@ -651,7 +651,7 @@ struct LockstepGram {
       pack_side(sup, t0, g, n, Ps);
       pack_side(ts->query, t0, g, m, Pq);
       prefetch_next_group(t0 + L);
-      tile::lanes_gram(Ps.data(), n, d, G.data(), has_32_vector_registers());
+      tile::lanes_gram(Ps.data(), n, d, G.data());
       tile::lanes_xv(Ps.data(), n, d, theta, true, z0w.data());
       for (index_t l = 0; l < L; ++l) {
         const std::int32_t* y = sup.y + sup.begin(t0 + (l < g ? l : 0));

@@ -49,9 +49,6 @@ using index_t = std::int64_t;
 #define FASTMAML_MULTIVERSIONED 0
 #endif
 
-// <x, w>: float64 rows accumulate in float64. float32 rows accumulate in
-// float32 lanes over blocks of 256 features and the blocks in float64: the
-// rounding error stays ~1e-6 relative while the loop runs at float32 width.
 // Whether the CPU runs the x86-64-v4 clone (AVX-512: 32 vector registers),
 // for the choice of a register tile's shape (tile::lanes_gram,
 // tile::gram_body), which never changes a bit.
@@ -68,6 +65,9 @@ inline bool has_32_vector_registers() {
 #endif
 }
 
+// <x, w>: float64 rows accumulate in float64. float32 rows accumulate in
+// float32 lanes over blocks of 256 features and the blocks in float64: the
+// rounding error stays ~1e-6 relative while the loop runs at float32 width.
 FASTMAML_CLONES inline double dot_kernel(const double* FASTMAML_RESTRICT x, const double* FASTMAML_RESTRICT w, index_t d) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)

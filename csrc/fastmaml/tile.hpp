@@ -671,8 +671,8 @@ FASTMAML_INLINE inline void lanes_gram_tiles(const T* P, index_t n, index_t d, d
 // float32, 1 thread, on a Zen 3 EPYC (C++ harness, three interleaved rounds):
 // 8.28-8.59 ms with 4 x 4, 7.75-8.05 ms with 4 x 2.
 template <class T>
-FASTMAML_INLINE inline void lanes_gram(const T* P, index_t n, index_t d, double* FASTMAML_RESTRICT G, bool wide_regs) {
-  if (wide_regs)
+FASTMAML_INLINE inline void lanes_gram(const T* P, index_t n, index_t d, double* FASTMAML_RESTRICT G) {
+  if (has_32_vector_registers())
     lanes_gram_tiles<T, 4, 4>(P, n, d, G);
   else
     lanes_gram_tiles<T, 4, 2>(P, n, d, G);

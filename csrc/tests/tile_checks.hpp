@@ -328,8 +328,8 @@ inline void test_lanes_gram() {
       std::vector<S> P(static_cast<size_t>(n * d * 8));
       for (size_t i = 0; i < P.size(); ++i) P[i] = static_cast<S>(std::sin(0.37 * static_cast<double>(i) + 0.1 * n));
       std::vector<double> G44(static_cast<size_t>(n * n * 8), -1.0), G42(G44);
-      tile::lanes_gram(P.data(), n, d, G44.data(), true);
-      tile::lanes_gram(P.data(), n, d, G42.data(), false);
+      tile::lanes_gram_tiles<S, 4, 4>(P.data(), n, d, G44.data());
+      tile::lanes_gram_tiles<S, 4, 2>(P.data(), n, d, G42.data());
       same = same && G44 == G42;
       for (index_t i = 0; i < n; ++i)
         for (index_t k = 0; k < n; ++k)

@@ -162,8 +162,15 @@ FASTMAML_INLINE inline void reduce4(const vd4& v0, const vd4& v1, const vd4& v2,
 // float32 sums in blocks of `Block` features added in float64. reduce4 sums
 // each of its four vectors by the same tree, whichever slot it takes, so an
 // entry's bits do not depend on NB.
-template <class T, int NB, index_t Block = Lanes<T>::kBlock>
-FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4]) {
+// hook() runs before every kHookStep vector steps (gram_tiles spreads its
+// prefetches with it); the sums do not see it.
+struct NoHook {
+  FASTMAML_INLINE void operator()() const {}
+};
+constexpr index_t kHookStep = 32;
+template <class T, int NB, index_t Block = Lanes<T>::kBlock, class Hook = NoHook>
+FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4],
+                                     const Hook& hook = Hook{}) {
   using L = Lanes<T>;
   using V = typename L::V;
   constexpr index_t W = L::W;
@@ -175,12 +182,16 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
     V acc[4][NB];
     for (int a = 0; a < 4; ++a)
       for (int b = 0; b < NB; ++b) acc[a][b] = V{};
-    for (index_t k = k0; k < k1; k += W) {
-      V bv[NB];
-      for (int b = 0; b < NB; ++b) bv[b] = vload<V>(B[b] + k);
-      for (int a = 0; a < 4; ++a) {
-        const V av = vload<V>(A[a] + k);
-        for (int b = 0; b < NB; ++b) acc[a][b] += av * bv[b];
+    for (index_t kc = k0; kc < k1; kc += kHookStep * W) {
+      hook();
+      const index_t kce = std::min(k1, kc + kHookStep * W);
+      for (index_t k = kc; k < kce; k += W) {
+        V bv[NB];
+        for (int b = 0; b < NB; ++b) bv[b] = vload<V>(B[b] + k);
+        for (int a = 0; a < 4; ++a) {
+          const V av = vload<V>(A[a] + k);
+          for (int b = 0; b < NB; ++b) acc[a][b] += av * bv[b];
+        }
       }
     }
     if constexpr (NB == 4) {
@@ -255,12 +266,15 @@ FASTMAML_INLINE inline void dot_rows(const T* const* A, index_t left, const T* v
 
 // Software prefetch of rows a later pass reads for the first time (the
 // query rows, while the Gram tiles run): `per_step` cache lines a step, into
-// L2, row by row. A hint only: it never changes a result.
+// L2, row by row. A hint only: it never changes a result. gram_tiles sizes
+// the steps by the first `first_rows` rows (those it must cover, or none);
+// rows after them (the next task's) take what the cap per step leaves.
 template <class T>
 struct RowPrefetch {
   const T* const* rows = nullptr;
   index_t nrows = 0, row_bytes = 0, row = 0, off = 0;
   index_t per_step = 0;
+  index_t first_rows = -1;  // -1: all nrows
   static constexpr index_t kMaxPerTile = 32;
   FASTMAML_INLINE void step() {
     for (index_t s = 0; s < per_step && row < nrows; ++s) {
@@ -292,16 +306,26 @@ FASTMAML_INLINE inline void gram_tiles(const T* const* rows, index_t n, index_t 
     // with 4 x 4 tiles). The bound scales with the tile's size.
     index_t tiles = 0;
     for (index_t i0 = 0; i0 < n; i0 += 4) tiles += (std::min(n, i0 + 4) + NB - 1) / NB;
-    const index_t lines = pf->nrows * ((pf->row_bytes + 63) / 64);
-    pf->per_step = (lines + tiles - 1) / tiles;
-    if (pf->per_step > RowPrefetch<T>::kMaxPerTile * NB / 4) pf = nullptr;
+    const index_t row_lines = (pf->row_bytes + 63) / 64, cap = RowPrefetch<T>::kMaxPerTile * NB / 4;
+    const index_t first = pf->first_rows < 0 ? pf->nrows : std::min(pf->first_rows, pf->nrows);
+    if ((first * row_lines + tiles - 1) / tiles > cap) {
+      pf = nullptr;
+    } else {
+      // a tile's lines in even shares, one before every kHookStep vector steps
+      const index_t W = Lanes<T>::W, dv = d - d % W;
+      const index_t hooks = std::max<index_t>(1, (dv / W + kHookStep - 1) / kHookStep);
+      const index_t per_tile = std::min(cap, (pf->nrows * row_lines + tiles - 1) / tiles);
+      pf->per_step = (per_tile + hooks - 1) / hooks;
+    }
   }
+  auto hook = [pf]() {
+    if (pf) pf->step();
+  };
   for (index_t i0 = 0; i0 < n; i0 += 4) {
     for (int a = 0; a < 4; ++a) A[a] = rows[std::min(i0 + a, n - 1)];
     for (index_t k0 = 0; k0 < std::min(n, i0 + 4); k0 += NB) {
       for (int b = 0; b < NB; ++b) B[b] = rows[std::min(k0 + b, n - 1)];
-      if (pf) pf->step();
-      dot_tile<T, NB, Lanes<T>::kGramBlock>(A, B, d, tileo);
+      dot_tile<T, NB, Lanes<T>::kGramBlock>(A, B, d, tileo, hook);
       for (int a = 0; a < 4 && i0 + a < n; ++a)
         for (int b = 0; b < NB && k0 + b < n; ++b) {
           const index_t i = i0 + a, k = k0 + b;
@@ -625,43 +649,69 @@ FASTMAML_INLINE inline void add_d8(vd8& tot, const vf8& v) {
 }
 FASTMAML_INLINE inline void add_d8(vd8& tot, const vd8& v) { tot += v; }
 
+// One TA x TB register tile of lane vectors at rows i0.., k0.. (all present):
+// G[(i * n + k) * 8 + l] = <row i, row k> of lane l for i >= k, mirrored.
+template <class T, int TA, int TB>
+FASTMAML_INLINE inline void lanes_gram_tile(const T* P, index_t n, index_t d, index_t i0, index_t k0,
+                                            double* FASTMAML_RESTRICT G) {
+  using V = typename Lane8<T>::V;
+  const T* A[TA];
+  for (int a = 0; a < TA; ++a) A[a] = P + (i0 + a) * d * 8;
+  const T* B[TB];
+  for (int b = 0; b < TB; ++b) B[b] = P + (k0 + b) * d * 8;
+  vd8 tot[TA][TB] = {};
+  for (index_t q0 = 0; q0 < d; q0 += Lane8<T>::kChunk) {
+    const index_t q1 = std::min(d, q0 + Lane8<T>::kChunk);
+    V acc[TA][TB];
+    for (int a = 0; a < TA; ++a)
+      for (int b = 0; b < TB; ++b) acc[a][b] = V{};
+    for (index_t q = q0; q < q1; ++q) {
+      V bv[TB];
+      for (int b = 0; b < TB; ++b) bv[b] = vload<V>(B[b] + q * 8);
+      for (int a = 0; a < TA; ++a) {
+        const V av = vload<V>(A[a] + q * 8);
+        for (int b = 0; b < TB; ++b) acc[a][b] += av * bv[b];
+      }
+    }
+    for (int a = 0; a < TA; ++a)
+      for (int b = 0; b < TB; ++b) add_d8(tot[a][b], acc[a][b]);
+  }
+  for (int a = 0; a < TA; ++a)
+    for (int b = 0; b < TB; ++b) {
+      const index_t i = i0 + a, k = k0 + b;
+      if (k > i) continue;  // the tiles across the diagonal: one triangle, mirrored
+      vstore(G + (i * n + k) * 8, tot[a][b]);
+      if (k != i) vstore(G + (k * n + i) * 8, tot[a][b]);
+    }
+}
+// The tile at i0, k0 with ta <= TA rows and tb <= TB columns left: the
+// tails get tiles of their own size (no repeated rows: n = 10 with 4 x 4
+// tiles formed 96 entries for 55, with tail tiles 68).
+template <class T, int TA, int TB>
+FASTMAML_INLINE inline void lanes_gram_tail(const T* P, index_t n, index_t d, index_t i0, index_t k0, index_t ta,
+                                            index_t tb, double* FASTMAML_RESTRICT G) {
+  if constexpr (TB > 1) {
+    if (tb < TB) return lanes_gram_tail<T, TA, TB - 1>(P, n, d, i0, k0, ta, tb, G);
+  }
+  if constexpr (TA > 1) {
+    if (ta < TA) return lanes_gram_tail<T, TA - 1, TB>(P, n, d, i0, k0, ta, tb, G);
+  }
+  lanes_gram_tile<T, TA, TB>(P, n, d, i0, k0, G);
+}
 // G[(i * n + k) * 8 + l] = <row i, row k> of lane l, both triangles, in TA x TB
-// register tiles of lane vectors (tail tiles repeat the last row). Each entry
-// is the same feature-ordered sum whatever the tile shape, so the shape may
-// follow the register file (lanes_gram): the bits do not depend on it.
+// register tiles of lane vectors. Each entry is the same feature-ordered
+// sum whatever the tile shape, so the shape may follow the register file
+// (lanes_gram) and the tails: the bits do not depend on it.
 template <class T, int TA, int TB>
 FASTMAML_INLINE inline void lanes_gram_tiles(const T* P, index_t n, index_t d, double* FASTMAML_RESTRICT G) {
-  using V = typename Lane8<T>::V;
   for (index_t i0 = 0; i0 < n; i0 += TA) {
-    const T* A[TA];
-    for (int a = 0; a < TA; ++a) A[a] = P + std::min(i0 + a, n - 1) * d * 8;
+    const index_t ta = std::min<index_t>(TA, n - i0);
     for (index_t k0 = 0; k0 < std::min(n, i0 + TA); k0 += TB) {
-      const T* B[TB];
-      for (int b = 0; b < TB; ++b) B[b] = P + std::min(k0 + b, n - 1) * d * 8;
-      vd8 tot[TA][TB] = {};
-      for (index_t q0 = 0; q0 < d; q0 += Lane8<T>::kChunk) {
-        const index_t q1 = std::min(d, q0 + Lane8<T>::kChunk);
-        V acc[TA][TB];
-        for (int a = 0; a < TA; ++a)
-          for (int b = 0; b < TB; ++b) acc[a][b] = V{};
-        for (index_t q = q0; q < q1; ++q) {
-          V bv[TB];
-          for (int b = 0; b < TB; ++b) bv[b] = vload<V>(B[b] + q * 8);
-          for (int a = 0; a < TA; ++a) {
-            const V av = vload<V>(A[a] + q * 8);
-            for (int b = 0; b < TB; ++b) acc[a][b] += av * bv[b];
-          }
-        }
-        for (int a = 0; a < TA; ++a)
-          for (int b = 0; b < TB; ++b) add_d8(tot[a][b], acc[a][b]);
-      }
-      for (int a = 0; a < TA && i0 + a < n; ++a)
-        for (int b = 0; b < TB && k0 + b < n; ++b) {
-          const index_t i = i0 + a, k = k0 + b;
-          if (k > i) continue;  // the tiles across the diagonal: one triangle, mirrored
-          vstore(G + (i * n + k) * 8, tot[a][b]);
-          if (k != i) vstore(G + (k * n + i) * 8, tot[a][b]);
-        }
+      const index_t tb = std::min<index_t>(TB, n - k0);
+      if (ta == TA && tb == TB)
+        lanes_gram_tile<T, TA, TB>(P, n, d, i0, k0, G);
+      else
+        lanes_gram_tail<T, TA, TB>(P, n, d, i0, k0, ta, tb, G);
     }
   }
 }

@@ -316,9 +316,10 @@ inline void test_lanes() {
 }
 
 // The lane-major Gram matrix is the same, bit for bit, whatever the register
-// tile (4 x 4 with 32 vector registers, 4 x 2 with 16: lanes_gram), for every
-// n (tails of both tile sides) and feature count (chunk tails), and agrees
-// with a long double reference.
+// tile (4 x 4 with 32 vector registers, 4 x 2 with 16: lanes_gram; 1 x 1,
+// where no tile is a tail), for every n (the smaller tail tiles of both
+// sides) and feature count (chunk tails), and agrees with a long double
+// reference.
 template <class S>
 inline void test_lanes_gram() {
   bool same = true;
@@ -327,10 +328,11 @@ inline void test_lanes_gram() {
     for (index_t d : {1, 7, 33, 64, 70}) {
       std::vector<S> P(static_cast<size_t>(n * d * 8));
       for (size_t i = 0; i < P.size(); ++i) P[i] = static_cast<S>(std::sin(0.37 * static_cast<double>(i) + 0.1 * n));
-      std::vector<double> G44(static_cast<size_t>(n * n * 8), -1.0), G42(G44);
+      std::vector<double> G44(static_cast<size_t>(n * n * 8), -1.0), G42(G44), G11(G44);
       tile::lanes_gram_tiles<S, 4, 4>(P.data(), n, d, G44.data());
       tile::lanes_gram_tiles<S, 4, 2>(P.data(), n, d, G42.data());
-      same = same && G44 == G42;
+      tile::lanes_gram_tiles<S, 1, 1>(P.data(), n, d, G11.data());  // no tail tiles at all
+      same = same && G44 == G42 && G44 == G11;
       for (index_t i = 0; i < n; ++i)
         for (index_t k = 0; k < n; ++k)
           for (index_t l = 0; l < 8; ++l) {
@@ -347,7 +349,8 @@ inline void test_lanes_gram() {
   const double tol = sizeof(S) == 4 ? 1e-5 : 1e-14;
   char buf[160];
   std::snprintf(buf, sizeof buf,
-                "lanes_gram %s: 4 x 4 and 4 x 2 register tiles bitwise equal, n = 1 ... 13, within %.0e of long double",
+                "lanes_gram %s: 4 x 4, 4 x 2 and 1 x 1 register tiles bitwise equal, n = 1 ... 13, within %.0e of "
+                "long double",
                 sizeof(S) == 4 ? "f32" : "f64", tol);
   check(same && worst < tol, buf);
 }

@@ -649,69 +649,43 @@ FASTMAML_INLINE inline void add_d8(vd8& tot, const vf8& v) {
 }
 FASTMAML_INLINE inline void add_d8(vd8& tot, const vd8& v) { tot += v; }
 
-// One TA x TB register tile of lane vectors at rows i0.., k0.. (all present):
-// G[(i * n + k) * 8 + l] = <row i, row k> of lane l for i >= k, mirrored.
-template <class T, int TA, int TB>
-FASTMAML_INLINE inline void lanes_gram_tile(const T* P, index_t n, index_t d, index_t i0, index_t k0,
-                                            double* FASTMAML_RESTRICT G) {
-  using V = typename Lane8<T>::V;
-  const T* A[TA];
-  for (int a = 0; a < TA; ++a) A[a] = P + (i0 + a) * d * 8;
-  const T* B[TB];
-  for (int b = 0; b < TB; ++b) B[b] = P + (k0 + b) * d * 8;
-  vd8 tot[TA][TB] = {};
-  for (index_t q0 = 0; q0 < d; q0 += Lane8<T>::kChunk) {
-    const index_t q1 = std::min(d, q0 + Lane8<T>::kChunk);
-    V acc[TA][TB];
-    for (int a = 0; a < TA; ++a)
-      for (int b = 0; b < TB; ++b) acc[a][b] = V{};
-    for (index_t q = q0; q < q1; ++q) {
-      V bv[TB];
-      for (int b = 0; b < TB; ++b) bv[b] = vload<V>(B[b] + q * 8);
-      for (int a = 0; a < TA; ++a) {
-        const V av = vload<V>(A[a] + q * 8);
-        for (int b = 0; b < TB; ++b) acc[a][b] += av * bv[b];
-      }
-    }
-    for (int a = 0; a < TA; ++a)
-      for (int b = 0; b < TB; ++b) add_d8(tot[a][b], acc[a][b]);
-  }
-  for (int a = 0; a < TA; ++a)
-    for (int b = 0; b < TB; ++b) {
-      const index_t i = i0 + a, k = k0 + b;
-      if (k > i) continue;  // the tiles across the diagonal: one triangle, mirrored
-      vstore(G + (i * n + k) * 8, tot[a][b]);
-      if (k != i) vstore(G + (k * n + i) * 8, tot[a][b]);
-    }
-}
-// The tile at i0, k0 with ta <= TA rows and tb <= TB columns left: the
-// tails get tiles of their own size (no repeated rows: n = 10 with 4 x 4
-// tiles formed 96 entries for 55, with tail tiles 68).
-template <class T, int TA, int TB>
-FASTMAML_INLINE inline void lanes_gram_tail(const T* P, index_t n, index_t d, index_t i0, index_t k0, index_t ta,
-                                            index_t tb, double* FASTMAML_RESTRICT G) {
-  if constexpr (TB > 1) {
-    if (tb < TB) return lanes_gram_tail<T, TA, TB - 1>(P, n, d, i0, k0, ta, tb, G);
-  }
-  if constexpr (TA > 1) {
-    if (ta < TA) return lanes_gram_tail<T, TA - 1, TB>(P, n, d, i0, k0, ta, tb, G);
-  }
-  lanes_gram_tile<T, TA, TB>(P, n, d, i0, k0, G);
-}
 // G[(i * n + k) * 8 + l] = <row i, row k> of lane l, both triangles, in TA x TB
-// register tiles of lane vectors. Each entry is the same feature-ordered
-// sum whatever the tile shape, so the shape may follow the register file
-// (lanes_gram) and the tails: the bits do not depend on it.
+// register tiles of lane vectors (tail tiles repeat the last row). Each entry
+// is the same feature-ordered sum whatever the tile shape, so the shape may
+// follow the register file (lanes_gram): the bits do not depend on it.
 template <class T, int TA, int TB>
 FASTMAML_INLINE inline void lanes_gram_tiles(const T* P, index_t n, index_t d, double* FASTMAML_RESTRICT G) {
+  using V = typename Lane8<T>::V;
   for (index_t i0 = 0; i0 < n; i0 += TA) {
-    const index_t ta = std::min<index_t>(TA, n - i0);
+    const T* A[TA];
+    for (int a = 0; a < TA; ++a) A[a] = P + std::min(i0 + a, n - 1) * d * 8;
     for (index_t k0 = 0; k0 < std::min(n, i0 + TA); k0 += TB) {
-      const index_t tb = std::min<index_t>(TB, n - k0);
-      if (ta == TA && tb == TB)
-        lanes_gram_tile<T, TA, TB>(P, n, d, i0, k0, G);
-      else
-        lanes_gram_tail<T, TA, TB>(P, n, d, i0, k0, ta, tb, G);
+      const T* B[TB];
+      for (int b = 0; b < TB; ++b) B[b] = P + std::min(k0 + b, n - 1) * d * 8;
+      vd8 tot[TA][TB] = {};
+      for (index_t q0 = 0; q0 < d; q0 += Lane8<T>::kChunk) {
+        const index_t q1 = std::min(d, q0 + Lane8<T>::kChunk);
+        V acc[TA][TB];
+        for (int a = 0; a < TA; ++a)
+          for (int b = 0; b < TB; ++b) acc[a][b] = V{};
+        for (index_t q = q0; q < q1; ++q) {
+          V bv[TB];
+          for (int b = 0; b < TB; ++b) bv[b] = vload<V>(B[b] + q * 8);
+          for (int a = 0; a < TA; ++a) {
+            const V av = vload<V>(A[a] + q * 8);
+            for (int b = 0; b < TB; ++b) acc[a][b] += av * bv[b];
+          }
+        }
+        for (int a = 0; a < TA; ++a)
+          for (int b = 0; b < TB; ++b) add_d8(tot[a][b], acc[a][b]);
+      }
+      for (int a = 0; a < TA && i0 + a < n; ++a)
+        for (int b = 0; b < TB && k0 + b < n; ++b) {
+          const index_t i = i0 + a, k = k0 + b;
+          if (k > i) continue;  // the tiles across the diagonal: one triangle, mirrored
+          vstore(G + (i * n + k) * 8, tot[a][b]);
+          if (k != i) vstore(G + (k * n + i) * 8, tot[a][b]);
+        }
     }
   }
 }

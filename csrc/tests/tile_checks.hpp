@@ -317,9 +317,8 @@ inline void test_lanes() {
 
 // The lane-major Gram matrix is the same, bit for bit, whatever the register
 // tile (4 x 4 with 32 vector registers, 4 x 2 with 16: lanes_gram; 1 x 1,
-// where no tile is a tail), for every n (the smaller tail tiles of both
-// sides) and feature count (chunk tails), and agrees with a long double
-// reference.
+// where no tile repeats a row), for every n (tails of both tile sides) and
+// feature count (chunk tails), and agrees with a long double reference.
 template <class S>
 inline void test_lanes_gram() {
   bool same = true;
@@ -331,7 +330,7 @@ inline void test_lanes_gram() {
       std::vector<double> G44(static_cast<size_t>(n * n * 8), -1.0), G42(G44), G11(G44);
       tile::lanes_gram_tiles<S, 4, 4>(P.data(), n, d, G44.data());
       tile::lanes_gram_tiles<S, 4, 2>(P.data(), n, d, G42.data());
-      tile::lanes_gram_tiles<S, 1, 1>(P.data(), n, d, G11.data());  // no tail tiles at all
+      tile::lanes_gram_tiles<S, 1, 1>(P.data(), n, d, G11.data());  // no repeated rows at all
       same = same && G44 == G42 && G44 == G11;
       for (index_t i = 0; i < n; ++i)
         for (index_t k = 0; k < n; ++k)

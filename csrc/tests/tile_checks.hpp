@@ -205,7 +205,8 @@ inline void test_vmath() {
 template <class T>
 inline void test_tiles() {
   // Gram / xv / xtr against plain loops on awkward sizes (tails in n and d).
-  for (index_t n : {1, 3, 4, 5, 9, 20}) {
+  // n from 12 on: xtr's row blocks (13: a single row after the blocks)
+  for (index_t n : {1, 3, 4, 5, 9, 11, 12, 13, 20}) {
     for (index_t d : {1, 7, 8, 33, 257, 300}) {
       Batch<T> b(1, n, 1, d, static_cast<unsigned>(n * 1000 + d));
       std::vector<const T*> rows;

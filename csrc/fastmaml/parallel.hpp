@@ -119,6 +119,32 @@ inline bool built_with_openmp() {
 // Entries per piece of run_groups' block sums (256 doubles: 2 KiB per slot).
 constexpr index_t kSumRange = 256;
 
+// sum[k] = ((0.0 + s_0[k]) + s_1[k]) + ... + s_{count-1}[k] for k < len,
+// s_i = s0 + i * stride: each entry the in-order sum of the block's slots,
+// 32 entries at a time in registers (vectorised across entries, so no entry's
+// bits change). As a plain loop of sum[k] += s[k] it ran one entry at a time
+// (the build turns off GCC's alias versioning) and took 6% of a call at E1's
+// shape (32 tasks, d = 784, one thread).
+FASTMAML_CLONES inline void sum_slots(double* FASTMAML_RESTRICT sum, const double* FASTMAML_RESTRICT s0,
+                                      index_t stride, index_t count, index_t len) {
+  constexpr index_t S = 32;
+  index_t k = 0;
+  for (; k + S <= len; k += S) {
+    double acc[S];
+    for (index_t l = 0; l < S; ++l) acc[l] = 0.0;
+    for (index_t i = 0; i < count; ++i) {
+      const double* FASTMAML_RESTRICT s = s0 + i * stride + k;
+      for (index_t l = 0; l < S; ++l) acc[l] += s[l];
+    }
+    for (index_t l = 0; l < S; ++l) sum[k + l] = acc[l];
+  }
+  for (; k < len; ++k) {
+    double acc = 0.0;
+    for (index_t i = 0; i < count; ++i) acc += s0[i * stride + k];
+    sum[k] = acc;
+  }
+}
+
 template <class GroupEnd, class MakeWorker>
 TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd&& group_end,
                       MakeWorker&& make_worker, double* total, double work_per_task = 1e9,
@@ -237,12 +263,7 @@ TaskStatus run_groups(index_t n_tasks, index_t slot_len, int n_threads, GroupEnd
           const index_t b = p / n_ranges, k0 = (p % n_ranges) * kSumRange;
           const index_t k1 = std::min(slot_len, k0 + kSumRange);
           const index_t b0 = b * kReduceBlock, b1 = std::min(count, b0 + kReduceBlock);
-          double* sum = bsum + b * slot_len;
-          std::fill(sum + k0, sum + k1, 0.0);
-          for (index_t i = b0; i < b1; ++i) {
-            const double* s = slot0 + i * slot_len;
-            for (index_t k = k0; k < k1; ++k) sum[k] += s[k];
-          }
+          sum_slots(bsum + b * slot_len + k0, slot0 + b0 * slot_len + k0, slot_len, b1 - b0, k1 - k0);
         }
       }
     }

@@ -356,8 +356,9 @@ inline void test_lanes_gram() {
 }
 
 // The per-task Gram matrix (and the X v that rides with it) is the same, bit
-// for bit, in 4 x 4 and 4 x 2 register tiles (gram_body picks by the register
-// file), across row tails and feature-block tails (1024 in float32).
+// for bit, in 4 x 4, 4 x 2 and 5 x 5 register tiles (gram_body picks by the
+// register file and n), across row tails and feature-block tails (1024 in
+// float32).
 template <class S>
 inline void test_gram_shapes() {
   bool same = true;
@@ -368,13 +369,15 @@ inline void test_gram_shapes() {
       for (index_t q = 0; q < d; ++q) v[q] = static_cast<S>(std::sin(0.3 * static_cast<double>(q)));
       std::vector<const S*> rows(static_cast<size_t>(n));
       for (index_t i = 0; i < n; ++i) rows[i] = X.data() + i * d;
-      std::vector<double> G4(static_cast<size_t>(n * n), -1.0), G2(G4), z4(static_cast<size_t>(n), -1.0), z2(z4);
+      std::vector<double> G4(static_cast<size_t>(n * n), -1.0), G2(G4), G5(G4), z4(static_cast<size_t>(n), -1.0),
+          z2(z4), z5(z4);
       tile::gram_tiles<S, 4>(rows.data(), n, d, G4.data(), nullptr, v.data(), z4.data());
       tile::gram_tiles<S, 2>(rows.data(), n, d, G2.data(), nullptr, v.data(), z2.data());
-      same = same && G4 == G2 && z4 == z2;
+      tile::gram_tiles<S, 5, 5>(rows.data(), n, d, G5.data(), nullptr, v.data(), z5.data());
+      same = same && G4 == G2 && z4 == z2 && G5 == G4 && z5 == z4;
     }
   check(same, std::string("gram_body ") + (sizeof(S) == 4 ? "f32" : "f64") +
-                  ": 4 x 4 and 4 x 2 register tiles bitwise equal (G and X v), n = 1 ... 13, d up to 1100");
+                  ": 4 x 4, 4 x 2 and 5 x 5 register tiles bitwise equal (G and X v), n = 1 ... 13, d up to 1100");
 }
 
 inline void test_workload(const Work& w) {

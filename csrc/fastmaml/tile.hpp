@@ -168,6 +168,28 @@ struct NoHook {
   FASTMAML_INLINE void operator()() const {}
 };
 constexpr index_t kHookStep = 32;
+// One block of a register tile: acc[a][b] = sum over k in [k0, k1) of
+// A_a[k] * B_b[k], lane by lane in float32 (T), hook() before every
+// kHookStep vector steps.
+template <class T, int MA, int NB, class V, class Hook>
+FASTMAML_INLINE inline void tile_sums(const T* const* A, const T* const* B, index_t k0, index_t k1, V (&acc)[MA][NB],
+                                      const Hook& hook) {
+  constexpr index_t W = Lanes<T>::W;
+  for (int a = 0; a < MA; ++a)
+    for (int b = 0; b < NB; ++b) acc[a][b] = V{};
+  for (index_t kc = k0; kc < k1; kc += kHookStep * W) {
+    hook();
+    const index_t kce = std::min(k1, kc + kHookStep * W);
+    for (index_t k = kc; k < kce; k += W) {
+      V bv[NB];
+      for (int b = 0; b < NB; ++b) bv[b] = vload<V>(B[b] + k);
+      for (int a = 0; a < MA; ++a) {
+        const V av = vload<V>(A[a] + k);
+        for (int b = 0; b < NB; ++b) acc[a][b] += av * bv[b];
+      }
+    }
+  }
+}
 template <class T, int NB, index_t Block = Lanes<T>::kBlock, class Hook = NoHook>
 FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index_t d, double (*out)[4],
                                      const Hook& hook = Hook{}) {
@@ -180,20 +202,7 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
   for (index_t k0 = 0; k0 < dv; k0 += Block) {
     const index_t k1 = std::min(dv, k0 + Block);
     V acc[4][NB];
-    for (int a = 0; a < 4; ++a)
-      for (int b = 0; b < NB; ++b) acc[a][b] = V{};
-    for (index_t kc = k0; kc < k1; kc += kHookStep * W) {
-      hook();
-      const index_t kce = std::min(k1, kc + kHookStep * W);
-      for (index_t k = kc; k < kce; k += W) {
-        V bv[NB];
-        for (int b = 0; b < NB; ++b) bv[b] = vload<V>(B[b] + k);
-        for (int a = 0; a < 4; ++a) {
-          const V av = vload<V>(A[a] + k);
-          for (int b = 0; b < NB; ++b) acc[a][b] += av * bv[b];
-        }
-      }
-    }
+    tile_sums<T, 4, NB>(A, B, k0, k1, acc, hook);
     if constexpr (NB == 4) {
       for (int a = 0; a < 4; ++a) reduce4(acc[a][0], acc[a][1], acc[a][2], acc[a][3], out[a]);
     } else if constexpr (NB == 2) {
@@ -234,20 +243,7 @@ FASTMAML_INLINE inline void dot_tile_mn(const T* const* A, const T* const* B, in
   for (index_t k0 = 0; k0 < dv; k0 += Block) {
     const index_t k1 = std::min(dv, k0 + Block);
     V acc[MA][NB];
-    for (int a = 0; a < MA; ++a)
-      for (int b = 0; b < NB; ++b) acc[a][b] = V{};
-    for (index_t kc = k0; kc < k1; kc += kHookStep * W) {
-      hook();
-      const index_t kce = std::min(k1, kc + kHookStep * W);
-      for (index_t k = kc; k < kce; k += W) {
-        V bv[NB];
-        for (int b = 0; b < NB; ++b) bv[b] = vload<V>(B[b] + k);
-        for (int a = 0; a < MA; ++a) {
-          const V av = vload<V>(A[a] + k);
-          for (int b = 0; b < NB; ++b) acc[a][b] += av * bv[b];
-        }
-      }
-    }
+    tile_sums<T, MA, NB>(A, B, k0, k1, acc, hook);
     V all[NP];
     for (int a = 0; a < MA; ++a)
       for (int b = 0; b < NB; ++b) all[a * NB + b] = acc[a][b];

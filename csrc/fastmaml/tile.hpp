@@ -226,7 +226,7 @@ FASTMAML_INLINE inline void dot_tile(const T* const* A, const T* const* B, index
 }
 
 // out[a][b] = <A_a, B_b> for MA x NB rows: dot_tile's operations for a
-// larger tile (gram_tiles' 5 x 5 for n = 5 ... 10 on 32 vector registers: 25
+// larger tile (gram_tiles' 5 x 5 for n = 5, 9, 10 on 32 vector registers: 25
 // accumulators, 10 loads a step feeding 25 FMAs). Each entry is reduced by
 // reduce4's tree into float64 per block, as in dot_tile, so it has the same
 // bits in any tile.
